@@ -1,0 +1,13 @@
+"""The wiring: assets, resources with the embedded defaults, the recipe job."""
+
+import dagster as dg
+
+from assets import RECIPE_ASSETS
+from assets.partitions import arch_cut
+from resources import default_resources
+
+recipe_job = dg.define_asset_job(
+    "recipe", selection=dg.AssetSelection.assets(*RECIPE_ASSETS), partitions_def=arch_cut,
+    description="images -> manifest -> activations -> head on cache -> augmented head -> fine-tuned -> report")
+
+defs = dg.Definitions(assets=RECIPE_ASSETS, jobs=[recipe_job], resources=default_resources())

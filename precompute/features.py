@@ -1,0 +1,83 @@
+"""Run the frozen body over images once and commit the activations to the store, chunk by chunk."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from precompute.data import ImageDataset
+from precompute.heads import concat_pool
+from precompute.store import Entry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PrecomputeStats:
+    images: int          # distinct image contents the manifest asks for
+    computed: int        # rows run through the body in this call
+    reused: int          # rows already in the entry
+    chunks: int          # chunks committed in this call
+    seconds: float
+
+    @property
+    def images_per_s(self) -> float:
+        return self.computed / self.seconds if self.seconds > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        return {**self.__dict__, "images_per_s": round(self.images_per_s, 2)}
+
+
+@torch.inference_mode()
+def compute_activations(body: nn.Module, manifest: pd.DataFrame, transform: Callable, entry: Entry,
+                        batch_size: int = 32, chunk_rows: int = 256, num_workers: int = 0,
+                        device: str | torch.device = "cpu",
+                        on_progress: Callable[[int, int], None] | None = None) -> PrecomputeStats:
+    """Compute the rows of ``manifest`` (ok rows, columns image_id and path) missing from ``entry``.
+
+    Memory holds one chunk of outputs at most (``chunk_rows``); each full chunk is committed
+    before the next is started, so a crash loses at most one chunk of work.
+    """
+    start = time.perf_counter()
+    first_paths = manifest.drop_duplicates("image_id").set_index("image_id")["path"]
+    todo = entry.missing(first_paths.index)
+    n_images = len(first_paths)
+    body = body.eval().to(device)
+    committed = 0
+    if todo:
+        loader = DataLoader(ImageDataset([first_paths[i] for i in todo], None, transform),
+                            batch_size=batch_size, num_workers=num_workers, shuffle=False,
+                            persistent_workers=False, pin_memory=torch.device(device).type == "cuda")
+        buffer: list[np.ndarray] = []
+        done = 0
+        bar = tqdm(total=len(todo), desc=f"precompute {entry.key.arch}", unit="img", disable=None)
+        for x, _ in loader:
+            out = body(x.to(device, non_blocking=True))
+            if entry.key.pooled:
+                out = concat_pool(out)
+            buffer.append(out.float().cpu().numpy().astype(entry.key.dtype, copy=False))
+            n_buffered = sum(len(b) for b in buffer)
+            bar.update(len(x))
+            if n_buffered >= chunk_rows or done + n_buffered == len(todo):
+                rows = np.concatenate(buffer)
+                entry.commit(todo[done:done + len(rows)], rows)
+                done += len(rows)
+                committed += 1
+                buffer = []
+                if on_progress:
+                    on_progress(done, len(todo))
+        bar.close()
+    stats = PrecomputeStats(n_images, len(todo), n_images - len(todo), committed,
+                            time.perf_counter() - start)
+    log.info("precompute %s: %d computed, %d reused, %.1f img/s", entry.rel, stats.computed,
+             stats.reused, stats.images_per_s)
+    return stats

@@ -1,0 +1,206 @@
+"""The activation cache: content-addressed, incremental, atomically committed, on a path or URL.
+
+Layout under the store root (a local path or any fsspec URL, e.g. ``s3://bucket/acts``)::
+
+    <arch>/cut=<xtra_cut>/<entry-key>/
+        key.json                  every part of the key, readable by a person
+        chunks/<chunk>/           a Zarr array of features, one per committed chunk
+        commits/<chunk>.json      the commit record: the chunk's image hashes, written last
+
+An entry is addressed by everything that determines the numbers except the image set (arch,
+weights identity, cut, transform, pooled or spatial, dtype, library and code versions). Rows
+inside it are addressed by image content hash, so a changed image is a new row, adding images
+computes only the new ones, and a rerun after a crash computes only what was not committed.
+A chunk counts only once its commit record exists; records are written last and atomically,
+and a chunk's data folder is unique to its writer, so a reader never sees a partial row and two
+concurrent writers never overwrite each other's files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Iterable
+
+import fsspec
+import numpy as np
+import zarr
+import zarr.codecs
+
+# Bump when the way activations are computed changes in a way the other key parts miss.
+CODE_VERSION = "1"
+
+COMPRESSORS = {
+    # Blosc from numcodecs (zarr's BloscCodec wraps numcodecs.blosc).
+    "blosc-zstd": lambda: zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"),
+    "blosc-lz4": lambda: zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),
+    "zstd": lambda: zarr.codecs.ZstdCodec(level=3),
+    "none": lambda: None,
+}
+
+
+def library_versions() -> dict[str, str]:
+    import timm
+    import torch
+    import torchvision
+
+    return {"torch": torch.__version__, "torchvision": torchvision.__version__,
+            "timm": timm.__version__, "zarr": zarr.__version__, "precompute_code": CODE_VERSION}
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    """Everything that determines the activations of one image."""
+
+    arch: str
+    weights_id: str
+    xtra_cut: int
+    cut_index: int  # body children kept: the arch's cut minus xtra_cut
+    transform: dict = field(hash=False)
+    pooled: bool = True
+    dtype: str = "float32"
+    versions: dict = field(default_factory=library_versions, hash=False)
+
+    def parts(self) -> dict:
+        return asdict(self)
+
+    def digest(self) -> str:
+        return _digest(self.parts())[:24]
+
+
+def view_key(key: CacheKey, image_ids: Iterable[str], labels: Iterable[str] | None = None) -> str:
+    """Identity of one image set read through one entry: the data version downstream sees."""
+    rows = list(zip(image_ids, labels)) if labels is not None else list(image_ids)
+    return _digest({"entry": key.digest(), "rows": rows})[:24]
+
+
+class ActivationStore:
+    def __init__(self, root: str, storage_options: dict | None = None, compressor: str = "blosc-zstd"):
+        if compressor not in COMPRESSORS:
+            raise ValueError(f"unknown compressor {compressor!r}; choose one of {sorted(COMPRESSORS)}")
+        self.root = str(root).rstrip("/")
+        self.storage_options = dict(storage_options or {})
+        self.compressor = compressor
+        self.fs, self.base = fsspec.core.url_to_fs(self.root, **self.storage_options)
+        self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+
+    def entry(self, key: CacheKey) -> "Entry":
+        rel = f"{key.arch}/cut={key.xtra_cut}/{key.digest()}"
+        entry = Entry(self, rel, key)
+        if not self.fs.exists(f"{self.base}/{rel}/key.json"):
+            entry._put(f"{rel}/key.json", json.dumps(key.parts(), indent=2, sort_keys=True).encode())
+        return entry
+
+    def check_reachable(self) -> None:
+        """Fail early, before any work, when the store cannot be written."""
+        try:
+            self.fs.makedirs(self.base, exist_ok=True)
+            probe = f"{self.base}/.probe-{uuid.uuid4().hex}"
+            self.fs.pipe_file(probe, b"ok")
+            self.fs.rm(probe)
+        except Exception as exc:  # noqa: BLE001 - any backend error means the same thing here
+            raise RuntimeError(f"activation store {self.root!r} is not writable ({exc}); "
+                               "set PRECOMPUTE_STORE to a writable path or URL") from exc
+
+    def url(self, rel: str) -> str:
+        return f"{self.root}/{rel}"
+
+
+class Entry:
+    def __init__(self, store: ActivationStore, rel: str, key: CacheKey):
+        self.store, self.rel, self.key = store, rel, key
+        self.path = f"{store.base}/{rel}"
+        self._index: dict[str, tuple[str, int]] | None = None
+
+    # -- low level -------------------------------------------------------------------------
+    def _put(self, rel: str, data: bytes) -> None:
+        fs, path = self.store.fs, f"{self.store.base}/{rel}"
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        if self.store.local:  # write then rename: atomic on one filesystem
+            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        else:  # an object PUT is atomic on S3 and its kin
+            fs.pipe_file(path, data)
+
+    def index(self, refresh: bool = False) -> dict[str, tuple[str, int]]:
+        """image hash -> (chunk, row) over every committed chunk."""
+        if self._index is None or refresh:
+            fs = self.store.fs
+            index: dict[str, tuple[str, int]] = {}
+            records = sorted(fs.glob(f"{self.path}/commits/*.json"))
+            blobs = fs.cat(records) if records else {}
+            for path in records:  # sorted: the first commit of an image wins, for every reader
+                record = json.loads(blobs[path])
+                for row, image_id in enumerate(record["ids"]):
+                    index.setdefault(image_id, (record["chunk"], row))
+            self._index = index
+        return self._index
+
+    # -- public --------------------------------------------------------------------------------
+    def missing(self, image_ids: Iterable[str]) -> list[str]:
+        have = self.index(refresh=True)
+        return list(dict.fromkeys(i for i in image_ids if i not in have))
+
+    def commit(self, image_ids: list[str], features: np.ndarray) -> str:
+        """Write one chunk of rows, then its commit record; returns the chunk name."""
+        if len(image_ids) != len(features):
+            raise ValueError(f"{len(image_ids)} ids for {len(features)} feature rows")
+        features = np.ascontiguousarray(features, dtype=self.key.dtype)
+        chunk = f"{_digest(image_ids)[:16]}-{uuid.uuid4().hex[:8]}"
+        rows_per_block = max(1, min(len(features), (4 << 20) // max(1, features[0].nbytes)))
+        zarr.create_array(
+            self.store.url(f"{self.rel}/chunks/{chunk}"), data=features,
+            chunks=(rows_per_block, *features.shape[1:]),
+            compressors=COMPRESSORS[self.store.compressor](),
+            storage_options=self.store.storage_options or None,
+        )
+        record = {"chunk": chunk, "ids": list(image_ids), "shape": list(features.shape),
+                  "dtype": str(features.dtype), "committed_at": time.time()}
+        self._put(f"{self.rel}/commits/{chunk}.json", json.dumps(record).encode())
+        self._index = None
+        return chunk
+
+    def read(self, image_ids: list[str]) -> np.ndarray:
+        """Rows for ``image_ids`` in that order; raises KeyError if any is not committed."""
+        index = self.index(refresh=True)
+        lost = [i for i in image_ids if i not in index]
+        if lost:
+            raise KeyError(f"{len(lost)} of {len(image_ids)} images have no activations in entry "
+                           f"{self.rel} (first: {lost[0]}); materialize the activations asset first")
+        by_chunk: dict[str, list[tuple[int, int]]] = {}
+        for pos, image_id in enumerate(image_ids):
+            chunk, row = index[image_id]
+            by_chunk.setdefault(chunk, []).append((pos, row))
+        out = None
+        for chunk, pairs in by_chunk.items():
+            arr = zarr.open_array(self.store.url(f"{self.rel}/chunks/{chunk}"), mode="r",
+                                  storage_options=self.store.storage_options or None)
+            block = arr[:]
+            if out is None:
+                out = np.empty((len(image_ids), *block.shape[1:]), dtype=block.dtype)
+            pos, rows = map(list, zip(*pairs))
+            out[pos] = block[rows]
+        if out is None:
+            out = np.empty((0,), dtype=self.key.dtype)
+        return out
+
+    def nbytes_on_disk(self) -> int:
+        try:
+            return int(self.store.fs.du(f"{self.path}/chunks"))
+        except FileNotFoundError:
+            return 0
+
+    def __len__(self) -> int:
+        return len(self.index(refresh=True))

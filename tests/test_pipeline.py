@@ -1,0 +1,93 @@
+"""The whole asset graph on a real Dagster instance (SQLite), real MLflow (SQLite), real Zarr and photos."""
+
+import dagster as dg
+import pytest
+from mlflow.tracking import MlflowClient
+
+from assets import RECIPE_ASSETS, activations, head_augmented, head_on_cache, image_manifest
+from resources import ActivationStoreResource, ComputeDevice, ImageSource, MlflowTracking
+
+PARTITION = "tf_efficientnet_lite0|0"
+SMALL = {"ops": {
+    "activations": {"config": {"size": 64, "chunk_rows": 8}},
+    "head_on_cache": {"config": {"epochs": 2, "batch_size": 8}},
+    "head_augmented": {"config": {"epochs": 1, "batch_size": 8}},
+    "finetuned": {"config": {"epochs": 1, "batch_size": 8}},
+}}
+
+
+@pytest.fixture
+def env(tmp_path, tiny_tree, monkeypatch):
+    monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    resources = {"images": ImageSource(source=str(tiny_tree)),
+                 "store": ActivationStoreResource(root=str(tmp_path / "store")),
+                 "tracking": MlflowTracking(tracking_uri=uri, artifact_root=str(tmp_path / "artifacts")),
+                 "compute": ComputeDevice(device="auto")}
+    (tmp_path / "dagster_home").mkdir()
+    instance = dg.DagsterInstance.local_temp(str(tmp_path / "dagster_home"))
+    yield resources, instance, uri, tmp_path
+    instance.dispose()
+
+
+def test_whole_recipe_materializes(env):
+    resources, instance, uri, tmp_path = env
+    result = dg.materialize(RECIPE_ASSETS, partition_key=PARTITION, resources=resources, instance=instance,
+                            run_config=SMALL)
+    assert result.success
+    report = result.output_for_node("evaluation_report")
+    assert set(report["stages"]) == {"head_on_cache", "head_augmented", "finetuned"}
+    assert all(m["n"] == 8 and 0 <= m["accuracy"] <= 1 for m in report["stages"].values())
+    md = (tmp_path / "home/reports/tf_efficientnet_lite0/cut=0/report.md").read_text()
+    assert "| finetuned |" in md and "confusion_matrix.png" in md
+    assert (tmp_path / "home/reports/tf_efficientnet_lite0/cut=0/confusion_matrix.png").stat().st_size > 1000
+
+    # one MLflow run per training asset plus the evaluation, grouped by the Dagster run id
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("precompute-pipeline")
+    runs = client.search_runs([exp.experiment_id], f"tags.`dagster.run_id` = '{result.run_id}'")
+    by_stage = {r.data.tags["stage"]: r for r in runs}
+    assert set(by_stage) == {"head_on_cache", "head_augmented", "finetuned", "evaluation"}
+    head = by_stage["head_on_cache"].data
+    assert head.params["arch"] == "tf_efficientnet_lite0" and head.params["seed"] == "0"
+    assert head.params["group2.trainable"] == "True" and head.params["group0.trainable"] == "False"
+    assert int(head.params["group2.n_params"]) > 0
+    assert len(client.get_metric_history(by_stage["head_on_cache"].info.run_id, "valid_accuracy")) == 2
+    fine = by_stage["finetuned"].data.params
+    assert fine["group0.trainable"] == "True"
+    assert float(fine["group0.lr"]) < float(fine["group1.lr"]) < float(fine["group2.lr"])
+    artifacts = {a.path for a in client.list_artifacts(by_stage["evaluation"].info.run_id, "report")}
+    assert {"report/report.md", "report/confusion_matrix.png"} <= artifacts
+
+    # the Dagster metadata names the MLflow run; augmented stages are marked non-cacheable
+    mat = instance.get_latest_materialization_event(head_on_cache.key).asset_materialization
+    assert mat.metadata["mlflow_run_id"].value == by_stage["head_on_cache"].info.run_id
+    assert head_augmented.tags_by_key[head_augmented.key]["precompute/cacheable"] == "false"
+    assert head_augmented.code_versions_by_key[head_augmented.key] is None
+
+    # the activations' data version is the view key, and a rerun reuses every row
+    acts = instance.get_latest_materialization_event(activations.key).asset_materialization
+    assert acts.tags["dagster/data_version"] == acts.metadata["view_key"].value
+    assert acts.metadata["computed"].value == 24
+    again = dg.materialize([image_manifest, activations], partition_key=PARTITION, resources=resources,
+                           instance=instance, run_config={"ops": {"activations": SMALL["ops"]["activations"]}},
+                           selection=[activations])
+    meta = instance.get_latest_materialization_event(activations.key).asset_materialization.metadata
+    assert again.success and meta["computed"].value == 0 and meta["reused"].value == 24
+
+
+def test_precompute_with_augmentation_fails_before_any_work(env):
+    resources, instance, uri, _ = env
+    assert dg.materialize([image_manifest, activations, head_on_cache], partition_key=PARTITION,
+                          resources=resources, instance=instance,
+                          run_config={"ops": {k: SMALL["ops"][k] for k in ("activations", "head_on_cache")}}).success
+    config = {"ops": {"head_augmented": {"config": {"precompute": True, "augment": True}}}}
+    result = dg.materialize([image_manifest, activations, head_on_cache, head_augmented], partition_key=PARTITION,
+                            resources=resources, instance=instance, run_config=config,
+                            selection=[head_augmented], raise_on_error=False)
+    assert not result.success
+    failure = [e for e in result.all_events if e.is_step_failure][0]
+    assert "augment=False" in failure.step_failure_data.error.message
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("precompute-pipeline").experiment_id])
+    assert "head_augmented" not in {r.data.tags["stage"] for r in runs}  # no run started: no work done

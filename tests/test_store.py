@@ -1,0 +1,108 @@
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from torch import nn
+
+from precompute.data import TransformSpec, build_manifest, eval_transform, ok_rows
+from precompute.features import compute_activations
+from precompute.store import ActivationStore, CacheKey, view_key
+
+
+def make_key(**changes) -> CacheKey:
+    key = CacheKey(arch="resnet18", weights_id="sha256:abc", xtra_cut=0, cut_index=8,
+                   transform=TransformSpec(size=64).key(), pooled=True, dtype="float32")
+    return replace(key, **changes)
+
+
+class CountingBody(nn.Module):
+    """A small real conv body that counts the images it runs on."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=4), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2))
+        self.seen = 0
+
+    def forward(self, x):
+        self.seen += len(x)
+        return self.net(x)
+
+
+def test_round_trip_in_any_order(tmp_path):
+    store = ActivationStore(str(tmp_path / "store"))
+    entry = store.entry(make_key())
+    a, b = np.random.rand(3, 5).astype("float32"), np.random.rand(2, 5).astype("float32")
+    entry.commit(["a0", "a1", "a2"], a)
+    entry.commit(["b0", "b1"], b)
+    out = entry.read(["b1", "a0", "a2", "b0"])
+    np.testing.assert_array_equal(out, np.stack([b[1], a[0], a[2], b[0]]))
+    assert len(entry) == 5
+    assert entry.missing(["a1", "c0", "b0", "c1"]) == ["c0", "c1"]
+    assert json.loads((tmp_path / "store" / entry.rel / "key.json").read_text())["arch"] == "resnet18"
+    with pytest.raises(KeyError, match="materialize the activations"):
+        entry.read(["a0", "zz"])
+
+
+def test_float16_storage_and_compression(tmp_path):
+    store = ActivationStore(str(tmp_path / "store"))
+    entry = store.entry(make_key(dtype="float16"))
+    x = np.maximum(np.random.randn(64, 256), 0).astype("float32")  # ReLU-like: many zeros
+    entry.commit([f"i{i}" for i in range(64)], x)
+    out = entry.read([f"i{i}" for i in range(64)])
+    assert out.dtype == np.float16
+    np.testing.assert_allclose(out, x, rtol=1e-3, atol=1e-3)
+    assert 0 < entry.nbytes_on_disk() < x.astype("float16").nbytes
+
+
+def test_chunk_without_commit_record_is_invisible(tmp_path):
+    store = ActivationStore(str(tmp_path / "store"))
+    entry = store.entry(make_key())
+    # what a crash between writing the data and the record leaves behind
+    zarr.create_array(str(tmp_path / "store" / entry.rel / "chunks" / "orphan"), data=np.ones((2, 4), "float32"))
+    assert entry.missing(["x", "y"]) == ["x", "y"]
+    assert len(entry) == 0
+
+
+@pytest.mark.parametrize("change", [
+    {"arch": "resnet34"}, {"weights_id": "sha256:def"}, {"xtra_cut": 1}, {"cut_index": 7},
+    {"transform": TransformSpec(size=96).key()}, {"transform": TransformSpec(size=64, crop="none").key()},
+    {"transform": TransformSpec(size=64, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)).key()},
+    {"pooled": False}, {"dtype": "float16"}, {"versions": {"torch": "0.0"}},
+])
+def test_every_key_part_changes_the_entry(tmp_path, change):
+    store = ActivationStore(str(tmp_path / "store"))
+    assert store.entry(make_key()).path != store.entry(make_key(**change)).path
+
+
+def test_view_key_sees_content_and_labels():
+    key = make_key()
+    base = view_key(key, ["h1", "h2"], ["cat", "dog"])
+    assert view_key(key, ["h1", "h2"], ["dog", "cat"]) != base   # two images swapped between classes
+    assert view_key(key, ["h1", "h3"], ["cat", "dog"]) != base   # one image replaced, same count
+    assert view_key(key, ["h1", "h2"], ["cat", "dog"]) == base
+
+
+def test_compute_is_incremental_and_matches_a_direct_forward(tmp_path, tiny_tree):
+    manifest = ok_rows(build_manifest(tiny_tree))
+    ts = TransformSpec(size=64)
+    store = ActivationStore(str(tmp_path / "store"))
+    entry = store.entry(make_key())
+    body = CountingBody()
+    first = manifest.iloc[:-3]
+    stats = compute_activations(body, first, eval_transform(ts), entry, batch_size=4, chunk_rows=8)
+    assert (stats.computed, stats.reused, body.seen) == (len(first), 0, len(first))
+    assert stats.chunks == -(-len(first) // 8)
+    body.seen = 0
+    stats = compute_activations(body, manifest, eval_transform(ts), entry, batch_size=4, chunk_rows=8)
+    assert (stats.computed, stats.reused, body.seen) == (3, len(first), 3)
+    # the cached rows are what the body gives for those images, pooled as fastai did
+    row = manifest.iloc[5]
+    x = eval_transform(ts)(__import__("precompute.data", fromlist=["load_rgb"]).load_rgb(row.path))[None]
+    with torch.no_grad():
+        y = body.net(x)
+    expected = torch.cat([y.amax((2, 3)), y.mean((2, 3))], 1)[0].numpy()
+    np.testing.assert_allclose(entry.read([row.image_id])[0], expected, rtol=1e-5, atol=1e-5)
