@@ -16,7 +16,7 @@ NOT_CACHEABLE = {"precompute/cacheable": "false"}
 
 
 class HeadOnCacheConfig(dg.Config):
-    epochs: int = 3
+    epochs: int = 5
     lr: float = 3e-3
     batch_size: int = 64
     seed: int = 0

@@ -19,7 +19,7 @@ from pipelines.definitions import defs  # noqa: E402
 # A flipped digit is another glyph, so no flips.
 DEMO_RUN_CONFIG = {"ops": {
     "activations": {"config": {"size": int(os.environ.get("PRECOMPUTE_DEMO_SIZE", "64"))}},
-    "head_on_cache": {"config": {"epochs": 3}},
+    "head_on_cache": {"config": {"epochs": 5}},
     "head_augmented": {"config": {"epochs": 1, "flip": False}},
     "finetuned": {"config": {"epochs": 2, "flip": False}},
 }}
