@@ -19,8 +19,16 @@ class ActivationsConfig(dg.Config):
     weights_path: Optional[str] = None
 
 
+CHECKS = {
+    "rows_match_manifest": "every ok image of the manifest has a row in the entry",
+    "finite_values": "no NaN or inf in the cached activations",
+    "every_image_accounted_for": "every manifest image has a row or a recorded reason for skipping it",
+}
+
+
 @dg.asset(group_name="recipe", partitions_def=arch_cut, code_version=CODE_VERSION,
-          tags={"precompute/cacheable": "true"})
+          tags={"precompute/cacheable": "true"},
+          check_specs=[dg.AssetCheckSpec(name, asset="activations", description=d) for name, d in CHECKS.items()])
 def activations(context: dg.AssetExecutionContext, config: ActivationsConfig, image_manifest,
                 store: ActivationStoreResource, compute: ComputeDevice):
     """The frozen body's activations for every ok image, in the Zarr cache (computed once)."""
@@ -38,11 +46,17 @@ def activations(context: dg.AssetExecutionContext, config: ActivationsConfig, im
         on_progress=lambda done, total: context.log.info(f"precompute {done}/{total} images"))
     ref = {"store": act_store.root, "entry": entry.rel, "key": entry.key.parts(), "view_key": view,
            "weights": config.weights, "weights_path": config.weights_path}
-    return dg.Output(ref, data_version=dg.DataVersion(view), metadata={
+    on_disk, raw = entry.nbytes_on_disk(), entry.raw_nbytes()
+    context.log.info(f"activations {entry.rel}: {stats.computed} computed, {stats.reused} reused, "
+                     f"{stats.images_per_s:.1f} img/s, {on_disk / 2**20:.1f} MiB on disk")
+    yield dg.Output(ref, data_version=dg.DataVersion(view), metadata={
         "entry": entry.rel,
         "entry_key": entry.key.digest(),
         "view_key": view,
         "key_parts": dg.MetadataValue.json(json.loads(json.dumps(entry.key.parts(), default=str))),
         **{k: dg.MetadataValue.float(float(v)) if isinstance(v, float) else v for k, v in stats.as_dict().items()},
-        "bytes_on_disk": entry.nbytes_on_disk(),
+        "bytes_on_disk": on_disk,
+        "compression_ratio": dg.MetadataValue.float(round(raw / on_disk, 3) if on_disk else 0.0),
     })
+    for name, (passed, details) in recipe.verify_entry(entry, image_manifest).items():
+        yield dg.AssetCheckResult(check_name=name, passed=passed, metadata=details)

@@ -21,8 +21,12 @@ from precompute.data import ImageDataset, TransformSpec, class_names, eval_trans
 from precompute.features import PrecomputeStats, compute_activations
 from precompute.heads import build_head
 from precompute.store import ActivationStore, CacheKey, Entry, view_key
-from precompute.train import (EpochCallback, check_precompute_augment, differential_lrs, fit,
-                              fit_head_on_cache, group_lrs, predict_proba, tensor_batches)
+from precompute.train import (ArrayRows, EpochCallback, StreamedRows, check_precompute_augment, differential_lrs,
+                              fit, fit_head_on_cache, group_lrs, predict_proba, tensor_batches)
+
+# Cached rows up to this size (as float32) are loaded once; larger sets are streamed per chunk.
+DEFAULT_MEMORY_BUDGET = 4 << 30
+HEAD_CODE_VERSION = "1"  # bump when training on the cache changes its result for the same inputs
 from precompute.weights import load_weights
 
 
@@ -103,23 +107,77 @@ def _stage_record(stage: str, bb_or_spec, xtra_cut: int, classes, head_config, t
             "history": history, "groups": describe_groups(groups, lrs) if groups else None, **extra}
 
 
+def cached_rows(entry: Entry, manifest: pd.DataFrame, classes: Sequence[str], split: str,
+                memory_budget: int) -> ArrayRows | StreamedRows:
+    """The split's cached rows: in memory when they fit ``memory_budget`` bytes, else streamed."""
+    rows = labelled_split(manifest, classes, split)
+    if len(rows) * entry.row_nbytes() * 4 // np.dtype(entry.key.dtype).itemsize <= memory_budget:
+        return ArrayRows(entry.read(list(rows["image_id"])), rows["target"].to_numpy())
+    return StreamedRows(entry, list(rows["image_id"]), rows["target"].to_numpy())
+
+
 def train_head_on_cache(entry: Entry, manifest: pd.DataFrame, bb: Backbone, ts: TransformSpec,
                         head_config: dict, epochs: int = 3, lr: float = 1e-3, batch_size: int = 64,
-                        seed: int = 0, on_epoch: EpochCallback | None = None) -> dict:
+                        seed: int = 0, on_epoch: EpochCallback | None = None,
+                        memory_budget: int = DEFAULT_MEMORY_BUDGET) -> dict:
     """fastai's precompute=True: only the head trains, on rows read back from the cache."""
     classes = class_names(manifest)
-    x_train, y_train = cached_split(entry, manifest, classes, "train")
-    x_valid, y_valid = cached_split(entry, manifest, classes, "valid")
+    train = cached_rows(entry, manifest, classes, "train", memory_budget)
+    valid = cached_rows(entry, manifest, classes, "valid", memory_budget)
     torch.manual_seed(seed)
     in_channels = body_output_shape(bb.body, ts.size)[0]
     head = build_head(in_channels, len(classes), **head_config)
-    history = fit_head_on_cache(head, x_train, y_train, x_valid, y_valid, epochs, lr, batch_size, seed,
-                                on_epoch=on_epoch)
+    history = fit_head_on_cache(head, train, valid, epochs, lr, batch_size, seed, on_epoch=on_epoch)
     groups = layer_groups(bb.body, head, bb.spec, bb.xtra_cut)
     freeze_to(groups, len(groups) - 1)
     return _stage_record("head_on_cache", bb.spec, bb.xtra_cut, classes, head_config, ts, bb.weights_id,
                          nn.Sequential(bb.body, head), history, [0.0] * (len(groups) - 1) + [lr], groups,
-                         seed=seed, epochs=epochs, lr=lr)
+                         seed=seed, epochs=epochs, lr=lr, streamed=isinstance(train, StreamedRows))
+
+
+def verify_entry(entry: Entry, manifest: pd.DataFrame) -> dict[str, tuple[bool, dict]]:
+    """The cache's health for one manifest: name -> (passed, details)."""
+    rows = ok_rows(manifest)
+    ids = list(dict.fromkeys(rows["image_id"]))
+    missing = entry.missing(ids)
+    finite, checked = True, 0
+    if not missing:
+        for _, block in entry.iter_blocks(ids):
+            finite &= bool(np.isfinite(block).all())
+            checked += len(block)
+    bad = manifest[manifest["status"] != "ok"]
+    unexplained = bad[bad["reason"].fillna("").str.strip() == ""]
+    return {
+        "rows_match_manifest": (not missing, {"manifest_images": len(ids), "missing_rows": len(missing)}),
+        "finite_values": (finite and not missing, {"rows_checked": checked}),
+        "every_image_accounted_for": (not missing and unexplained.empty,
+                                      {"with_row": len(ids) - len(missing), "skipped_with_reason": len(bad),
+                                       "unexplained": len(unexplained)}),
+    }
+
+
+def head_fingerprint(view: str, config: dict) -> str:
+    """What determines a head trained on the cache: the rows it reads, its config and seed."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps({"view": view, "config": config, "code": HEAD_CODE_VERSION},
+                                     sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def save_head_result(entry: Entry, fingerprint: str, record: dict) -> None:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(record, buf)
+    entry.put_blob(f"head-{fingerprint}.pt", buf.getvalue())
+
+
+def load_head_result(entry: Entry, fingerprint: str) -> dict | None:
+    import io
+
+    blob = entry.get_blob(f"head-{fingerprint}.pt")
+    return None if blob is None else torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
 
 
 def rebuild(record: dict, size: int) -> tuple[ArchSpec, nn.Sequential, list[nn.Module]]:

@@ -24,7 +24,7 @@ import os
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import fsspec
 import numpy as np
@@ -113,12 +113,56 @@ class ActivationStore:
     def url(self, rel: str) -> str:
         return f"{self.root}/{rel}"
 
+    def open_rel(self, rel: str) -> "Entry":
+        """An existing entry by its path under the root, e.g. ``resnet34/cut=0/<digest>``."""
+        parts = json.loads(self.fs.cat_file(f"{self.base}/{rel}/key.json"))
+        return Entry(self, rel, CacheKey(**parts))
+
+    def entries(self) -> list[dict]:
+        """Every entry with its rows, size on disk and last use (newest use first)."""
+        out = []
+        for key_file in self.fs.glob(f"{self.base}/*/cut=*/*/key.json"):
+            rel = key_file[len(self.base) + 1:].rsplit("/", 1)[0]
+            entry = self.open_rel(rel)
+            out.append({"entry": rel, "arch": entry.key.arch, "xtra_cut": entry.key.xtra_cut,
+                        "rows": len(entry), "bytes": entry.nbytes_on_disk(), "last_used": entry.last_used()})
+        return sorted(out, key=lambda e: -e["last_used"])
+
+    def remove_unused(self, keep: Iterable[str] = (), unused_for_s: float = 30 * 86400,
+                      orphan_grace_s: float = 3600.0, dry_run: bool = False) -> list[str]:
+        """Remove entries not in ``keep`` and unused for ``unused_for_s``, and crash leftovers.
+
+        ``keep`` holds entry paths in use (e.g. those the latest Dagster materializations point
+        at); an entry read or written within ``unused_for_s`` is kept as well.
+        """
+        keep, now, removed = set(keep), time.time(), []
+        for info in self.entries():
+            entry = self.open_rel(info["entry"])
+            if info["entry"] not in keep and now - info["last_used"] > unused_for_s:
+                removed.append(info["entry"])
+                if not dry_run:
+                    self.fs.rm(entry.path, recursive=True)
+                continue
+            for folder in entry.orphan_chunks(orphan_grace_s):
+                removed.append(folder[len(self.base) + 1:])
+                if not dry_run:
+                    self.fs.rm(folder, recursive=True)
+        return removed
+
+
+def _modified(fs, path: str) -> float:
+    try:
+        return fs.modified(path).timestamp()
+    except (FileNotFoundError, NotImplementedError, AttributeError):
+        return time.time()  # unknown age counts as new: never a reason to delete
+
 
 class Entry:
     def __init__(self, store: ActivationStore, rel: str, key: CacheKey):
         self.store, self.rel, self.key = store, rel, key
         self.path = f"{store.base}/{rel}"
         self._index: dict[str, tuple[str, int]] | None = None
+        self._records: list[dict] = []
 
     # -- low level -------------------------------------------------------------------------
     def _put(self, rel: str, data: bytes) -> None:
@@ -139,10 +183,12 @@ class Entry:
         if self._index is None or refresh:
             fs = self.store.fs
             index: dict[str, tuple[str, int]] = {}
-            records = sorted(fs.glob(f"{self.path}/commits/*.json"))
-            blobs = fs.cat(records) if records else {}
-            for path in records:  # sorted: the first commit of an image wins, for every reader
-                record = json.loads(blobs[path])
+            fs.invalidate_cache(f"{self.path}/commits")  # s3fs caches listings: see other writers' commits
+            paths = sorted(fs.glob(f"{self.path}/commits/*.json"))
+            blobs = fs.cat(paths) if paths else {}
+            # sorted: the first commit of an image wins, for every reader
+            self._records = [json.loads(blobs[p]) for p in paths]
+            for record in self._records:
                 for row, image_id in enumerate(record["ids"]):
                     index.setdefault(image_id, (record["chunk"], row))
             self._index = index
@@ -172,8 +218,8 @@ class Entry:
         self._index = None
         return chunk
 
-    def read(self, image_ids: list[str]) -> np.ndarray:
-        """Rows for ``image_ids`` in that order; raises KeyError if any is not committed."""
+    def iter_blocks(self, image_ids: list[str]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(positions in ``image_ids``, their rows), one committed chunk at a time: bounded memory."""
         index = self.index(refresh=True)
         lost = [i for i in image_ids if i not in index]
         if lost:
@@ -183,18 +229,65 @@ class Entry:
         for pos, image_id in enumerate(image_ids):
             chunk, row = index[image_id]
             by_chunk.setdefault(chunk, []).append((pos, row))
-        out = None
         for chunk, pairs in by_chunk.items():
             arr = zarr.open_array(self.store.url(f"{self.rel}/chunks/{chunk}"), mode="r",
                                   storage_options=self.store.storage_options or None)
-            block = arr[:]
+            pos, rows = (np.asarray(v) for v in zip(*pairs))
+            yield pos, arr[:][rows]
+        self.touch()
+
+    def read(self, image_ids: list[str]) -> np.ndarray:
+        """Rows for ``image_ids`` in that order; raises KeyError if any is not committed."""
+        out = None
+        for pos, block in self.iter_blocks(list(image_ids)):
             if out is None:
                 out = np.empty((len(image_ids), *block.shape[1:]), dtype=block.dtype)
-            pos, rows = map(list, zip(*pairs))
-            out[pos] = block[rows]
-        if out is None:
-            out = np.empty((0,), dtype=self.key.dtype)
-        return out
+            out[pos] = block
+        return out if out is not None else np.empty((0,), dtype=self.key.dtype)
+
+    def row_nbytes(self) -> int:
+        self.index()
+        if not self._records:
+            return 0
+        r = self._records[0]
+        return int(np.prod(r["shape"][1:])) * np.dtype(r["dtype"]).itemsize
+
+    def raw_nbytes(self) -> int:
+        """Uncompressed size of every committed row (for the compression ratio)."""
+        return len(self.index(refresh=True)) * self.row_nbytes()
+
+    def put_blob(self, name: str, data: bytes) -> None:
+        """A derived result kept beside the entry (e.g. a head trained on it), written atomically."""
+        self._put(f"{self.rel}/results/{name}", data)
+
+    def get_blob(self, name: str) -> bytes | None:
+        try:
+            return self.store.fs.cat_file(f"{self.path}/results/{name}")
+        except FileNotFoundError:
+            return None
+
+    def touch(self) -> None:
+        """Record a use, so housekeeping never removes an entry that is being read."""
+        self._put(f"{self.rel}/last_used", str(time.time()).encode())
+
+    def last_used(self) -> float:
+        fs = self.store.fs
+        try:
+            return float(fs.cat_file(f"{self.path}/last_used"))
+        except FileNotFoundError:
+            return _modified(fs, f"{self.path}/key.json")
+
+    def orphan_chunks(self, grace_s: float = 3600.0) -> list[str]:
+        """Chunk folders with no commit record, older than ``grace_s``: what a crash left."""
+        fs, now = self.store.fs, time.time()
+        self.index(refresh=True)
+        committed = {r["chunk"] for r in self._records}
+        orphans = []
+        for folder in fs.glob(f"{self.path}/chunks/*"):
+            name = folder.rstrip("/").rsplit("/", 1)[-1]
+            if name not in committed and now - _modified(fs, f"{folder}/zarr.json") > grace_s:
+                orphans.append(folder)
+        return orphans
 
     def nbytes_on_disk(self) -> int:
         try:

@@ -82,33 +82,76 @@ def _evaluate_batches(model: nn.Module, batches, device) -> tuple[float, float]:
     return loss / max(n, 1), correct / max(n, 1)
 
 
-def _tensor_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, generator=None):
-    order = torch.randperm(len(x), generator=generator) if generator is not None else torch.arange(len(x))
-    for i in range(0, len(x), batch_size):
-        idx = order[i:i + batch_size]
-        yield x[idx], y[idx]
+class ArrayRows:
+    """Cached rows held in memory."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray):
+        self.x, self.y = torch.tensor(x).float(), torch.as_tensor(y).long()
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def n_batches(self, batch_size: int) -> int:
+        return -(-len(self.y) // batch_size)
+
+    def batches(self, batch_size: int, generator: torch.Generator | None = None):
+        order = torch.randperm(len(self.y), generator=generator) if generator is not None else torch.arange(len(self.y))
+        for i in range(0, len(order), batch_size):
+            idx = order[i:i + batch_size]
+            yield self.x[idx], self.y[idx]
 
 
-def fit_head_on_cache(head: nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_valid: np.ndarray,
-                      y_valid: np.ndarray, epochs: int = 3, lr: float = 1e-3, batch_size: int = 64,
-                      seed: int = 0, wd: float = 1e-2, on_epoch: EpochCallback | None = None) -> list[dict]:
-    """Train the head on cached activations held in memory: no image is decoded, no body run."""
+class StreamedRows:
+    """Cached rows read chunk by chunk from the store: memory holds one chunk, whatever the size.
+
+    Shuffling is two-level (chunk order, then rows within a chunk), as tf.data and webdataset do.
+    """
+
+    def __init__(self, entry, image_ids: Sequence[str], y: np.ndarray):
+        self.entry, self.ids, self.y = entry, list(image_ids), np.asarray(y)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def _by_chunk(self) -> list[list[int]]:
+        index = self.entry.index()
+        by_chunk: dict[str, list[int]] = {}
+        for pos, image_id in enumerate(self.ids):
+            by_chunk.setdefault(index[image_id][0], []).append(pos)
+        return list(by_chunk.values())
+
+    def n_batches(self, batch_size: int) -> int:
+        return sum(-(-len(g) // batch_size) for g in self._by_chunk())
+
+    def batches(self, batch_size: int, generator: torch.Generator | None = None):
+        groups = self._by_chunk()
+        if generator is not None:
+            groups = [groups[i] for i in torch.randperm(len(groups), generator=generator).tolist()]
+        for positions in groups:
+            (pos, rows), = self.entry.iter_blocks([self.ids[p] for p in positions])
+            x, y = torch.from_numpy(np.asarray(rows, dtype=np.float32)), torch.as_tensor(self.y[positions]).long()
+            order = torch.randperm(len(y), generator=generator) if generator is not None else torch.arange(len(y))
+            for i in range(0, len(order), batch_size):
+                idx = order[i:i + batch_size]
+                yield x[idx], y[idx]
+
+
+def fit_head_on_cache(head: nn.Module, train: ArrayRows | StreamedRows, valid: ArrayRows | StreamedRows,
+                      epochs: int = 3, lr: float = 1e-3, batch_size: int = 64, seed: int = 0, wd: float = 1e-2,
+                      on_epoch: EpochCallback | None = None) -> list[dict]:
+    """Train the head on cached activations: no image is decoded, no body run."""
     seed_everything(seed)
     gen = torch.Generator().manual_seed(seed)
-    xt, yt = torch.tensor(x_train).float(), torch.as_tensor(y_train).long()
-    xv, yv = torch.as_tensor(x_valid).float(), torch.as_tensor(y_valid).long()
-    if len(xt) < 2:
-        raise ConfigError(f"{len(xt)} training rows: the head needs at least 2 training images")
-    steps_per_epoch = (len(xt) + batch_size - 1) // batch_size
-    # A batch of one breaks BatchNorm1d in train mode: drop a trailing single row.
-    opt, sched = _optimizer([head], [lr], wd, steps_per_epoch * epochs)
+    if len(train) < 2:
+        raise ConfigError(f"{len(train)} training rows: the head needs at least 2 training images")
+    opt, sched = _optimizer([head], [lr], wd, train.n_batches(batch_size) * epochs)
     history = []
     for epoch in range(epochs):
         t0 = time.perf_counter()
         head.train()
         total, n = 0.0, 0
-        for x, y in _tensor_batches(xt, yt, batch_size, gen):
-            if len(x) < 2:
+        for x, y in train.batches(batch_size, gen):
+            if len(x) < 2:  # a batch of one breaks BatchNorm1d in train mode
                 continue
             loss = nn.functional.cross_entropy(head(x), y)
             opt.zero_grad()
@@ -116,7 +159,7 @@ def fit_head_on_cache(head: nn.Module, x_train: np.ndarray, y_train: np.ndarray,
             opt.step()
             sched.step()
             total, n = total + loss.item() * len(x), n + len(x)
-        valid_loss, valid_acc = _evaluate_batches(head, _tensor_batches(xv, yv, 512), "cpu")
+        valid_loss, valid_acc = _evaluate_batches(head, valid.batches(512), "cpu")
         row = {"epoch": epoch, "train_loss": total / max(n, 1), "valid_loss": valid_loss,
                "valid_accuracy": valid_acc, "lr": sched.get_last_lr()[-1],
                "seconds": time.perf_counter() - t0}
@@ -182,4 +225,4 @@ def predict_proba(model: nn.Module, batches, device: str | torch.device = "cpu")
 
 
 def tensor_batches(x: np.ndarray, y: np.ndarray, batch_size: int = 512):
-    return _tensor_batches(torch.as_tensor(x).float(), torch.as_tensor(y).long(), batch_size)
+    return ArrayRows(x, y).batches(batch_size)

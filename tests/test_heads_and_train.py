@@ -4,8 +4,8 @@ import torch
 from torch import nn
 
 from precompute.heads import Head, build_head
-from precompute.train import (ConfigError, check_precompute_augment, differential_lrs, fit_head_on_cache,
-                              group_lrs)
+from precompute.train import (ArrayRows, ConfigError, check_precompute_augment, differential_lrs,
+                              fit_head_on_cache, group_lrs)
 
 
 def test_head_takes_spatial_maps_and_pooled_vectors():
@@ -58,6 +58,7 @@ def test_head_on_cache_learns_and_is_reproducible():
     for _ in range(2):
         torch.manual_seed(1)
         head = Head(10, 3)
-        runs.append(fit_head_on_cache(head, x[:150], y[:150], x[150:], y[150:], epochs=4, lr=1e-2, seed=3))
+        runs.append(fit_head_on_cache(head, ArrayRows(x[:150], y[:150]), ArrayRows(x[150:], y[150:]),
+                                      epochs=4, lr=1e-2, seed=3))
     assert runs[0][-1]["valid_accuracy"] > 0.9
     assert [r["valid_loss"] for r in runs[0]] == [r["valid_loss"] for r in runs[1]]

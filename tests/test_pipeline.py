@@ -74,6 +74,24 @@ def test_whole_recipe_materializes(env):
                            selection=[activations])
     meta = instance.get_latest_materialization_event(activations.key).asset_materialization.metadata
     assert again.success and meta["computed"].value == 0 and meta["reused"].value == 24
+    assert meta["compression_ratio"].value > 1.0
+    checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+    assert checks == {"rows_match_manifest": True, "finite_values": True, "every_image_accounted_for": True}
+
+    # the cacheable head: same rows, config and seed -> the earlier result, said plainly; a new seed trains
+    def head_run(seed):
+        run_config = {"ops": {"head_on_cache": {"config": {**SMALL["ops"]["head_on_cache"]["config"], "seed": seed}}}}
+        assert dg.materialize([image_manifest, activations, head_on_cache], partition_key=PARTITION,
+                              resources=resources, instance=instance, run_config=run_config,
+                              selection=[head_on_cache]).success
+        return instance.get_latest_materialization_event(head_on_cache.key).asset_materialization.metadata
+    reused = head_run(0)
+    assert reused["reused"].value is True
+    assert reused["mlflow_run_id"].value == by_stage["head_on_cache"].info.run_id
+    retrained = head_run(1)
+    assert retrained["reused"].value is False and retrained["mlflow_run_id"].value != reused["mlflow_run_id"].value
+    head_runs = client.search_runs([exp.experiment_id], "tags.stage = 'head_on_cache'")
+    assert len(head_runs) == 2  # the reused materialization started no MLflow run
 
 
 def test_precompute_with_augmentation_fails_before_any_work(env):

@@ -1,0 +1,60 @@
+"""`precompute cache list|gc`: see what the activation cache holds and remove what nobody uses."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import sys
+
+from precompute.store import ActivationStore
+
+
+def _store(args) -> ActivationStore:
+    import json
+
+    return ActivationStore(args.store, json.loads(os.environ.get("PRECOMPUTE_STORE_OPTIONS", "{}")))
+
+
+def cmd_list(args) -> int:
+    entries = _store(args).entries()
+    print(f"{'entry':<52} {'rows':>7} {'MiB':>9}  last used (UTC)")
+    for e in entries:
+        when = dt.datetime.fromtimestamp(e["last_used"], dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
+        print(f"{e['entry']:<52} {e['rows']:>7} {e['bytes'] / 2**20:>9.2f}  {when}")
+    print(f"{len(entries)} entries, {sum(e['bytes'] for e in entries) / 2**20:.2f} MiB")
+    return 0
+
+
+def cmd_gc(args) -> int:
+    removed = _store(args).remove_unused(keep=args.keep, unused_for_s=args.unused_days * 86400,
+                                         dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    for rel in removed:
+        print(f"{verb} {rel}")
+    print(f"{verb} {len(removed)} entries or leftover chunks; kept everything used in the last "
+          f"{args.unused_days:g} days and {len(args.keep)} entries named with --keep")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="precompute")
+    sub = parser.add_subparsers(dest="command", required=True)
+    cache = sub.add_parser("cache", help="inspect and clean the activation cache").add_subparsers(
+        dest="action", required=True)
+    default_store = os.environ.get("PRECOMPUTE_STORE", os.path.join(os.environ.get("PRECOMPUTE_HOME", "var"), "activations"))
+    for name, fn, text in (("list", cmd_list, "entries with rows, size and last use"),
+                           ("gc", cmd_gc, "remove entries unused for a while, and crash leftovers")):
+        p = cache.add_parser(name, help=text)
+        p.add_argument("--store", default=default_store, help="path or fsspec URL (default: %(default)s)")
+        p.set_defaults(fn=fn)
+        if name == "gc":
+            p.add_argument("--unused-days", type=float, default=30.0, help="remove entries unused this long")
+            p.add_argument("--keep", action="append", default=[], help="an entry path to keep regardless")
+            p.add_argument("--dry-run", action="store_true", help="say what would be removed, remove nothing")
+    args = parser.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
