@@ -211,6 +211,7 @@ class Entry:
             chunks=(rows_per_block, *features.shape[1:]),
             compressors=COMPRESSORS[self.store.compressor](),
             storage_options=self.store.storage_options or None,
+            attributes={"entry": self.rel, "key": self.key.parts()},  # each chunk describes itself
         )
         record = {"chunk": chunk, "ids": list(image_ids), "shape": list(features.shape),
                   "dtype": str(features.dtype), "committed_at": time.time()}
