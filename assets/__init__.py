@@ -1,6 +1,7 @@
 from assets.activations import activations
 from assets.evaluation import evaluation_report
 from assets.manifest import image_manifest
-from assets.training import finetuned, head_augmented, head_on_cache
+from assets.training import finetuned, head_augmented, head_on_cache, lr_find_head, lr_find_unfrozen
 
-RECIPE_ASSETS = [image_manifest, activations, head_on_cache, head_augmented, finetuned, evaluation_report]
+RECIPE_ASSETS = [image_manifest, activations, lr_find_head, head_on_cache, head_augmented, lr_find_unfrozen,
+                 finetuned, evaluation_report]

@@ -1,56 +1,73 @@
-import base64
-from pathlib import Path
-
 import dagster as dg
 
+from assets._util import inline_pngs
 from assets.partitions import arch_and_cut, arch_cut
 from precompute import evaluate, recipe
 from resources import ActivationStoreResource, ComputeDevice, MlflowTracking, project_home
 
 
-def _inline(md: str, folder: Path) -> str:
-    """Plots as data URIs so the Markdown shows them in the Dagster UI, not just on disk."""
-    for png in folder.glob("*.png"):
-        data = base64.b64encode(png.read_bytes()).decode()
-        md = md.replace(f"]({png.name})", f"](data:image/png;base64,{data})")
-    return md
+class EvaluationConfig(dg.Config):
+    tta: int = 4          # augmented views averaged with the center crop; 0 turns TTA off
+    top_losses: int = 8   # images in the gallery of the model's worst mistakes
 
 
 @dg.asset(group_name="recipe", partitions_def=arch_cut, tags={"precompute/cacheable": "false"})
-def evaluation_report(context: dg.AssetExecutionContext, image_manifest, activations, head_on_cache,
-                      head_augmented, finetuned, store: ActivationStoreResource, tracking: MlflowTracking,
-                      compute: ComputeDevice):
-    """Validation accuracy and loss of every stage, a confusion matrix and learning curves."""
+def evaluation_report(context: dg.AssetExecutionContext, config: EvaluationConfig, image_manifest, activations,
+                      head_on_cache, head_augmented, finetuned, store: ActivationStoreResource,
+                      tracking: MlflowTracking, compute: ComputeDevice):
+    """Every stage on the validation split, with and without TTA; per-class metrics, the most
+    confused pairs, a confusion matrix, the worst mistakes and the learning curves."""
     arch, xtra_cut = arch_and_cut(context)
     device = compute.setup()
     entry = recipe.open_entry(store.get(), activations)
+    records = {"head_on_cache": head_on_cache, "head_augmented": head_augmented, "finetuned": finetuned}
     classes = finetuned["classes"]
-    results = {"head_on_cache": recipe.evaluate_on_cache(head_on_cache, entry, image_manifest),
-               "head_augmented": recipe.evaluate_on_images(head_augmented, image_manifest, compute.num_workers, device),
-               "finetuned": recipe.evaluate_on_images(finetuned, image_manifest, compute.num_workers, device)}
-    stages = {name: evaluate.stage_metrics(p, t, len(classes)) for name, (p, t) in results.items()}
+    stages, final = {}, None
+    for name, record in records.items():
+        probs, targets, tta_probs = recipe.evaluate_on_images(record, image_manifest, compute.num_workers, device,
+                                                              config.tta, finetuned.get("augmentation"))
+        if name == "head_on_cache":  # the same numbers from the cache: a check that the cache is not stale
+            cache_probs, _ = recipe.evaluate_on_cache(record, entry, image_manifest)
+            stages[name + " (on cache)"] = evaluate.stage_metrics(cache_probs, targets, len(classes))
+        m = evaluate.stage_metrics(probs, targets, len(classes))
+        if tta_probs is not None:
+            t = evaluate.stage_metrics(tta_probs, targets, len(classes))
+            m.update(tta_accuracy=t["accuracy"], tta_loss=t["loss"])
+        stages[name] = m
+        final = (probs, targets, tta_probs)
     folder = project_home() / "reports" / arch / f"cut={xtra_cut}"
     folder.mkdir(parents=True, exist_ok=True)
-    probs, targets = results["finetuned"]
-    evaluate.plot_confusion(targets, probs.argmax(1), classes, folder / "confusion_matrix.png")
-    evaluate.plot_learning_curves({r["stage"]: r["history"] for r in (head_on_cache, head_augmented, finetuned)},
-                                  folder / "learning_curves.png")
+    probs, targets, _ = final
+    preds = probs.argmax(1)
+    evaluate.plot_confusion(targets, preds, classes, folder / "confusion_matrix.png")
+    evaluate.plot_learning_curves({r["stage"]: r["history"] for r in records.values()}, folder / "learning_curves.png")
+    valid = recipe.labelled_split(image_manifest, classes, "valid")
+    worst = evaluate.top_losses(probs, targets, config.top_losses)
+    evaluate.plot_image_grid([valid["path"].iloc[i] for i in worst],
+                             [f"true {classes[targets[i]]} / pred {classes[preds[i]]} ({probs[i, preds[i]]:.2f})"
+                              for i in worst], folder / "top_losses.png")
     details = {"arch": arch, "xtra_cut": xtra_cut, "entry_key": entry.key.digest(),
-               "view_key": activations["view_key"], "dagster_run": context.run.run_id,
-               **{f"mlflow_run.{r['stage']}": r["mlflow_run_id"] for r in (head_on_cache, head_augmented, finetuned)}}
-    md = evaluate.render_report(f"Evaluation: {arch}, cut {xtra_cut}", stages, classes, details,
-                                {"Confusion matrix (finetuned)": "confusion_matrix.png",
-                                 "Learning curves": "learning_curves.png"})
+               "view_key": activations["view_key"], "dagster_run": context.run.run_id, "tta_views": config.tta,
+               **{f"mlflow_run.{r['stage']}": r["mlflow_run_id"] for r in records.values()}}
+    md = evaluate.render_report(
+        f"Evaluation: {arch}, cut {xtra_cut}", stages, classes, details,
+        {"Confusion matrix (finetuned)": "confusion_matrix.png", "Top losses (finetuned)": "top_losses.png",
+         "Learning curves": "learning_curves.png"},
+        evaluate.per_class(probs, targets, classes), evaluate.most_confused(targets, preds, classes))
     (folder / "report.md").write_text(md)
-    with tracking.tracker().run(f"evaluation {arch} cut={xtra_cut}", {"arch": arch, "cut": xtra_cut},
-                                {"dagster.run_id": context.run.run_id, "stage": "evaluation"}) as run:
+    tracker = tracking.tracker()
+    with tracker.run(f"evaluation {arch} cut={xtra_cut}", {"arch": arch, "cut": xtra_cut, "tta": config.tta},
+                     {"dagster.run_id": context.run.run_id, "stage": "evaluation",
+                      "mlflow.parentRunId": tracker.parent_run(context.run.run_id, context.partition_key)}) as run:
         for name, m in stages.items():
-            run.metrics({f"{name}.valid_accuracy": m["accuracy"], f"{name}.valid_loss": m["loss"]})
+            key = name.replace(" ", "_").replace("(", "").replace(")", "")
+            run.metrics({f"{key}.{k}": v for k, v in m.items() if k != "n"})
         for path in folder.iterdir():
             run.artifact(path, "report")
     context.log.info(f"report: {folder / 'report.md'}; MLflow run {run.run_id}")
     return dg.Output({"stages": stages, "report": str(folder / "report.md"), "mlflow_run_id": run.run_id},
-                     metadata={"report": dg.MetadataValue.md(_inline(md, folder)),
+                     metadata={"report": dg.MetadataValue.md(inline_pngs(md, folder)),
                                "report_path": dg.MetadataValue.path(str(folder / "report.md")),
                                "mlflow_run_id": run.run_id,
-                               **{f"{n}_accuracy": m["accuracy"] for n, m in stages.items()}})
+                               **{f"{n}_accuracy": m["accuracy"] for n, m in stages.items()},
+                               **{f"{n}_tta_accuracy": m["tta_accuracy"] for n, m in stages.items() if "tta_accuracy" in m}})

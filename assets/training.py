@@ -1,25 +1,45 @@
-"""Training stages. head_on_cache reads the cache; the augmented stages never do (non-cacheable)."""
+"""Training stages. head_on_cache reads the cache; the augmented stages never do (non-cacheable).
 
+lr_find runs as its own assets (on the cache for the head; on images for the unfrozen network);
+a stage uses the suggested rate when its config says ``lr_from_finder: true``.
+"""
+
+import tempfile
 import uuid
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Optional
 
 import dagster as dg
 
+from assets._util import png_markdown
 from assets.partitions import arch_and_cut, arch_cut
-from precompute import recipe
+from precompute import evaluate, recipe
 from precompute.archs import get_arch
-from precompute.train import ConfigError, check_precompute_augment
+from precompute.data import TransformSpec, train_transform
+from precompute.train import ConfigError, Schedule, check_precompute_augment
 from resources import ActivationStoreResource, ComputeDevice, MlflowTracking
 
 NOT_CACHEABLE = {"precompute/cacheable": "false"}
 
 
-class HeadOnCacheConfig(dg.Config):
+class ScheduleConfig(dg.Config):
+    schedule: str = "one_cycle"          # one_cycle | sgdr | constant
+    epochs: int = 1                      # one_cycle / constant
+    cycles: int = 1                      # sgdr: number of cosine cycles ...
+    cycle_len: int = 1                   # ... the first this many epochs long ...
+    cycle_mult: int = 1                  # ... each next one this many times longer
+    lr_from_finder: bool = False         # use the lr_find asset's suggestion instead of lr
+    seed: int = 0
+
+    def to_schedule(self) -> Schedule:
+        return Schedule(self.schedule, self.epochs, self.cycles, self.cycle_len, self.cycle_mult)
+
+
+class HeadOnCacheConfig(ScheduleConfig):
     epochs: int = 5
     lr: float = 3e-3
     batch_size: int = 64
-    seed: int = 0
     ps: Optional[list[float]] = None     # dropout per linear block; None: fastai's 0.25 ... 0.5
     xtra_fc: list[int] = [512]           # hidden layer sizes
     custom_head: Optional[str] = None    # "package.module:factory" -> nn.Module(in_features, n_classes)
@@ -27,23 +47,41 @@ class HeadOnCacheConfig(dg.Config):
     augment: bool = False
     reuse: bool = True                   # return the earlier head when rows, config and seed are unchanged
 
+    def head_config(self) -> dict:
+        return {"ps": self.ps, "xtra_fc": self.xtra_fc, "custom": self.custom_head}
 
-class ImageStageConfig(dg.Config):
-    epochs: int = 1
-    lr: float = 1e-3                     # the last group's rate; earlier trainable groups 3x lower each
-    lrs: Optional[list[float]] = None    # or one rate per layer group (0 for frozen groups)
+
+class ImageStageConfig(ScheduleConfig):
+    lr: float = 1e-3                     # the last group's rate; each earlier trainable group lr_spread x lower
+    lr_spread: float = 3.0               # fastai: earlier groups 3-10x lower
+    lrs: Optional[list[float]] = None    # or one rate per layer group, earliest first
+    lr_range: Optional[str] = None       # or "lo:hi", spread geometrically over the trainable groups
     batch_size: int = 32
-    seed: int = 0
     augment: bool = True
     precompute: bool = False
-    flip: bool = True                    # horizontal flips (off for digits, text, ...)
-    rotate: float = 10.0                 # degrees
-    lighting: float = 0.05               # brightness/contrast jitter
+    augmentation: str = "side_on"        # side_on | top_down | basic (fastai's transforms_* presets)
     max_zoom: float = 1.1
     freeze_bn_stats: bool = True         # keep BatchNorm running statistics (see precompute.train.fit)
+    train_bn: bool = False               # BatchNorm scale/shift trainable in frozen groups (fastai v1)
+    size: Optional[int] = None           # a new image size: progressive resizing from the previous stage
 
-    def augmentation(self) -> dict:
-        return {"flip": self.flip, "rotate": self.rotate, "lighting": self.lighting, "max_zoom": self.max_zoom}
+    def augmentation_args(self) -> dict:
+        return {"preset": self.augmentation, "max_zoom": self.max_zoom}
+
+    def learning_rates(self, finder: Optional[dict] = None):
+        if self.lr_from_finder and finder:
+            return float(finder["suggestion"])
+        return self.lrs or self.lr_range or self.lr
+
+
+class FinetuneConfig(ImageStageConfig):
+    lr: float = 3e-4                     # the head's rate; the body groups get lr/3 and lr/9
+
+
+class LrFindConfig(dg.Config):
+    num_it: int = 100
+    batch_size: int = 64
+    seed: int = 0
 
 
 def _fail_on_config(precompute: bool, augment: bool) -> None:
@@ -57,14 +95,16 @@ def _fail_on_config(precompute: bool, augment: bool) -> None:
 def _mlflow_run(context, tracking: MlflowTracking, stage: str, params: dict):
     arch, xtra_cut = arch_and_cut(context)
     spec = get_arch(arch)
+    tracker = tracking.tracker()
     tags = {"dagster.run_id": context.run.run_id, "dagster.partition": context.partition_key,
-            "stage": stage, "arch": arch}
-    with tracking.tracker().run(f"{stage} {arch} cut={xtra_cut}",
-                                {"arch": arch, "cut": xtra_cut, "lr_cut": spec.lr_cut, **params}, tags) as run:
+            "stage": stage, "arch": arch,
+            "mlflow.parentRunId": tracker.parent_run(context.run.run_id, context.partition_key)}
+    with tracker.run(f"{stage} {arch} cut={xtra_cut}",
+                     {"arch": arch, "cut": xtra_cut, "lr_cut": spec.lr_cut, **params}, tags) as run:
         yield run
 
 
-def _finish(context, run, record: dict, tracking: MlflowTracking, data_version: Optional[str] = None,
+def _finish(run, record: dict, tracking: MlflowTracking, data_version: Optional[str] = None,
             extra: Optional[dict] = None):
     run.layer_groups(record["groups"])
     last = record["history"][-1] if record["history"] else {}
@@ -78,36 +118,59 @@ def _finish(context, run, record: dict, tracking: MlflowTracking, data_version: 
 
 
 def _epoch_logger(context, run, stage: str):
+    step = [0]
+
     def on_epoch(row: dict) -> None:
-        run.metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+        run.metrics({k: v for k, v in row.items() if k not in ("epoch", "lr_steps")}, step=row["epoch"])
+        run.series("lr_step", row["lr_steps"], start=step[0])  # the schedule as it ran, per batch
+        step[0] += len(row["lr_steps"])
         context.log.info(f"{stage} epoch {row['epoch']}: train_loss {row['train_loss']:.4f} "
                          f"valid_loss {row['valid_loss']:.4f} valid_accuracy {row['valid_accuracy']:.4f} "
                          f"({row['seconds']:.1f}s)")
     return on_epoch
 
 
-class FinetuneConfig(ImageStageConfig):
-    lr: float = 3e-4                     # the head's rate; the body groups get lr/3 and lr/9
+def _lr_find_output(context, tracking: MlflowTracking, stage: str, result: dict, params: dict):
+    folder = Path(tempfile.mkdtemp(prefix="lr_find-"))
+    plot = evaluate.plot_lr_find(result, folder / f"{stage}.png")
+    with _mlflow_run(context, tracking, stage, params) as run:
+        run.metrics({"suggested_lr": result["suggestion"]})
+        run.series("lr_find_loss", result["losses"])
+        run.artifact(plot)
+    context.log.info(f"{stage}: suggested learning rate {result['suggestion']:.2e}")
+    return dg.Output(result, metadata={"suggested_lr": result["suggestion"], "mlflow_run_id": run.run_id,
+                                       "plot": dg.MetadataValue.md(png_markdown(plot, "loss vs learning rate"))})
+
+
+@dg.asset(group_name="recipe", partitions_def=arch_cut, code_version="1")
+def lr_find_head(context: dg.AssetExecutionContext, config: LrFindConfig, image_manifest, activations,
+                 store: ActivationStoreResource, tracking: MlflowTracking, compute: ComputeDevice):
+    """lr_find for a new head on the cached activations: loss vs learning rate, and a suggestion."""
+    compute.setup()
+    entry = recipe.open_entry(store.get(), activations)
+    bb = recipe.load_backbone(activations["key"]["arch"], activations["key"]["xtra_cut"],
+                              activations["weights"], activations["weights_path"])
+    ts = TransformSpec(**activations["key"]["transform"])
+    result = recipe.lr_find_on_cache(entry, image_manifest, bb, ts, HeadOnCacheConfig().head_config(),
+                                     config.batch_size, config.seed, config.num_it)
+    return _lr_find_output(context, tracking, "lr_find_head", result, config.model_dump())
 
 
 @dg.asset(group_name="recipe", partitions_def=arch_cut, code_version="1", tags={"precompute/cacheable": "true"})
 def head_on_cache(context: dg.AssetExecutionContext, config: HeadOnCacheConfig, image_manifest, activations,
-                  store: ActivationStoreResource, tracking: MlflowTracking, compute: ComputeDevice):
+                  lr_find_head, store: ActivationStoreResource, tracking: MlflowTracking, compute: ComputeDevice):
     """A new head trained on the cached activations only (fastai precompute=True)."""
     _fail_on_config(config.precompute, config.augment)
     if not config.precompute:
         raise dg.Failure("head_on_cache trains on the cache: set precompute=True, or use head_augmented "
                          "to train the head on images", allow_retries=False)
+    schedule = config.to_schedule()
     compute.setup()
     entry = recipe.open_entry(store.get(), activations)
-    bb = recipe.load_backbone(activations["key"]["arch"], activations["key"]["xtra_cut"],
-                              activations["weights"], activations["weights_path"])
-    recipe.check_same_weights(bb, entry)
-    ts = recipe.TransformSpec(**activations["key"]["transform"])
-    head_config = {"ps": config.ps, "xtra_fc": config.xtra_fc, "custom": config.custom_head}
+    lr = float(lr_find_head["suggestion"]) if config.lr_from_finder else config.lr
     # Dagster reruns an asset whenever asked; a head is a pure function of its rows, config and seed,
     # so an identical request returns the earlier result instead of training again.
-    fingerprint = recipe.head_fingerprint(activations["view_key"], config.model_dump(exclude={"reuse"}))
+    fingerprint = recipe.head_fingerprint(activations["view_key"], {**config.model_dump(exclude={"reuse"}), "lr": lr})
     record = recipe.load_head_result(entry, fingerprint) if config.reuse else None
     if record is not None:
         context.log.info(f"head_on_cache reused: same activations ({activations['view_key']}), config and "
@@ -117,43 +180,87 @@ def head_on_cache(context: dg.AssetExecutionContext, config: HeadOnCacheConfig, 
             "reused": True, "fingerprint": fingerprint, "mlflow_run_id": record["mlflow_run_id"],
             "mlflow_tracking_uri": tracking.tracking_uri, "valid_accuracy": float(last["valid_accuracy"]),
             "valid_loss": float(last["valid_loss"]), "layer_groups": dg.MetadataValue.json(record["groups"])})
-    params = {**config.model_dump(), "size": ts.size, "entry_key": entry.key.digest(),
+    bb = recipe.load_backbone(activations["key"]["arch"], activations["key"]["xtra_cut"],
+                              activations["weights"], activations["weights_path"])
+    recipe.check_same_weights(bb, entry)
+    ts = TransformSpec(**activations["key"]["transform"])
+    params = {**config.model_dump(), "lr": lr, "size": ts.size, "entry_key": entry.key.digest(),
               "view_key": activations["view_key"], "pooled": entry.key.pooled, "fingerprint": fingerprint}
     with _mlflow_run(context, tracking, "head_on_cache", params) as run:
-        record = recipe.train_head_on_cache(entry, image_manifest, bb, ts, head_config, config.epochs, config.lr,
-                                            config.batch_size, config.seed, _epoch_logger(context, run, "head_on_cache"))
-        output = _finish(context, run, record, tracking, data_version=fingerprint,
+        record = recipe.train_head_on_cache(entry, image_manifest, bb, ts, config.head_config(), lr=lr,
+                                            batch_size=config.batch_size, seed=config.seed, schedule=schedule,
+                                            on_epoch=_epoch_logger(context, run, "head_on_cache"))
+        output = _finish(run, record, tracking, data_version=fingerprint,
                          extra={"reused": False, "fingerprint": fingerprint, "streamed": record["streamed"]})
     recipe.save_head_result(entry, fingerprint, record)
     return output
+
+
+def _augmented_samples(record: dict, image_manifest, config: ImageStageConfig) -> str:
+    """What the model sees: 8 augmented training images, as Markdown."""
+    import torch
+
+    from precompute.data import load_rgb
+
+    ts = TransformSpec(**record["transform"])
+    if config.size:
+        ts = TransformSpec(**{**ts.key(), "size": config.size, "resize": None})
+    rows = recipe.labelled_split(image_manifest, record["classes"], "train").head(8)
+    torch.manual_seed(config.seed)
+    tf = train_transform(ts, **config.augmentation_args())
+    path = Path(tempfile.mkdtemp(prefix="augment-")) / "augmented.png"
+    evaluate.plot_tensor_grid([tf(load_rgb(p)) for p in rows["path"]], path, ts.mean, ts.std)
+    return png_markdown(path, f"augmentation {config.augmentation}")
+
+
+def _image_stage(context, config: ImageStageConfig, image_manifest, previous: dict, stage: str, freeze: int,
+                 tracking: MlflowTracking, compute: ComputeDevice, finder: Optional[dict] = None):
+    _fail_on_config(config.precompute, config.augment)
+    schedule = config.to_schedule()
+    device = compute.setup()
+    lr = config.learning_rates(finder)
+    with _mlflow_run(context, tracking, stage, {**config.model_dump(), "lr_used": lr}) as run:
+        record = recipe.train_on_images(
+            previous, image_manifest, stage, schedule, lr, freeze=freeze, augment=config.augment,
+            batch_size=config.batch_size, seed=config.seed, num_workers=compute.num_workers, device=device,
+            on_epoch=_epoch_logger(context, run, stage), freeze_bn_stats=config.freeze_bn_stats,
+            augmentation=config.augmentation_args(), lr_spread=config.lr_spread, size=config.size,
+            train_bn=config.train_bn)
+        extra = {"augmented_samples": dg.MetadataValue.md(_augmented_samples(previous, image_manifest, config))}
+        if stage == "finetuned":
+            run.artifact(recipe.save_model(record, context.run.run_id), "model")
+            run.pytorch_model(record, "network")
+        return _finish(run, record, tracking, data_version=uuid.uuid4().hex, extra=extra)
 
 
 @dg.asset(group_name="recipe", partitions_def=arch_cut, tags=NOT_CACHEABLE)
 def head_augmented(context: dg.AssetExecutionContext, config: ImageStageConfig, image_manifest, head_on_cache,
                    tracking: MlflowTracking, compute: ComputeDevice):
     """The head trained further on freshly augmented images; the body stays frozen. Never cached."""
-    _fail_on_config(config.precompute, config.augment)
+    return _image_stage(context, config, image_manifest, head_on_cache, "head_augmented", 2, tracking, compute)
+
+
+class LrFindImagesConfig(LrFindConfig):
+    num_it: int = 50
+    batch_size: int = 32
+    lr_spread: float = 3.0
+    augmentation: str = "side_on"
+
+
+@dg.asset(group_name="recipe", partitions_def=arch_cut, tags=NOT_CACHEABLE)
+def lr_find_unfrozen(context: dg.AssetExecutionContext, config: LrFindImagesConfig, image_manifest, head_augmented,
+                     tracking: MlflowTracking, compute: ComputeDevice):
+    """lr_find for the unfrozen network on augmented images (fastai: lr_find again after unfreeze)."""
     device = compute.setup()
-    with _mlflow_run(context, tracking, "head_augmented", config.model_dump()) as run:
-        record = recipe.train_on_images(
-            head_on_cache, image_manifest, "head_augmented", config.epochs, config.lrs or config.lr,
-            freeze=2, augment=config.augment, batch_size=config.batch_size, seed=config.seed,
-            num_workers=compute.num_workers, device=device, on_epoch=_epoch_logger(context, run, "head_augmented"),
-            freeze_bn_stats=config.freeze_bn_stats, augmentation=config.augmentation())
-        return _finish(context, run, record, tracking, data_version=uuid.uuid4().hex)
+    result = recipe.lr_find_on_images(head_augmented, image_manifest, 0, config.lr_spread, config.batch_size,
+                                      config.seed, config.num_it, {"preset": config.augmentation},
+                                      compute.num_workers, device)
+    return _lr_find_output(context, tracking, "lr_find_unfrozen", result, config.model_dump())
 
 
 @dg.asset(group_name="recipe", partitions_def=arch_cut, tags=NOT_CACHEABLE)
 def finetuned(context: dg.AssetExecutionContext, config: FinetuneConfig, image_manifest, head_augmented,
-              tracking: MlflowTracking, compute: ComputeDevice):
+              lr_find_unfrozen, tracking: MlflowTracking, compute: ComputeDevice):
     """Every layer group unfrozen, earlier groups at lower learning rates, on augmented images."""
-    _fail_on_config(config.precompute, config.augment)
-    device = compute.setup()
-    with _mlflow_run(context, tracking, "finetuned", config.model_dump()) as run:
-        record = recipe.train_on_images(
-            head_augmented, image_manifest, "finetuned", config.epochs, config.lrs or config.lr,
-            freeze=0, augment=config.augment, batch_size=config.batch_size, seed=config.seed,
-            num_workers=compute.num_workers, device=device, on_epoch=_epoch_logger(context, run, "finetuned"),
-            freeze_bn_stats=config.freeze_bn_stats, augmentation=config.augmentation())
-        run.artifact(recipe.save_model(record, context.run.run_id), "model")
-        return _finish(context, run, record, tracking, data_version=uuid.uuid4().hex)
+    return _image_stage(context, config, image_manifest, head_augmented, "finetuned", 0, tracking, compute,
+                        finder=lr_find_unfrozen)

@@ -20,8 +20,9 @@ from pipelines.definitions import defs  # noqa: E402
 DEMO_RUN_CONFIG = {"ops": {
     "activations": {"config": {"size": int(os.environ.get("PRECOMPUTE_DEMO_SIZE", "64"))}},
     "head_on_cache": {"config": {"epochs": 5}},
-    "head_augmented": {"config": {"epochs": 1, "flip": False}},
-    "finetuned": {"config": {"epochs": 2, "flip": False}},
+    "head_augmented": {"config": {"epochs": 1, "augmentation": "basic"}},
+    "finetuned": {"config": {"epochs": 2, "augmentation": "basic"}},
+    "lr_find_unfrozen": {"config": {"num_it": 30, "augmentation": "basic"}},
 }}
 
 

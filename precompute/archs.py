@@ -167,8 +167,11 @@ def describe_groups(groups: Sequence[nn.Module], lrs: float | Sequence[float] | 
     return out
 
 
-def freeze_to(groups: Sequence[nn.Module], n: int) -> None:
-    """Freeze groups[:n], make groups[n:] trainable (fastai `freeze_to`); negative n as in Python."""
+def freeze_to(groups: Sequence[nn.Module], n: int, train_bn: bool = False) -> None:
+    """Freeze groups[:n], make groups[n:] trainable (fastai `freeze_to`); negative n as in Python.
+
+    ``train_bn`` keeps BatchNorm scale and shift trainable in frozen groups (fastai v1's default).
+    """
     if not -len(groups) <= n <= len(groups):
         raise ValueError(f"freeze_to({n}) out of range for {len(groups)} layer groups: "
                          f"valid is {-len(groups)}..{len(groups)}")
@@ -176,6 +179,10 @@ def freeze_to(groups: Sequence[nn.Module], n: int) -> None:
         n += len(groups)
     for i, g in enumerate(groups):
         g.requires_grad_(i >= n)
+        if train_bn and i < n:
+            for m in g.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.requires_grad_(True)
 
 
 def unfreeze(groups: Sequence[nn.Module]) -> None:

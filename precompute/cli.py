@@ -37,6 +37,19 @@ def cmd_gc(args) -> int:
     return 0
 
 
+def cmd_predict(args) -> int:
+    from precompute.predict import load_model, predict_folder
+
+    record = load_model(args.model, args.tracking_uri)
+    table = predict_folder(record, args.images, tta=args.tta)
+    table.to_csv(args.out, index=False)
+    bad = table[table["status"] != "ok"]
+    print(f"wrote {args.out}: {len(table) - len(bad)} images predicted, {len(bad)} not readable")
+    for row in bad.itertuples():
+        print(f"  skipped {row.path}: {row.status} ({row.reason})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="precompute")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -52,6 +65,15 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--unused-days", type=float, default=30.0, help="remove entries unused this long")
             p.add_argument("--keep", action="append", default=[], help="an entry path to keep regardless")
             p.add_argument("--dry-run", action="store_true", help="say what would be removed, remove nothing")
+    pred = sub.add_parser("predict", help="predict a folder of images with a trained model")
+    pred.add_argument("--model", required=True, help="a model .pt file, or the MLflow run id of a finetuned stage")
+    pred.add_argument("--images", required=True, help="folder of images (any layout)")
+    pred.add_argument("--out", default="predictions.csv", help="CSV to write (default: %(default)s)")
+    pred.add_argument("--tta", type=int, default=0, help="augmented views to average with the center crop")
+    pred.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///" + os.path.abspath(
+                      os.path.join(os.environ.get("PRECOMPUTE_HOME", "var"), "mlflow.db"))),
+                      help="MLflow tracking URI for a run id (default: $MLFLOW_TRACKING_URI)")
+    pred.set_defaults(fn=cmd_predict)
     args = parser.parse_args(argv)
     return args.fn(args)
 

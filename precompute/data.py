@@ -1,26 +1,36 @@
 """Image manifests, decoding and transforms.
 
-A manifest is a pandas DataFrame with one row per image file found (``MANIFEST_COLUMNS``).
-Rows are keyed by ``image_id``, the sha256 of the file bytes, which is what the activation
-cache is addressed by. Files that cannot be used are rows with a ``status`` code and a
-``reason``; nothing is dropped silently. Status codes:
+A manifest is a pandas DataFrame with one row per image file found (``MANIFEST_COLUMNS``), plus
+one row per class folder that holds no image file. Rows are keyed by ``image_id``, the sha256 of
+the file bytes, which is what the activation cache is addressed by. Files that cannot be used are
+rows with a ``status`` code and a ``reason`` that says what to do; nothing is dropped silently.
+Status codes (``STATUSES``):
 
-- ``ok``            decodes fully; width/height are the EXIF-oriented size ``load_rgb`` returns
-- ``missing``       a CSV row whose file does not exist
+- ``ok``            decodes fully and converts to RGB; width/height are the EXIF-oriented size ``load_rgb`` returns
+- ``missing``       a CSV row whose file does not exist, or a broken symlink
 - ``empty``         zero bytes
 - ``not_image``     PIL cannot identify the format (e.g. a text file named ``.jpg``)
-- ``unreadable``    identified but fails to decode (truncated or corrupt)
-- ``too_large``     more pixels than ``PIL.Image.MAX_IMAGE_PIXELS`` (decompression-bomb guard)
-- ``outside_root``  a symlink resolving outside the root (never read)
-- ``unknown_label`` no class: empty CSV label, or a file directly in a split folder
+- ``unreadable``    identified but fails to decode (truncated or corrupt), cannot be opened (permissions),
+                    is not a regular file (a pipe, a device), or a folder that cannot be listed
+- ``too_large``     more pixels than ``PIL.Image.MAX_IMAGE_PIXELS`` (decompression-bomb guard; never decoded)
+- ``outside_root``  a symlink (file or folder) resolving outside the root (never read)
+- ``bad_name``      a file or folder name that is not valid UTF-8 (never read; path shown with \\xNN escapes)
+- ``unknown_label`` no class: empty CSV label, a file directly in a split folder, or a label not in ``classes``
 - ``unknown_split`` a CSV split value not in ``splits``
+- ``empty_class``   a class folder with no image file (the row is the folder: relpath ends in ``/``)
+- ``unseen_class``  a validation image whose class has no usable training image: the model cannot
+                    predict it, so it is left out of training and of the accuracy (logged as a warning)
+- ``conflicting_label``  identical bytes under two or more labels: every copy is left out
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
+import stat
+from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -36,6 +46,8 @@ MANIFEST_COLUMNS = ["image_id", "path", "relpath", "label", "split", "width", "h
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
 )
+STATUSES = ("ok", "missing", "empty", "not_image", "unreadable", "too_large", "outside_root", "bad_name",
+            "unknown_label", "unknown_split", "empty_class", "unseen_class", "conflicting_label")
 _HASH_BLOCK = 1 << 20
 _EXIF_ORIENTATION = 0x0112
 
@@ -52,31 +64,40 @@ def build_manifest(
     root: str | Path | None = None,
     splits: tuple[str, ...] = ("train", "valid"),
     valid_fraction: float = 0.2,
+    classes: list[str] | tuple[str, ...] | None = None,
 ) -> pd.DataFrame:
     """One row per image file under ``source``, sorted by (split, label, relpath).
 
     ``source`` is either
     - a folder in ImageNet layout, ``<source>/<split>/<class>/<file>`` (files may sit in
       subfolders of a class folder); ``root`` defaults to ``source``; or
-    - a ``.csv`` with columns ``path,label[,split]`` (other columns are ignored), paths relative
-      to ``root`` (default: the CSV's folder); absolute paths must lie inside ``root``.
+    - a UTF-8 ``.csv`` with columns ``path,label[,split]`` (other columns are ignored), paths
+      relative to ``root`` (default: the CSV's folder); absolute paths must lie inside ``root``.
 
     Without a split column (or for an empty split cell) the split is derived from the content
     hash: an image goes to ``splits[1]`` when ``int(image_id[:8], 16) / 2**32 < valid_fraction``,
     else ``splits[0]``. It is deterministic, stable when images are added, and keeps byte-identical
     copies in the same split.
 
+    ``classes``, when given, is the full list of labels: any other label is ``unknown_label``
+    (catches typos in a CSV). Validation images of a class without a usable training image are
+    ``unseen_class``; identical bytes under different labels are ``conflicting_label``.
+
     Files without an image extension (and hidden files) are skipped and counted in the log.
     """
     source = Path(source).expanduser()
     if not source.exists():
         raise ManifestError(f"image source {source} does not exist: pass a folder (<split>/<class>/<file>) or a .csv")
+    if not _is_utf8(str(source.resolve())):
+        raise ManifestError(f"image source {_printable(str(source.resolve()))} has a name that is not valid UTF-8: "
+                            "rename it (e.g. convmv -f latin1 -t utf8 --notest <path>)")
+    extra: list[dict] = []
     if source.is_dir():
         root = Path(root).expanduser().resolve() if root is not None else source.resolve()
         source = source.resolve()  # resolve folders once so relpaths are lexical; files stay unresolved
         if not _is_inside(source, root):
             raise ManifestError(f"folder {source} is not inside root {root}: pass a root that contains it, or no root")
-        entries = _folder_entries(source, splits)
+        entries, extra = _folder_entries(source, root, splits)
     elif source.suffix.lower() == ".csv":
         root = Path(root).expanduser().resolve() if root is not None else source.resolve().parent
         entries = _csv_entries(source, root)
@@ -88,14 +109,36 @@ def build_manifest(
         if not row["split"]:  # files never read (missing, outside the root) split by their path instead
             key = row["image_id"] or hashlib.sha256(row["relpath"].encode()).hexdigest()
             row["split"] = _hash_split(key, splits, valid_fraction)
+    if classes is not None:
+        _mark_unknown_labels(rows, classes)
+    _mark_conflicting_labels(rows)
+    _mark_unseen_classes(rows, splits[0])
 
-    df = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+    df = pd.DataFrame(rows + extra, columns=MANIFEST_COLUMNS)
     df = df.astype({"width": "Int64", "height": "Int64"})
     df = df.sort_values(["split", "label", "relpath"], kind="stable", ignore_index=True)
     bad = df[df.status != "ok"]
     if len(bad):
-        log.warning("%d of %d images are not usable: %s", len(bad), len(df), bad.status.value_counts().to_dict())
+        log.warning("%d of %d manifest rows are not usable: %s", len(bad), len(df), bad.status.value_counts().to_dict())
     return df
+
+
+def manifest_summary(manifest: pd.DataFrame, train_split: str = "train") -> dict:
+    """What a manifest holds, for a report: usable and skipped rows, statuses, classes per split."""
+    ok = ok_rows(manifest)
+    classes = class_names(manifest)
+    splits = sorted(set(manifest["split"]))
+    return {
+        "rows": len(manifest),
+        "usable": len(ok),
+        "skipped": len(manifest) - len(ok),
+        "by_status": {k: int(v) for k, v in manifest["status"].value_counts().sort_index().items()},
+        "usable_by_split": {s: int((ok["split"] == s).sum()) for s in splits},
+        "classes": classes,
+        "classes_without_images_in": {s: sorted(set(classes) - set(ok.loc[ok["split"] == s, "label"]))
+                                      for s in splits if s != train_split},
+        "in_several_splits": int((ok.groupby("image_id")["split"].nunique() > 1).sum()),
+    }
 
 
 def class_names(manifest: pd.DataFrame) -> list[str]:
@@ -128,25 +171,80 @@ def _is_image_name(name: str) -> bool:
     return not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def _folder_entries(source: Path, splits) -> list[tuple[Path, str, str]]:
+def _is_utf8(text: str) -> bool:
+    """False for names with bytes that are not UTF-8 (Python keeps them as surrogate escapes)."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _printable(text: str) -> str:
+    """``text`` as valid UTF-8: undecodable bytes of a file name shown as ``\\xNN``."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _folder_row(folder: Path, root: Path, label: str, split: str, status: str, reason: str) -> dict:
+    return dict(image_id="", path=_printable(str(folder)), relpath=_printable(folder.relative_to(root).as_posix()) + "/",
+                label=_printable(label), split=split, width=None, height=None, status=status, reason=reason)
+
+
+def _folder_entries(source: Path, root: Path, splits) -> tuple[list[tuple[Path, str, str]], list[dict]]:
+    """(files to inspect, rows for folders: empty class folders, unlistable folders, folder
+    symlinks leaving the root). Folder symlinks inside the root are followed, each real folder once."""
     split_dirs = [(s, source / s) for s in splits if (source / s).is_dir()]
     if not split_dirs:
         raise ManifestError(
             f"no split folders {list(splits)} in {source}: expected {source}/<split>/<class>/<image>; "
             "pass splits=... with the folder names you have, or give a CSV of path,label[,split]"
         )
-    entries, skipped = [], 0
+    entries, folders, skipped = [], [], 0
     for split, split_dir in split_dirs:
-        for dirpath, dirnames, filenames in os.walk(split_dir):  # symlinked folders are not followed
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        seen = {os.path.realpath(split_dir)}
+        images_in_class: dict[str, int] = {}
+
+        def unlistable(exc: OSError, split=split, split_dir=split_dir) -> None:
+            folder = Path(exc.filename)
+            parts = folder.relative_to(split_dir).parts
+            folders.append(_folder_row(folder, root, parts[0] if parts else "", split, "unreadable",
+                                       f"cannot list this folder ({exc.strerror or exc}): its images are not in "
+                                       "the manifest; fix its permissions"))
+
+        for dirpath, dirnames, filenames in os.walk(split_dir, onerror=unlistable, followlinks=True):
             here = Path(dirpath)
+            parts = here.relative_to(split_dir).parts
             # The class is the first folder below the split; files directly in the split have none.
-            label = here.relative_to(split_dir).parts[0] if here != split_dir else ""
+            label = parts[0] if parts else ""
+            keep = []
+            for d in sorted(dirnames):
+                if d.startswith("."):
+                    continue
+                real = os.path.realpath(here / d)
+                if not _is_inside(Path(real), root):  # only a symlink can lead out of the root
+                    folders.append(_folder_row(here / d, root, label or d, split, "outside_root",
+                                               f"folder symlink to {_printable(real)}, outside {root}: its files are "
+                                               "never read; copy them under the root"))
+                elif real in seen:  # a second way into a folder already walked (or a symlink loop)
+                    log.info("not walking %s again: it is %s, already in the manifest", here / d, real)
+                else:
+                    seen.add(real)
+                    keep.append(d)
+            dirnames[:] = keep
+            if not parts:
+                images_in_class.update({d: 0 for d in keep})
             for name in sorted(filenames):
                 if _is_image_name(name):
                     entries.append((here / name, label, split))
+                    if label:
+                        images_in_class[label] += 1
                 else:
                     skipped += 1
+        for cls, n in images_in_class.items():
+            if n == 0:
+                folders.append(_folder_row(split_dir / cls, root, cls, split, "empty_class",
+                                           f"class folder has no image file ({' '.join(sorted(IMAGE_EXTENSIONS))}): "
+                                           "add images or remove the folder"))
     if skipped:
         log.info("skipped %d non-image files under %s", skipped, source)
     if not entries:
@@ -154,11 +252,29 @@ def _folder_entries(source: Path, splits) -> list[tuple[Path, str, str]]:
             f"no image files under {source}/{{{','.join(splits)}}}/<class>/ "
             f"(extensions {' '.join(sorted(IMAGE_EXTENSIONS))}): check the layout and file names"
         )
-    return entries
+    for row in folders:
+        log.warning("%s %s: %s", row["status"], row["relpath"], row["reason"])
+    return entries, folders
+
+
+def _read_csv(csv: Path) -> pd.DataFrame:
+    data = csv.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")  # a BOM (Excel's "CSV UTF-8") is dropped
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ManifestError(f"{csv} line {line} is not UTF-8 (byte {data[e.start]:#04x}): save the CSV as UTF-8, "
+                            "and rename files whose names are not UTF-8") from None
+    try:
+        return pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise ManifestError(f"{csv} is empty: it needs a header row path,label[,split] and one row per image") from None
+    except pd.errors.ParserError as e:
+        raise ManifestError(f"{csv} cannot be parsed ({e}): quote paths or labels that contain commas") from None
 
 
 def _csv_entries(csv: Path, root: Path) -> list[tuple[Path, str, str]]:
-    table = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    table = _read_csv(csv)
     table.columns = [str(c).strip().lower() for c in table.columns]
     missing = {"path", "label"} - set(table.columns)
     if missing:
@@ -193,32 +309,90 @@ def _csv_entries(csv: Path, root: Path) -> list[tuple[Path, str, str]]:
     return entries
 
 
+def _mark_unknown_labels(rows: list[dict], classes) -> None:
+    known = set(classes)
+    for row in rows:
+        if row["status"] == "ok" and row["label"] not in known:
+            row.update(status="unknown_label", reason=f"label {row['label']!r} is not one of the classes "
+                                                      f"{sorted(known)}: fix the label or add it to classes")
+
+
+def _mark_conflicting_labels(rows: list[dict]) -> None:
+    """Identical bytes under different labels: no copy can be right for both, so none is used."""
+    by_id: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        if row["status"] == "ok":
+            by_id[row["image_id"]].append(row)
+    leaked = 0
+    for same in by_id.values():
+        labels = sorted({r["label"] for r in same})
+        if len(labels) > 1:
+            for row in same:
+                others = ", ".join(f"{o['relpath']} ({o['label']})" for o in same if o is not row)
+                row.update(status="conflicting_label",
+                           reason=f"the same image (identical bytes) is also {others}: keep one copy, under the right label")
+        elif len({r["split"] for r in same}) > 1:
+            leaked += 1
+    if leaked:
+        log.warning("%d images are in more than one split (identical bytes): validation accuracy is optimistic; "
+                    "keep each image in one split", leaked)
+
+
+def _mark_unseen_classes(rows: list[dict], train_split: str) -> None:
+    """Validation images of a class the model has no training image for: left out, with a warning."""
+    trained = {r["label"] for r in rows if r["status"] == "ok" and r["split"] == train_split}
+    unseen: dict[str, int] = defaultdict(int)
+    for row in rows:
+        if row["status"] == "ok" and row["split"] != train_split and row["label"] not in trained:
+            unseen[row["label"]] += 1
+            row.update(status="unseen_class",
+                       reason=f"class {row['label']!r} has no usable {train_split!r} image, so the model cannot predict "
+                              f"it: left out of training and accuracy; add {train_split} images of {row['label']!r}")
+    if unseen:
+        log.warning("classes with validation images but no usable training image, left out: %s", dict(unseen))
+
+
 def _inspect(path: Path, root: Path, label: str, split: str, splits) -> dict:
     """Hash and fully decode one file; any failure becomes a status, never an exception."""
-    row = dict(image_id="", path=str(path), relpath=path.relative_to(root).as_posix(), label=label, split=split,
-               width=None, height=None, status="ok", reason="")
+    row = dict(image_id="", path=_printable(str(path)), relpath=_printable(path.relative_to(root).as_posix()),
+               label=_printable(label), split=split, width=None, height=None, status="ok", reason="")
 
     def fail(status: str, reason: str) -> dict:
         row.update(status=status, reason=reason)
         return row
 
+    if not _is_utf8(str(path)):  # pandas, JSON, MLflow and Dagster all need UTF-8 text
+        part = next(p for p in reversed(path.parts) if not _is_utf8(p))
+        return fail("bad_name", f"name '{_printable(part)}' is not valid UTF-8: rename it "
+                                "(e.g. convmv -f latin1 -t utf8 -r --notest <folder>)")
     target = path.resolve()
     if not _is_inside(target, root):  # checked before reading: never open files outside the root
         return fail("outside_root", f"resolves to {target}, outside {root}; copy the file under the root")
-    if not path.is_file():
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        if path.is_symlink():
+            return fail("missing", f"broken symlink to {os.readlink(path)}; fix or remove it")
         return fail("missing", "file not found; fix the path or remove the row")
-    if path.stat().st_size == 0:
+    except OSError as e:
+        return fail("unreadable", f"{type(e).__name__}: {e}")
+    if not stat.S_ISREG(st.st_mode):  # a pipe could block a read forever
+        kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file (a pipe, socket or device)"
+        return fail("unreadable", f"{kind}; never opened: replace it with an image file")
+    if st.st_size == 0:
         row["image_id"] = hashlib.sha256(b"").hexdigest()
         return fail("empty", "file has zero bytes")
-    row["image_id"] = _sha256(path)
     try:
+        row["image_id"] = _sha256(path)
         with Image.open(path) as img:
             w, h = img.size
-            if w * h > Image.MAX_IMAGE_PIXELS:  # PIL only warns up to 2x the limit; refuse before decoding
-                return fail("too_large", f"{w}x{h} pixels exceeds PIL.Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS}")
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit and w * h > limit:  # PIL only warns up to 2x the limit; refuse before decoding
+                return fail("too_large", f"{w}x{h} pixels exceeds PIL.Image.MAX_IMAGE_PIXELS={limit}")
             orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
             img.draft(img.mode, (1, 1))  # JPEG: decode at 1/8 scale; every byte is still read, so truncation shows
             img.load()
+            to_rgb(ImageOps.exif_transpose(img) if orientation != 1 else img)  # what load_rgb does after decoding
     except Image.DecompressionBombError as e:
         return fail("too_large", str(e))
     except UnidentifiedImageError:
@@ -233,6 +407,26 @@ def _inspect(path: Path, root: Path, label: str, split: str, splits) -> dict:
     if split and split not in splits:
         return fail("unknown_split", f"split {split!r} is not one of {list(splits)}; fix it or pass splits=...")
     return row
+
+
+def scan_images(folder: str | Path) -> pd.DataFrame:
+    """Every file under ``folder`` in any layout, checked like a manifest row (for prediction).
+
+    Files without an image extension are rows too (``not_image``), so a prediction lists them.
+    """
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise ManifestError(f"{folder} is not a folder: pass the folder of images to predict")
+    root = folder.resolve()
+    rows = []
+    for path in sorted(p for p in root.rglob("*") if not p.is_dir() and not p.name.startswith(".")):
+        if _is_image_name(path.name):
+            row = _inspect(path, root, "?", "", ())  # "?": no label is expected here
+        else:
+            row = dict(image_id="", path=str(path), relpath=path.relative_to(root).as_posix(), width=None,
+                       height=None, status="not_image", reason=f"extension {path.suffix!r} is not an image type")
+        rows.append({**row, "label": "", "split": ""})
+    return pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
 
 
 def _sha256(path: Path) -> str:
@@ -348,18 +542,38 @@ def eval_transform(ts: TransformSpec) -> v2.Compose:
     return v2.Compose(geometry + _to_normalized_tensor(ts))
 
 
+AUGMENTATION_PRESETS = {
+    # fastai 0.7: transforms_side_on (photos of things seen from the side) ...
+    "side_on": dict(flip=True, vflip=False, rot90=False, rotate=10, lighting=0.05),
+    # ... transforms_top_down (satellite, microscopy: any orientation is valid) ...
+    "top_down": dict(flip=True, vflip=True, rot90=True, rotate=10, lighting=0.05),
+    # ... and no geometry but the zoom, for glyphs such as digits where a flip is another glyph.
+    "basic": dict(flip=False, vflip=False, rot90=False, rotate=5, lighting=0.05),
+}
+
+
 def train_transform(
-    ts: TransformSpec, flip: bool = True, rotate: float = 10, lighting: float = 0.05, max_zoom: float = 1.1
+    ts: TransformSpec, flip: bool = True, rotate: float = 10, lighting: float = 0.05, max_zoom: float = 1.1,
+    vflip: bool = False, rot90: bool = False, preset: str | None = None,
 ) -> v2.Compose:
-    """Random augmentation in the spirit of fastai 0.7's ``transforms_side_on``.
+    """Random augmentation as fastai 0.7's presets; ``preset`` fills the arguments it names.
 
     A zoom of up to ``max_zoom`` keeps at least ``1/max_zoom**2`` of the area.
     """
+    if preset is not None:
+        if preset not in AUGMENTATION_PRESETS:
+            raise ValueError(f"augmentation preset {preset!r}: choose one of {sorted(AUGMENTATION_PRESETS)}")
+        p = AUGMENTATION_PRESETS[preset]
+        flip, vflip, rot90, rotate, lighting = p["flip"], p["vflip"], p["rot90"], p["rotate"], p["lighting"]
     if max_zoom < 1:
         raise ValueError(f"max_zoom must be >= 1 (1 = no zoom), got {max_zoom}")
     steps = [v2.RandomResizedCrop(ts.size, scale=(1 / max_zoom**2, 1.0), interpolation=ts.interpolation_mode, antialias=True)]
     if flip:
         steps.append(v2.RandomHorizontalFlip())
+    if vflip:
+        steps.append(v2.RandomVerticalFlip())
+    if rot90:
+        steps.append(v2.RandomChoice([v2.RandomRotation((a, a)) for a in (0, 90, 180, 270)]))
     if rotate:
         steps.append(v2.RandomRotation(rotate, interpolation=ts.interpolation_mode))
     if lighting:

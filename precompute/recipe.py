@@ -21,13 +21,14 @@ from precompute.data import ImageDataset, TransformSpec, class_names, eval_trans
 from precompute.features import PrecomputeStats, compute_activations
 from precompute.heads import build_head
 from precompute.store import ActivationStore, CacheKey, Entry, view_key
-from precompute.train import (ArrayRows, EpochCallback, StreamedRows, check_precompute_augment, differential_lrs,
-                              fit, fit_head_on_cache, group_lrs, predict_proba, tensor_batches)
+from precompute.train import (ArrayRows, EpochCallback, LearningRates, Schedule, StreamedRows, check_precompute_augment,
+                              differential_lrs, fit, fit_head_on_cache, group_lrs, lr_find, predict_proba,
+                              tensor_batches)
+from precompute.weights import load_weights
 
 # Cached rows up to this size (as float32) are loaded once; larger sets are streamed per chunk.
 DEFAULT_MEMORY_BUDGET = 4 << 30
 HEAD_CODE_VERSION = "1"  # bump when training on the cache changes its result for the same inputs
-from precompute.weights import load_weights
 
 
 @dataclass
@@ -116,23 +117,39 @@ def cached_rows(entry: Entry, manifest: pd.DataFrame, classes: Sequence[str], sp
     return StreamedRows(entry, list(rows["image_id"]), rows["target"].to_numpy())
 
 
+def _new_head(bb: Backbone, ts: TransformSpec, n_classes: int, head_config: dict, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return build_head(body_output_shape(bb.body, ts.size)[0], n_classes, **head_config)
+
+
 def train_head_on_cache(entry: Entry, manifest: pd.DataFrame, bb: Backbone, ts: TransformSpec,
                         head_config: dict, epochs: int = 3, lr: float = 1e-3, batch_size: int = 64,
                         seed: int = 0, on_epoch: EpochCallback | None = None,
-                        memory_budget: int = DEFAULT_MEMORY_BUDGET) -> dict:
+                        memory_budget: int = DEFAULT_MEMORY_BUDGET, schedule: Schedule | None = None) -> dict:
     """fastai's precompute=True: only the head trains, on rows read back from the cache."""
     classes = class_names(manifest)
     train = cached_rows(entry, manifest, classes, "train", memory_budget)
     valid = cached_rows(entry, manifest, classes, "valid", memory_budget)
-    torch.manual_seed(seed)
-    in_channels = body_output_shape(bb.body, ts.size)[0]
-    head = build_head(in_channels, len(classes), **head_config)
-    history = fit_head_on_cache(head, train, valid, epochs, lr, batch_size, seed, on_epoch=on_epoch)
+    head = _new_head(bb, ts, len(classes), head_config, seed)
+    schedule = schedule or Schedule("one_cycle", epochs=epochs)
+    history = fit_head_on_cache(head, train, valid, lr=lr, batch_size=batch_size, seed=seed, on_epoch=on_epoch,
+                                schedule=schedule)
     groups = layer_groups(bb.body, head, bb.spec, bb.xtra_cut)
     freeze_to(groups, len(groups) - 1)
     return _stage_record("head_on_cache", bb.spec, bb.xtra_cut, classes, head_config, ts, bb.weights_id,
                          nn.Sequential(bb.body, head), history, [0.0] * (len(groups) - 1) + [lr], groups,
-                         seed=seed, epochs=epochs, lr=lr, streamed=isinstance(train, StreamedRows))
+                         seed=seed, schedule=schedule.as_dict(), lr=lr, streamed=isinstance(train, StreamedRows))
+
+
+def lr_find_on_cache(entry: Entry, manifest: pd.DataFrame, bb: Backbone, ts: TransformSpec, head_config: dict,
+                     batch_size: int = 64, seed: int = 0, num_it: int = 100,
+                     memory_budget: int = DEFAULT_MEMORY_BUDGET) -> dict:
+    """lr_find for a new head on the cached activations (cheap: no body runs)."""
+    classes = class_names(manifest)
+    train = cached_rows(entry, manifest, classes, "train", memory_budget)
+    head = _new_head(bb, ts, len(classes), head_config, seed)
+    return lr_find(head, [head], [1.0], lambda gen: train.batches(batch_size, gen), num_it=num_it, seed=seed,
+                   freeze_bn_stats=False)
 
 
 def verify_entry(entry: Entry, manifest: pd.DataFrame) -> dict[str, tuple[bool, dict]]:
@@ -190,50 +207,98 @@ def rebuild(record: dict, size: int) -> tuple[ArchSpec, nn.Sequential, list[nn.M
     return spec, model, layer_groups(body, head, spec, record["xtra_cut"])
 
 
-def image_loader(rows: pd.DataFrame, transform: Callable, batch_size: int, shuffle: bool, seed: int = 0,
-                 num_workers: int = 0) -> DataLoader:
-    gen = torch.Generator().manual_seed(seed)
+def image_loader(rows: pd.DataFrame, transform: Callable, batch_size: int, shuffle: bool,
+                 seed: int | torch.Generator = 0, num_workers: int = 0) -> DataLoader:
+    gen = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(seed)
     return DataLoader(ImageDataset(list(rows["path"]), list(rows["target"]), transform), batch_size=batch_size,
                       shuffle=shuffle, generator=gen, num_workers=num_workers,
                       persistent_workers=False)
 
 
-def train_on_images(previous: dict, manifest: pd.DataFrame, stage: str, epochs: int, lr: float | Sequence[float],
-                    freeze: int, augment: bool = True, precompute: bool = False, batch_size: int = 32,
-                    seed: int = 0, num_workers: int = 0, device="cpu",
-                    on_epoch: EpochCallback | None = None, freeze_bn_stats: bool = True,
-                    augmentation: dict | None = None) -> dict:
-    """Continue from ``previous`` on images (never the cache): groups[:freeze] stay frozen.
+def stage_lrs(lr: LearningRates, n_groups: int, freeze: int, spread: float = 3.0) -> list[float]:
+    """A single rate is the last group's, each earlier trainable group ``spread`` times lower
+    (fastai: 3-10x); a list or a 'lo:hi' range is taken as given (see train.group_lrs)."""
+    if isinstance(lr, (int, float)):
+        return [0.0] * freeze + differential_lrs(float(lr), n_groups - freeze, spread)
+    return group_lrs(lr, n_groups, frozen=freeze)
 
-    ``lr`` is one value (spread fastai-style, each earlier trainable group 3x lower) or one per group.
+
+def _image_stage_inputs(previous: dict, manifest: pd.DataFrame, freeze: int, size: int | None, train_bn: bool):
+    ts = TransformSpec(**previous["transform"])
+    if size and size != ts.size:  # progressive resizing: same weights, new input size
+        ts = TransformSpec(**{**ts.key(), "size": size, "resize": None})
+    spec, model, groups = rebuild(previous, ts.size)
+    freeze_to(groups, freeze, train_bn=train_bn)
+    return ts, spec, model, groups
+
+
+def train_on_images(previous: dict, manifest: pd.DataFrame, stage: str, schedule: Schedule,
+                    lr: LearningRates, freeze: int, augment: bool = True, precompute: bool = False,
+                    batch_size: int = 32, seed: int = 0, num_workers: int = 0, device="cpu",
+                    on_epoch: EpochCallback | None = None, freeze_bn_stats: bool = True,
+                    augmentation: dict | None = None, lr_spread: float = 3.0, size: int | None = None,
+                    train_bn: bool = False) -> dict:
+    """Continue from ``previous`` on images, never the cache: groups[:freeze] stay frozen.
+
+    ``size`` different from the previous stage's continues at a new image size (progressive
+    resizing); ``train_bn`` keeps BatchNorm scale/shift trainable in frozen groups (fastai v1).
     """
     check_precompute_augment(precompute, augment)
-    ts = TransformSpec(**previous["transform"])
-    spec, model, groups = rebuild(previous, ts.size)
-    freeze_to(groups, freeze)
-    if isinstance(lr, (int, float)):
-        trainable = len(groups) - freeze
-        lrs = [0.0] * freeze + differential_lrs(float(lr), trainable)
-    else:
-        lrs = group_lrs(lr, len(groups))
+    ts, spec, model, groups = _image_stage_inputs(previous, manifest, freeze, size, train_bn)
+    lrs = stage_lrs(lr, len(groups), freeze, lr_spread)
+    if train_bn and 0 < freeze < len(groups):  # frozen groups' BN learns at the earliest trainable rate
+        lrs = [lrs[freeze]] * freeze + lrs[freeze:]
     classes = previous["classes"]
     train_tf = train_transform(ts, **(augmentation or {})) if augment else eval_transform(ts)
-    train = image_loader(labelled_split(manifest, classes, "train"), train_tf, batch_size, True, seed, num_workers)
+    train_rows = labelled_split(manifest, classes, "train")
     valid = image_loader(labelled_split(manifest, classes, "valid"), eval_transform(ts), 64, False, 0, num_workers)
-    history = fit(model, groups, lrs, train, valid, epochs, seed, device=device, on_epoch=on_epoch,
-                  freeze_bn_stats=freeze_bn_stats)
+    history = fit(model, groups, lrs,
+                  lambda gen: image_loader(train_rows, train_tf, batch_size, True, gen, num_workers),
+                  lambda: valid, -(-len(train_rows) // batch_size), schedule, seed, device=device,
+                  freeze_bn_stats=freeze_bn_stats, on_epoch=on_epoch)
     return _stage_record(stage, spec, previous["xtra_cut"], classes, previous["head_config"], ts,
-                         previous["weights_id"], model, history, lrs, groups, seed=seed, epochs=epochs,
+                         previous["weights_id"], model, history, lrs, groups, seed=seed, schedule=schedule.as_dict(),
                          augment=augment, augmentation=augmentation or {}, freeze=freeze,
-                         freeze_bn_stats=freeze_bn_stats)
+                         freeze_bn_stats=freeze_bn_stats, train_bn=train_bn)
 
 
-def evaluate_on_images(record: dict, manifest: pd.DataFrame, num_workers: int = 0,
-                       device="cpu") -> tuple[np.ndarray, np.ndarray]:
+def lr_find_on_images(previous: dict, manifest: pd.DataFrame, freeze: int = 0, lr_spread: float = 3.0,
+                      batch_size: int = 32, seed: int = 0, num_it: int = 50, augmentation: dict | None = None,
+                      num_workers: int = 0, device="cpu", freeze_bn_stats: bool = True) -> dict:
+    """lr_find for the (partly) unfrozen network on augmented images; rates keep the groups' ratios."""
+    ts, _, model, groups = _image_stage_inputs(previous, manifest, freeze, None, False)
+    rows = labelled_split(manifest, previous["classes"], "train")
+    tf = train_transform(ts, **(augmentation or {}))
+    ratios = stage_lrs(1.0, len(groups), freeze, lr_spread)
+    return lr_find(model, groups, ratios, lambda gen: image_loader(rows, tf, batch_size, True, gen, num_workers),
+                   num_it=num_it, seed=seed, device=device, freeze_bn_stats=freeze_bn_stats)
+
+
+def predict_paths(record: dict, paths: Sequence[str], tta: int = 0, augmentation: dict | None = None,
+                  batch_size: int = 64, num_workers: int = 0, device="cpu", seed: int = 0):
+    """Class probabilities for images: center crop, and with ``tta`` > 0 also the mean of the
+    center crop and ``tta`` augmented views (fastai's TTA). Returns (probs, tta_probs or None)."""
     ts = TransformSpec(**record["transform"])
     _, model, _ = rebuild(record, ts.size)
+    rows = pd.DataFrame({"path": list(paths), "target": -1})
+    probs, _ = predict_proba(model, image_loader(rows, eval_transform(ts), batch_size, False, 0, num_workers), device)
+    if not tta:
+        return probs, None
+    views = [probs]
+    aug = train_transform(ts, **(augmentation or {}))
+    for i in range(tta):
+        torch.manual_seed(seed + i)  # augmentations draw from torch's global generator
+        views.append(predict_proba(model, image_loader(rows, aug, batch_size, False, 0, 0), device)[0])
+    return probs, np.mean(views, axis=0)
+
+
+def evaluate_on_images(record: dict, manifest: pd.DataFrame, num_workers: int = 0, device="cpu", tta: int = 0,
+                       augmentation: dict | None = None):
+    """(probs, targets, tta_probs or None) on the validation split."""
     rows = labelled_split(manifest, record["classes"], "valid")
-    return predict_proba(model, image_loader(rows, eval_transform(ts), 64, False, 0, num_workers), device)
+    probs, tta_probs = predict_paths(record, list(rows["path"]), tta, augmentation, num_workers=num_workers,
+                                     device=device)
+    return probs, rows["target"].to_numpy(), tta_probs
 
 
 def evaluate_on_cache(record: dict, entry: Entry, manifest: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Iterator
 
 import mlflow
+import mlflow.pytorch
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
@@ -50,6 +51,18 @@ class Tracker:
             raise RuntimeError(f"MLflow tracking URI {self.tracking_uri!r} is unreachable ({exc}); "
                                "set MLFLOW_TRACKING_URI to a reachable server or a sqlite:/// path") from exc
 
+    def parent_run(self, group_id: str, partition: str = "") -> str:
+        """The run that groups every stage of one pipeline run (created by the first stage)."""
+        exp = self.experiment_id()
+        query = f"tags.`pipeline.run_id` = '{group_id}' and tags.`pipeline.partition` = '{partition}'"
+        found = self.client.search_runs([exp], query, max_results=1)
+        if found:
+            return found[0].info.run_id
+        run = self.client.create_run(exp, tags={"mlflow.runName": f"recipe {partition} {group_id[:8]}",
+                                                "pipeline.run_id": group_id, "pipeline.partition": partition})
+        self.client.set_terminated(run.info.run_id, "FINISHED")
+        return run.info.run_id
+
     @contextmanager
     def run(self, name: str, params: dict | None = None, tags: dict | None = None) -> Iterator["RunLogger"]:
         tags = {"mlflow.runName": name, **{k: str(v) for k, v in (tags or {}).items()}}
@@ -83,9 +96,35 @@ class RunLogger:
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
+    def series(self, key: str, values: list[float], start: int = 0) -> None:
+        """One metric at consecutive steps (a schedule's lr per batch, an lr_find curve)."""
+        import time
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(key, float(v), now, start + i) for i, v in enumerate(values)]
+        for i in range(0, len(metrics), 1000):
+            self.client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
+
+    def pytorch_model(self, record: dict, name: str = "network") -> None:
+        """The trained network as an MLflow model (mlflow.pytorch.load_model gives it back)."""
+        from precompute.recipe import TransformSpec, rebuild
+
+        _, model, _ = rebuild(record, TransformSpec(**record["transform"]).size)
+        previous = mlflow.get_tracking_uri()
+        mlflow.set_tracking_uri(self.client.tracking_uri)
+        try:
+            with mlflow.start_run(run_id=self.run_id):
+                # explicit requirements: inferring them imports and scans every module (slow)
+                # pickle: mlflow.pytorch.load_model gives the nn.Module back; it unpickles, so load only
+                # from a tracking store you trust (precompute.predict loads the weights-only record).
+                mlflow.pytorch.log_model(model.eval(), name=name, serialization_format="pickle", pip_requirements=[
+                    f"{k}=={v}" for k, v in library_versions().items() if k in ("torch", "torchvision", "timm")])
+        finally:
+            mlflow.set_tracking_uri(previous)
+
     def history(self, history: list[dict]) -> None:
         for row in history:
-            self.metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+            self.metrics({k: v for k, v in row.items() if k not in ("epoch", "lr_steps")}, step=row["epoch"])
 
     def layer_groups(self, groups: list[dict]) -> None:
         """Each group's layers, parameter count, learning rate and trainable flag."""

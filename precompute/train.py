@@ -1,23 +1,29 @@
-"""Fit loops: the head on cached activations, and the network on (augmented) images.
+"""Fit loops, learning-rate schedules and lr_find, for the head on the cache and the whole network.
 
-Both use AdamW with torch's one-cycle schedule stepped per batch (fastai v1's fit_one_cycle),
-one parameter group per layer group so earlier groups can take lower learning rates.
+One loop serves both: batches come from cached rows (``ArrayRows``/``StreamedRows``) or from a
+DataLoader over images. Optimizer: AdamW, one parameter group per layer group, so earlier groups
+take lower rates. Schedules are torch's: OneCycleLR (fastai v1's fit_one_cycle) or SGDR, cosine
+with warm restarts (fastai 0.7's ``cycle_len``/``cycle_mult``) after a short warm-up at lr/100.
 """
 
 from __future__ import annotations
 
+import copy
+import math
 import random
 import time
-from typing import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.optim import lr_scheduler
 
 from precompute.archs import set_frozen_bn_eval
 
 EpochCallback = Callable[[dict], None]
+LearningRates = float | Sequence[float] | slice | str
 
 
 class ConfigError(ValueError):
@@ -39,15 +45,36 @@ def seed_everything(seed: int) -> int:
     return seed
 
 
-def group_lrs(lr: float | Sequence[float], n_groups: int) -> list[float]:
-    """One learning rate per layer group, from one value or a list of exactly ``n_groups``."""
+# -- learning rates per layer group ---------------------------------------------------------------
+
+def group_lrs(lr: LearningRates, n_groups: int, frozen: int = 0) -> list[float]:
+    """One learning rate per layer group; frozen groups (the first ``frozen``) get 0.
+
+    - a number: every trainable group gets it;
+    - a list: one rate per group, exactly ``n_groups`` (values of frozen groups are ignored);
+    - a range, ``slice(lo, hi)`` or ``"lo:hi"``: spread geometrically over the trainable
+      groups, lo for the earliest and hi for the head (fastai's ``slice``).
+    """
+    trainable = n_groups - frozen
+    if isinstance(lr, str):
+        try:
+            lo, hi = (float(v) for v in lr.split(":"))
+        except ValueError:
+            raise ConfigError(f"learning-rate range {lr!r} must look like '1e-4:1e-2'") from None
+        lr = slice(lo, hi)
+    if isinstance(lr, slice):
+        lo, hi = float(lr.start), float(lr.stop)
+        if not 0 < lo <= hi:
+            raise ConfigError(f"learning-rate range {lo}:{hi} needs 0 < lo <= hi")
+        spread = [hi] if trainable == 1 else list(np.geomspace(lo, hi, trainable))
+        return [0.0] * frozen + [float(v) for v in spread]
     if isinstance(lr, (int, float)):
-        return [float(lr)] * n_groups
+        return [0.0] * frozen + [float(lr)] * trainable
     lrs = [float(v) for v in lr]
     if len(lrs) != n_groups:
-        raise ConfigError(f"{len(lrs)} learning rates given for {n_groups} layer groups; "
-                          f"give one value or exactly {n_groups}")
-    return lrs
+        raise ConfigError(f"{len(lrs)} learning rates given for {n_groups} layer groups; give one value, "
+                          f"a range 'lo:hi', or exactly {n_groups} (one per group, earliest first)")
+    return [0.0] * frozen + lrs[frozen:]
 
 
 def differential_lrs(lr: float, n_groups: int, factor: float = 3.0) -> list[float]:
@@ -55,38 +82,76 @@ def differential_lrs(lr: float, n_groups: int, factor: float = 3.0) -> list[floa
     return [lr / factor ** (n_groups - 1 - i) for i in range(n_groups)]
 
 
-def _optimizer(groups: Sequence[nn.Module], lrs: Sequence[float], wd: float, steps: int):
+# -- schedules ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Schedule:
+    """How the learning rate moves during a stage.
+
+    ``one_cycle`` and ``constant`` run ``epochs`` epochs. ``sgdr`` runs ``cycles`` cosine cycles,
+    the first ``cycle_len`` epochs long and each next one ``cycle_mult`` times longer (fastai's
+    ``fit(lr, cycles, cycle_len, cycle_mult)``), after ``warmup`` of the first cycle's steps at
+    lr/100 (fastai 0.7's 1/20). The warm-up precedes the cosine (torch's SequentialLR), so the
+    last cycle is cut that many steps short.
+    """
+
+    kind: str = "one_cycle"
+    epochs: int = 1
+    cycles: int = 1
+    cycle_len: int = 1
+    cycle_mult: int = 1
+    warmup: float = 0.05
+    pct_start: float = 0.25
+
+    def __post_init__(self):
+        if self.kind not in ("one_cycle", "sgdr", "constant"):
+            raise ConfigError(f"schedule {self.kind!r}: choose one_cycle, sgdr or constant")
+        if min(self.epochs, self.cycles, self.cycle_len, self.cycle_mult) < 1:
+            raise ConfigError("epochs, cycles, cycle_len and cycle_mult must be >= 1")
+
+    @property
+    def total_epochs(self) -> int:
+        if self.kind == "sgdr":
+            return self.cycle_len * sum(self.cycle_mult ** i for i in range(self.cycles))
+        return self.epochs
+
+    def build(self, opt: torch.optim.Optimizer, steps_per_epoch: int) -> lr_scheduler.LRScheduler:
+        steps = max(1, steps_per_epoch) * self.total_epochs
+        if self.kind == "constant":
+            return lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
+        if self.kind == "sgdr":
+            t0 = max(1, steps_per_epoch) * self.cycle_len
+            cosine = lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=t0, T_mult=self.cycle_mult)
+            warm = int(self.warmup * t0)
+            if warm < 1:
+                return cosine
+            return lr_scheduler.SequentialLR(
+                opt, [lr_scheduler.ConstantLR(opt, factor=0.01, total_iters=warm), cosine], milestones=[warm])
+        if steps < 4:  # one-cycle needs a warm-up and an annealing step at least
+            return lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
+        return lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=steps,
+                                       pct_start=max(self.pct_start, 2 / steps))
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _optimizer(groups: Sequence[nn.Module], lrs: Sequence[float], wd: float) -> torch.optim.AdamW:
     param_groups = [{"params": [p for p in g.parameters() if p.requires_grad], "lr": lr}
                     for g, lr in zip(groups, lrs)]
     param_groups = [g for g in param_groups if g["params"]]
     if not param_groups:
         raise ConfigError("no trainable parameters: every layer group is frozen")
-    opt = torch.optim.AdamW(param_groups, weight_decay=wd)
-    if steps < 4:  # one-cycle needs a warm-up and an annealing step at least
-        return opt, torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=[g["lr"] for g in param_groups], total_steps=steps, pct_start=max(0.25, 2 / steps))
-    return opt, sched
+    return torch.optim.AdamW(param_groups, weight_decay=wd)
 
 
-@torch.no_grad()
-def _evaluate_batches(model: nn.Module, batches, device) -> tuple[float, float]:
-    model.eval()
-    loss, correct, n = 0.0, 0, 0
-    for x, y in batches:
-        x, y = x.to(device), y.to(device)
-        out = model(x)
-        loss += nn.functional.cross_entropy(out, y, reduction="sum").item()
-        correct += (out.argmax(1) == y).sum().item()
-        n += len(y)
-    return loss / max(n, 1), correct / max(n, 1)
-
+# -- cached rows ----------------------------------------------------------------------------------
 
 class ArrayRows:
     """Cached rows held in memory."""
 
     def __init__(self, x: np.ndarray, y: np.ndarray):
-        self.x, self.y = torch.tensor(x).float(), torch.as_tensor(y).long()
+        self.x, self.y = torch.tensor(x).float(), torch.as_tensor(np.asarray(y))
 
     def __len__(self) -> int:
         return len(self.y)
@@ -129,100 +194,167 @@ class StreamedRows:
             groups = [groups[i] for i in torch.randperm(len(groups), generator=generator).tolist()]
         for positions in groups:
             (pos, rows), = self.entry.iter_blocks([self.ids[p] for p in positions])
-            x, y = torch.from_numpy(np.asarray(rows, dtype=np.float32)), torch.as_tensor(self.y[positions]).long()
+            x, y = torch.from_numpy(np.asarray(rows, dtype=np.float32)), torch.as_tensor(self.y[positions])
             order = torch.randperm(len(y), generator=generator) if generator is not None else torch.arange(len(y))
             for i in range(0, len(order), batch_size):
                 idx = order[i:i + batch_size]
                 yield x[idx], y[idx]
 
 
-def fit_head_on_cache(head: nn.Module, train: ArrayRows | StreamedRows, valid: ArrayRows | StreamedRows,
-                      epochs: int = 3, lr: float = 1e-3, batch_size: int = 64, seed: int = 0, wd: float = 1e-2,
-                      on_epoch: EpochCallback | None = None) -> list[dict]:
-    """Train the head on cached activations: no image is decoded, no body run."""
-    seed_everything(seed)
-    gen = torch.Generator().manual_seed(seed)
-    if len(train) < 2:
-        raise ConfigError(f"{len(train)} training rows: the head needs at least 2 training images")
-    opt, sched = _optimizer([head], [lr], wd, train.n_batches(batch_size) * epochs)
-    history = []
-    for epoch in range(epochs):
-        t0 = time.perf_counter()
-        head.train()
-        total, n = 0.0, 0
-        for x, y in train.batches(batch_size, gen):
-            if len(x) < 2:  # a batch of one breaks BatchNorm1d in train mode
-                continue
-            loss = nn.functional.cross_entropy(head(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            total, n = total + loss.item() * len(x), n + len(x)
-        valid_loss, valid_acc = _evaluate_batches(head, valid.batches(512), "cpu")
-        row = {"epoch": epoch, "train_loss": total / max(n, 1), "valid_loss": valid_loss,
-               "valid_accuracy": valid_acc, "lr": sched.get_last_lr()[-1],
-               "seconds": time.perf_counter() - t0}
-        history.append(row)
-        if on_epoch:
-            on_epoch(row)
-    return history
+def tensor_batches(x: np.ndarray, y: np.ndarray, batch_size: int = 512):
+    return ArrayRows(x, y).batches(batch_size)
 
 
-def fit(model: nn.Module, groups: Sequence[nn.Module], lrs: Sequence[float], train_loader: DataLoader,
-        valid_loader: DataLoader, epochs: int = 1, seed: int = 0, wd: float = 1e-2,
-        device: str | torch.device = "cpu", on_epoch: EpochCallback | None = None,
-        freeze_bn_stats: bool = True) -> list[dict]:
-    """Train the network on images; frozen groups get no gradient and keep their BN statistics.
+# -- the loop ---------------------------------------------------------------------------------------
+
+def loss_fn(multilabel: bool):
+    """Softmax cross-entropy for one class per image; sigmoid + BCE for several labels per image."""
+    if multilabel:
+        return lambda out, y: nn.functional.binary_cross_entropy_with_logits(out, y.float())
+    return lambda out, y: nn.functional.cross_entropy(out, y.long())
+
+
+def _correct(out: torch.Tensor, y: torch.Tensor, multilabel: bool) -> float:
+    if multilabel:  # per-label accuracy at threshold 0.5, averaged over labels
+        return ((out > 0) == (y > 0.5)).float().mean(1).sum().item()
+    return (out.argmax(1) == y).sum().item()
+
+
+@torch.no_grad()
+def evaluate_batches(model: nn.Module, batches: Iterable, device="cpu", multilabel: bool = False) -> tuple[float, float]:
+    model.eval()
+    criterion = loss_fn(multilabel)
+    loss, correct, n = 0.0, 0.0, 0
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        out = model(x)
+        loss += criterion(out, y).item() * len(y)
+        correct += _correct(out, y, multilabel)
+        n += len(y)
+    return loss / max(n, 1), correct / max(n, 1)
+
+
+def _train_mode(model: nn.Module, groups: Sequence[nn.Module], freeze_bn_stats: bool) -> None:
+    model.train()
+    set_frozen_bn_eval(groups)
+    if freeze_bn_stats:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
+def fit(model: nn.Module, groups: Sequence[nn.Module], lrs: Sequence[float],
+        train_batches: Callable[[torch.Generator], Iterable], valid_batches: Callable[[], Iterable],
+        steps_per_epoch: int, schedule: Schedule = Schedule(), seed: int = 0, wd: float = 1e-2,
+        device="cpu", multilabel: bool = False, freeze_bn_stats: bool = True,
+        on_epoch: EpochCallback | None = None) -> list[dict]:
+    """Train ``model``; one row per epoch (losses, accuracy, seconds, and the lr of every step).
 
     ``freeze_bn_stats`` keeps every BatchNorm's running statistics fixed (Keras' advice for
     fine-tuning): with small batches, batch statistics of a pretrained body differ so much from
     its running ones (relative change ~1.0 on EfficientNet-Lite0) that the head's inputs shift
-    and accuracy collapses. BN scale and shift still train in unfrozen groups.
+    and accuracy collapses. BN scale and shift still train where their group is trainable.
     """
     seed_everything(seed)
+    gen = torch.Generator().manual_seed(seed)
     model.to(device)
-    opt, sched = _optimizer(groups, group_lrs(list(lrs), len(groups)), wd, len(train_loader) * epochs)
+    opt = _optimizer(groups, lrs, wd)
+    sched = schedule.build(opt, steps_per_epoch)
+    criterion = loss_fn(multilabel)
     history = []
-    for epoch in range(epochs):
+    for epoch in range(schedule.total_epochs):
         t0 = time.perf_counter()
-        model.train()
-        set_frozen_bn_eval(groups)
-        if freeze_bn_stats:
-            for m in model.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.eval()
-        total, n = 0.0, 0
-        for x, y in train_loader:
-            if len(x) < 2:
+        _train_mode(model, groups, freeze_bn_stats)
+        total, n, lr_steps = 0.0, 0, []
+        for x, y in train_batches(gen):
+            if len(x) < 2:  # a batch of one breaks BatchNorm1d in train mode
                 continue
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            loss = nn.functional.cross_entropy(model(x), y)
+            loss = criterion(model(x), y)
             opt.zero_grad()
             loss.backward()
             opt.step()
+            lr_steps.append(opt.param_groups[-1]["lr"])
             sched.step()
             total, n = total + loss.item() * len(x), n + len(x)
-        valid_loss, valid_acc = _evaluate_batches(model, valid_loader, device)
+        valid_loss, valid_acc = evaluate_batches(model, valid_batches(), device, multilabel)
         row = {"epoch": epoch, "train_loss": total / max(n, 1), "valid_loss": valid_loss,
-               "valid_accuracy": valid_acc, "lr": sched.get_last_lr()[-1],
-               "seconds": time.perf_counter() - t0}
+               "valid_accuracy": valid_acc, "lr": lr_steps[-1] if lr_steps else 0.0,
+               "seconds": time.perf_counter() - t0, "lr_steps": lr_steps}
         history.append(row)
         if on_epoch:
             on_epoch(row)
     return history
 
 
+def fit_head_on_cache(head: nn.Module, train: ArrayRows | StreamedRows, valid: ArrayRows | StreamedRows,
+                      epochs: int = 3, lr: float = 1e-3, batch_size: int = 64, seed: int = 0, wd: float = 1e-2,
+                      on_epoch: EpochCallback | None = None, schedule: Schedule | None = None,
+                      multilabel: bool = False) -> list[dict]:
+    """Train the head on cached activations: no image is decoded, no body run."""
+    if len(train) < 2:
+        raise ConfigError(f"{len(train)} training rows: the head needs at least 2 training images")
+    schedule = schedule or Schedule("one_cycle", epochs=epochs)
+    return fit(head, [head], [lr], lambda gen: train.batches(batch_size, gen), lambda: valid.batches(512),
+               train.n_batches(batch_size), schedule, seed, wd, "cpu", multilabel, freeze_bn_stats=False,
+               on_epoch=on_epoch)
+
+
+# -- lr_find -------------------------------------------------------------------------------------
+
+def lr_find(model: nn.Module, groups: Sequence[nn.Module], lrs: Sequence[float],
+            train_batches: Callable[[torch.Generator], Iterable], start: float = 1e-7, end: float = 10.0,
+            num_it: int = 100, seed: int = 0, device="cpu", multilabel: bool = False,
+            freeze_bn_stats: bool = True) -> dict:
+    """fastai's lr_find: raise the rate exponentially each step, record the smoothed loss.
+
+    ``lrs`` gives the groups' rates relative to the last group's (frozen groups 0). The model is
+    restored afterwards. The suggestion is the rate at the steepest fall of the smoothed loss
+    before it blows up, a common choice (fastai v2's ``steep``).
+    """
+    seed_everything(seed)
+    gen = torch.Generator().manual_seed(seed)
+    saved = copy.deepcopy(model.state_dict())
+    model.to(device)
+    ratios = [lr / lrs[-1] for lr in lrs]
+    opt = _optimizer(groups, [r * start for r in ratios], wd=0.0)
+    sched = lr_scheduler.ExponentialLR(opt, gamma=(end / start) ** (1 / max(1, num_it - 1)))
+    criterion = loss_fn(multilabel)
+    rates, losses, avg, best = [], [], 0.0, math.inf
+    _train_mode(model, groups, freeze_bn_stats)
+    step = 0
+    while step < num_it:
+        for x, y in train_batches(gen):
+            if len(x) < 2:
+                continue
+            loss = criterion(model(x.to(device)), y.to(device))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            avg = 0.98 * avg + 0.02 * loss.item()
+            smoothed = avg / (1 - 0.98 ** (step + 1))
+            rates.append(opt.param_groups[-1]["lr"])
+            losses.append(smoothed)
+            best = min(best, smoothed)
+            sched.step()
+            step += 1
+            if step >= num_it or smoothed > 4 * best or not math.isfinite(smoothed):
+                step = num_it
+                break
+    model.load_state_dict(saved)
+    cut = max(2, int(np.argmin(losses)) + 1) if losses else 0
+    grads = np.gradient(np.asarray(losses[:cut]), np.log10(rates[:cut])) if cut >= 2 else np.zeros(1)
+    suggestion = float(rates[int(np.argmin(grads))]) if cut >= 2 else float(start)
+    return {"lrs": rates, "losses": losses, "suggestion": suggestion, "min_loss_lr": float(rates[int(np.argmin(losses))]) if losses else start}
+
+
 @torch.no_grad()
-def predict_proba(model: nn.Module, batches, device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
-    """Softmax probabilities and targets over an iterable of (x, y) batches."""
+def predict_proba(model: nn.Module, batches, device="cpu", multilabel: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Class probabilities (softmax, or sigmoid per label) and targets over (x, y) batches."""
     model.eval().to(device)
     probs, targets = [], []
     for x, y in batches:
-        probs.append(torch.softmax(model(x.to(device)), 1).cpu())
+        out = model(x.to(device))
+        probs.append((torch.sigmoid(out) if multilabel else torch.softmax(out, 1)).cpu())
         targets.append(torch.as_tensor(y))
     return torch.cat(probs).numpy(), torch.cat(targets).numpy()
-
-
-def tensor_batches(x: np.ndarray, y: np.ndarray, batch_size: int = 512):
-    return ArrayRows(x, y).batches(batch_size)

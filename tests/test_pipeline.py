@@ -4,7 +4,7 @@ import dagster as dg
 import pytest
 from mlflow.tracking import MlflowClient
 
-from assets import RECIPE_ASSETS, activations, head_augmented, head_on_cache, image_manifest
+from assets import RECIPE_ASSETS, activations, head_augmented, head_on_cache, image_manifest, lr_find_head
 from resources import ActivationStoreResource, ComputeDevice, ImageSource, MlflowTracking
 
 PARTITION = "tf_efficientnet_lite0|0"
@@ -13,7 +13,11 @@ SMALL = {"ops": {
     "head_on_cache": {"config": {"epochs": 2, "batch_size": 8}},
     "head_augmented": {"config": {"epochs": 1, "batch_size": 8}},
     "finetuned": {"config": {"epochs": 1, "batch_size": 8}},
+    "lr_find_head": {"config": {"num_it": 20, "batch_size": 8}},
+    "lr_find_unfrozen": {"config": {"num_it": 6, "batch_size": 8}},
+    "evaluation_report": {"config": {"tta": 2, "top_losses": 4}},
 }}
+CACHE_STAGE = [image_manifest, activations, lr_find_head, head_on_cache]
 
 
 @pytest.fixture
@@ -36,10 +40,13 @@ def test_whole_recipe_materializes(env):
                             run_config=SMALL)
     assert result.success
     report = result.output_for_node("evaluation_report")
-    assert set(report["stages"]) == {"head_on_cache", "head_augmented", "finetuned"}
+    assert set(report["stages"]) == {"head_on_cache (on cache)", "head_on_cache", "head_augmented", "finetuned"}
     assert all(m["n"] == 8 and 0 <= m["accuracy"] <= 1 for m in report["stages"].values())
+    # the head evaluated on cached rows and on freshly decoded images agrees: the cache is not stale
+    assert report["stages"]["head_on_cache (on cache)"]["loss"] == pytest.approx(report["stages"]["head_on_cache"]["loss"], rel=1e-3)
+    assert all("tta_accuracy" in report["stages"][s] for s in ("head_on_cache", "head_augmented", "finetuned"))
     md = (tmp_path / "home/reports/tf_efficientnet_lite0/cut=0/report.md").read_text()
-    assert "| finetuned |" in md and "confusion_matrix.png" in md
+    assert "| finetuned |" in md and "confusion_matrix.png" in md and "## Per class" in md and "top_losses.png" in md
     assert (tmp_path / "home/reports/tf_efficientnet_lite0/cut=0/confusion_matrix.png").stat().st_size > 1000
 
     # one MLflow run per training asset plus the evaluation, grouped by the Dagster run id
@@ -47,7 +54,18 @@ def test_whole_recipe_materializes(env):
     exp = client.get_experiment_by_name("precompute-pipeline")
     runs = client.search_runs([exp.experiment_id], f"tags.`dagster.run_id` = '{result.run_id}'")
     by_stage = {r.data.tags["stage"]: r for r in runs}
-    assert set(by_stage) == {"head_on_cache", "head_augmented", "finetuned", "evaluation"}
+    assert set(by_stage) == {"lr_find_head", "head_on_cache", "head_augmented", "lr_find_unfrozen", "finetuned",
+                             "evaluation"}
+    parents = {r.data.tags["mlflow.parentRunId"] for r in runs}
+    assert len(parents) == 1  # one parent run groups the stages of this pipeline run
+    assert len(client.get_metric_history(by_stage["finetuned"].info.run_id, "lr_step")) == 2  # 16 images / 8
+    assert float(client.get_run(by_stage["lr_find_head"].info.run_id).data.metrics["suggested_lr"]) > 0
+    model_uri = f"runs:/{by_stage['finetuned'].info.run_id}/network"
+    import mlflow.pytorch
+    import torch
+    mlflow.set_tracking_uri(uri)
+    net = mlflow.pytorch.load_model(model_uri)
+    assert net(torch.zeros(2, 3, 64, 64)).shape == (2, 2)
     head = by_stage["head_on_cache"].data
     assert head.params["arch"] == "tf_efficientnet_lite0" and head.params["seed"] == "0"
     assert head.params["group2.trainable"] == "True" and head.params["group0.trainable"] == "False"
@@ -81,7 +99,7 @@ def test_whole_recipe_materializes(env):
     # the cacheable head: same rows, config and seed -> the earlier result, said plainly; a new seed trains
     def head_run(seed):
         run_config = {"ops": {"head_on_cache": {"config": {**SMALL["ops"]["head_on_cache"]["config"], "seed": seed}}}}
-        assert dg.materialize([image_manifest, activations, head_on_cache], partition_key=PARTITION,
+        assert dg.materialize(CACHE_STAGE, partition_key=PARTITION,
                               resources=resources, instance=instance, run_config=run_config,
                               selection=[head_on_cache]).success
         return instance.get_latest_materialization_event(head_on_cache.key).asset_materialization.metadata
@@ -90,17 +108,16 @@ def test_whole_recipe_materializes(env):
     assert reused["mlflow_run_id"].value == by_stage["head_on_cache"].info.run_id
     retrained = head_run(1)
     assert retrained["reused"].value is False and retrained["mlflow_run_id"].value != reused["mlflow_run_id"].value
-    head_runs = client.search_runs([exp.experiment_id], "tags.stage = 'head_on_cache'")
+    head_runs = client.search_runs([exp.experiment_id], "tags.stage = 'head_on_cache'")  # noqa
     assert len(head_runs) == 2  # the reused materialization started no MLflow run
 
 
 def test_precompute_with_augmentation_fails_before_any_work(env):
     resources, instance, uri, _ = env
-    assert dg.materialize([image_manifest, activations, head_on_cache], partition_key=PARTITION,
-                          resources=resources, instance=instance,
-                          run_config={"ops": {k: SMALL["ops"][k] for k in ("activations", "head_on_cache")}}).success
+    assert dg.materialize(CACHE_STAGE, partition_key=PARTITION, resources=resources, instance=instance,
+                          run_config={"ops": {k: SMALL["ops"][k] for k in ("activations", "lr_find_head", "head_on_cache")}}).success
     config = {"ops": {"head_augmented": {"config": {"precompute": True, "augment": True}}}}
-    result = dg.materialize([image_manifest, activations, head_on_cache, head_augmented], partition_key=PARTITION,
+    result = dg.materialize(CACHE_STAGE + [head_augmented], partition_key=PARTITION,
                             resources=resources, instance=instance, run_config=config,
                             selection=[head_augmented], raise_on_error=False)
     assert not result.success
@@ -108,4 +125,4 @@ def test_precompute_with_augmentation_fails_before_any_work(env):
     assert "augment=False" in failure.step_failure_data.error.message
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("precompute-pipeline").experiment_id])
-    assert "head_augmented" not in {r.data.tags["stage"] for r in runs}  # no run started: no work done
+    assert "head_augmented" not in {r.data.tags.get("stage") for r in runs}  # no run started: no work done
