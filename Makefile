@@ -21,13 +21,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# dagster dev on 127.0.0.1:3000, MLflow UI on 127.0.0.1:5000 (DAGSTER_PORT, MLFLOW_PORT); Ctrl-C stops both.
 ui: $(STAMP)
-	mkdir -p $(DAGSTER_HOME)
-	@echo "Dagster UI: http://127.0.0.1:3000   MLflow UI: http://127.0.0.1:5000   (Ctrl-C stops both)"
-	@trap 'kill -INT $$D $$M 2>/dev/null; wait' INT TERM; \
-	$(VENV)/bin/dagster dev -h 127.0.0.1 -p 3000 -w workspace.yaml & D=$$!; \
-	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///$(PRECOMPUTE_HOME)/mlflow.db & M=$$!; \
-	wait
+	@VENV=$(VENV) bash scripts/ui.sh
 
 clean:
 	rm -rf var

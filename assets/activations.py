@@ -1,4 +1,5 @@
 import json
+import time
 from typing import Optional
 
 import dagster as dg
@@ -6,6 +7,8 @@ import dagster as dg
 from assets.partitions import arch_and_cut, arch_cut
 from precompute import recipe
 from precompute.store import CODE_VERSION
+from precompute.train import ConfigError
+from precompute.validate import validate_run
 from resources import ActivationStoreResource, ComputeDevice
 
 
@@ -26,15 +29,29 @@ CHECKS = {
 }
 
 
+def progress_logger(context, prefix: str = "precompute"):
+    """Dagster log lines with images/s and ETA (tqdm shows the same on a terminal)."""
+    start = time.perf_counter()
+
+    def log(done: int, total: int) -> None:
+        rate = done / max(time.perf_counter() - start, 1e-9)
+        context.log.info(f"{prefix} {done}/{total} images, {rate:.1f} img/s, ETA {(total - done) / max(rate, 1e-9):.0f}s")
+    return log
+
+
 @dg.asset(group_name="recipe", partitions_def=arch_cut, code_version=CODE_VERSION,
           tags={"precompute/cacheable": "true"},
           check_specs=[dg.AssetCheckSpec(name, asset="activations", description=d) for name, d in CHECKS.items()])
 def activations(context: dg.AssetExecutionContext, config: ActivationsConfig, image_manifest,
                 store: ActivationStoreResource, compute: ComputeDevice):
     """The frozen body's activations for every ok image, in the Zarr cache (computed once)."""
-    if config.dtype not in ("float32", "float16"):
-        raise dg.Failure(f"dtype {config.dtype!r}: use float32 or float16")
     arch, xtra_cut = arch_and_cut(context)
+    try:  # before any work: nothing is created or loaded; an unreachable store fails within seconds
+        validate_run(arch=arch, xtra_cut=xtra_cut, size=config.size, dtype=config.dtype, weights=config.weights,
+                     weights_path=config.weights_path, store=store.root, storage_options=store.storage_options_json,
+                     manifest=image_manifest)
+    except ConfigError as exc:
+        raise dg.Failure(str(exc), allow_retries=False) from exc
     device = compute.setup()
     act_store = store.get()
     act_store.check_reachable()
@@ -43,7 +60,7 @@ def activations(context: dg.AssetExecutionContext, config: ActivationsConfig, im
     entry, stats, view = recipe.precompute(
         image_manifest, act_store, bb, ts, config.pooled, config.dtype, config.batch_size,
         config.chunk_rows, compute.num_workers, device,
-        on_progress=lambda done, total: context.log.info(f"precompute {done}/{total} images"))
+        on_progress=progress_logger(context))
     ref = {"store": act_store.root, "entry": entry.rel, "key": entry.key.parts(), "view_key": view,
            "weights": config.weights, "weights_path": config.weights_path}
     on_disk, raw = entry.nbytes_on_disk(), entry.raw_nbytes()

@@ -1,5 +1,7 @@
 import dagster as dg
 
+from precompute.data import manifest_summary
+
 from resources import ImageSource
 
 
@@ -18,4 +20,5 @@ def image_manifest(context: dg.AssetExecutionContext, images: ImageSource):
         "not_usable": dg.MetadataValue.md(bad[["relpath", "status", "reason"]].to_markdown(index=False)
                                           if len(bad) else "none"),
         "counts": dg.MetadataValue.md(counts.to_markdown(index=False)),
+        "summary": dg.MetadataValue.json(manifest_summary(manifest)),
     })

@@ -109,6 +109,7 @@ arch_cut = dg.MultiPartitionsDefinition({
 DEFAULT_PARTITION = f"{ARCHS[0]}|{CUTS[0]}"
 
 
-def arch_and_cut(context: dg.AssetExecutionContext) -> tuple[str, int]:
-    keys = context.partition_key.keys_by_dimension
+def arch_and_cut(context: dg.AssetExecutionContext | dg.OpExecutionContext) -> tuple[str, int]:
+    # op jobs launched with a "arch|cut" partition tag see a plain string
+    keys = arch_cut.get_partition_key_from_str(str(context.partition_key)).keys_by_dimension
     return keys["arch"], int(keys["cut"])

@@ -17,7 +17,8 @@ from assets.partitions import arch_and_cut, arch_cut
 from precompute import evaluate, recipe
 from precompute.archs import get_arch
 from precompute.data import TransformSpec, train_transform
-from precompute.train import ConfigError, Schedule, check_precompute_augment
+from precompute.train import ConfigError, Schedule
+from precompute.validate import validate_run
 from resources import ActivationStoreResource, ComputeDevice, MlflowTracking
 
 NOT_CACHEABLE = {"precompute/cacheable": "false"}
@@ -84,9 +85,11 @@ class LrFindConfig(dg.Config):
     seed: int = 0
 
 
-def _fail_on_config(precompute: bool, augment: bool) -> None:
+def _checked(config: ScheduleConfig, **values) -> Schedule:
+    """Reject a bad configuration before any work (precompute.validate); no retry: it cannot pass."""
     try:
-        check_precompute_augment(precompute, augment)
+        validate_run(**values)
+        return config.to_schedule()
     except ConfigError as exc:
         raise dg.Failure(str(exc), allow_retries=False) from exc
 
@@ -160,11 +163,12 @@ def lr_find_head(context: dg.AssetExecutionContext, config: LrFindConfig, image_
 def head_on_cache(context: dg.AssetExecutionContext, config: HeadOnCacheConfig, image_manifest, activations,
                   lr_find_head, store: ActivationStoreResource, tracking: MlflowTracking, compute: ComputeDevice):
     """A new head trained on the cached activations only (fastai precompute=True)."""
-    _fail_on_config(config.precompute, config.augment)
+    schedule = _checked(config, precompute=config.precompute, augment=config.augment, lr=config.lr,
+                        batch_size=config.batch_size, custom_head=config.custom_head, ps=config.ps,
+                        xtra_fc=config.xtra_fc, tracking_uri=tracking.tracking_uri, manifest=image_manifest)
     if not config.precompute:
         raise dg.Failure("head_on_cache trains on the cache: set precompute=True, or use head_augmented "
                          "to train the head on images", allow_retries=False)
-    schedule = config.to_schedule()
     compute.setup()
     entry = recipe.open_entry(store.get(), activations)
     lr = float(lr_find_head["suggestion"]) if config.lr_from_finder else config.lr
@@ -215,10 +219,13 @@ def _augmented_samples(record: dict, image_manifest, config: ImageStageConfig) -
 
 def _image_stage(context, config: ImageStageConfig, image_manifest, previous: dict, stage: str, freeze: int,
                  tracking: MlflowTracking, compute: ComputeDevice, finder: Optional[dict] = None):
-    _fail_on_config(config.precompute, config.augment)
-    schedule = config.to_schedule()
-    device = compute.setup()
+    arch, xtra_cut = arch_and_cut(context)
     lr = config.learning_rates(finder)
+    schedule = _checked(config, arch=arch, xtra_cut=xtra_cut, size=config.size, lr=lr, frozen=freeze,
+                        precompute=config.precompute, augment=config.augment, batch_size=config.batch_size,
+                        augmentation=config.augmentation, max_zoom=config.max_zoom,
+                        tracking_uri=tracking.tracking_uri)
+    device = compute.setup()
     with _mlflow_run(context, tracking, stage, {**config.model_dump(), "lr_used": lr}) as run:
         record = recipe.train_on_images(
             previous, image_manifest, stage, schedule, lr, freeze=freeze, augment=config.augment,

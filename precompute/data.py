@@ -25,6 +25,7 @@ Status codes (``STATUSES``):
 
 from __future__ import annotations
 
+import csv as _csv
 import hashlib
 import io
 import logging
@@ -44,7 +45,8 @@ log = logging.getLogger(__name__)
 
 MANIFEST_COLUMNS = ["image_id", "path", "relpath", "label", "split", "width", "height", "status", "reason"]
 IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm",
+     ".apng", ".avif", ".heic", ".heif"}  # phone formats: a row either way (not_image where PIL lacks the codec)
 )
 STATUSES = ("ok", "missing", "empty", "not_image", "unreadable", "too_large", "outside_root", "bad_name",
             "unknown_label", "unknown_split", "empty_class", "unseen_class", "conflicting_label")
@@ -203,10 +205,12 @@ def _folder_entries(source: Path, root: Path, splits) -> tuple[list[tuple[Path, 
     for split, split_dir in split_dirs:
         seen = {os.path.realpath(split_dir)}
         images_in_class: dict[str, int] = {}
+        unlisted: set[str] = set()  # classes with a folder that could not be listed: not "empty"
 
-        def unlistable(exc: OSError, split=split, split_dir=split_dir) -> None:
+        def unlistable(exc: OSError, split=split, split_dir=split_dir, unlisted=unlisted) -> None:
             folder = Path(exc.filename)
             parts = folder.relative_to(split_dir).parts
+            unlisted.update(parts[:1])
             folders.append(_folder_row(folder, root, parts[0] if parts else "", split, "unreadable",
                                        f"cannot list this folder ({exc.strerror or exc}): its images are not in "
                                        "the manifest; fix its permissions"))
@@ -241,7 +245,7 @@ def _folder_entries(source: Path, root: Path, splits) -> tuple[list[tuple[Path, 
                 else:
                     skipped += 1
         for cls, n in images_in_class.items():
-            if n == 0:
+            if n == 0 and cls not in unlisted:
                 folders.append(_folder_row(split_dir / cls, root, cls, split, "empty_class",
                                            f"class folder has no image file ({' '.join(sorted(IMAGE_EXTENSIONS))}): "
                                            "add images or remove the folder"))
@@ -258,6 +262,7 @@ def _folder_entries(source: Path, root: Path, splits) -> tuple[list[tuple[Path, 
 
 
 def _read_csv(csv: Path) -> pd.DataFrame:
+    """The CSV as strings, strictly: UTF-8, one field per header column (a short row is padded)."""
     data = csv.read_bytes()
     try:
         text = data.decode("utf-8-sig")  # a BOM (Excel's "CSV UTF-8") is dropped
@@ -265,12 +270,22 @@ def _read_csv(csv: Path) -> pd.DataFrame:
         line = data[: e.start].count(b"\n") + 1
         raise ManifestError(f"{csv} line {line} is not UTF-8 (byte {data[e.start]:#04x}): save the CSV as UTF-8, "
                             "and rename files whose names are not UTF-8") from None
+    reader = _csv.reader(io.StringIO(text, newline=""))
     try:
-        return pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
-    except pd.errors.EmptyDataError:
-        raise ManifestError(f"{csv} is empty: it needs a header row path,label[,split] and one row per image") from None
-    except pd.errors.ParserError as e:
-        raise ManifestError(f"{csv} cannot be parsed ({e}): quote paths or labels that contain commas") from None
+        header = next(reader, None)
+        if not header:
+            raise ManifestError(f"{csv} is empty: it needs a header row path,label[,split] and one row per image")
+        records = []
+        for fields in reader:
+            if not any(f.strip() for f in fields):
+                continue  # blank line
+            if len(fields) > len(header):  # pandas would silently shift such a row into an index
+                raise ManifestError(f"{csv} line {reader.line_num} has {len(fields)} fields but the header has "
+                                    f"{len(header)}: quote paths or labels that contain commas")
+            records.append(fields + [""] * (len(header) - len(fields)))
+    except _csv.Error as e:
+        raise ManifestError(f"{csv} line {reader.line_num} cannot be parsed ({e}): fix its quoting") from None
+    return pd.DataFrame(records, columns=header, dtype=object)
 
 
 def _csv_entries(csv: Path, root: Path) -> list[tuple[Path, str, str]]:
@@ -396,7 +411,7 @@ def _inspect(path: Path, root: Path, label: str, split: str, splits) -> dict:
     except Image.DecompressionBombError as e:
         return fail("too_large", str(e))
     except UnidentifiedImageError:
-        return fail("not_image", "not an image format PIL can identify")
+        return fail("not_image", "not an image format PIL can identify: convert it to JPEG or PNG")
     except Exception as e:  # truncated / corrupt data surfaces as OSError, SyntaxError, ValueError...
         return fail("unreadable", f"{type(e).__name__}: {e}")
     if orientation in (5, 6, 7, 8):  # these EXIF orientations swap width and height

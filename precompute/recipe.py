@@ -7,6 +7,7 @@ pickle, log and reload without this module's classes.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -57,12 +58,13 @@ def activation_key(bb: Backbone, ts: TransformSpec, pooled: bool = True, dtype: 
 
 def precompute(manifest: pd.DataFrame, store: ActivationStore, bb: Backbone, ts: TransformSpec,
                pooled: bool = True, dtype: str = "float32", batch_size: int = 32, chunk_rows: int = 256,
-               num_workers: int = 0, device="cpu", on_progress=None) -> tuple[Entry, PrecomputeStats, str]:
-    """Fill the entry for every ok image; returns (entry, stats, view key of this image set)."""
+               num_workers: int = 0, device="cpu", on_progress=None,
+               shard: tuple[int, int] = (0, 1)) -> tuple[Entry, PrecomputeStats, str]:
+    """Fill the entry for every ok image (of one shard); returns (entry, stats, view key)."""
     rows = ok_rows(manifest)
     entry = store.entry(activation_key(bb, ts, pooled, dtype))
     stats = compute_activations(bb.body, rows, eval_transform(ts), entry, batch_size, chunk_rows,
-                                num_workers, device, on_progress)
+                                num_workers, device, on_progress, shard)
     return entry, stats, view_key(entry.key, rows["image_id"], rows["label"])
 
 
@@ -91,6 +93,11 @@ def save_model(record: dict, run_id: str, folder: str | None = None) -> str:
 def labelled_split(manifest: pd.DataFrame, classes: Sequence[str], split: str) -> pd.DataFrame:
     rows = ok_rows(manifest, split)
     index = {c: i for i, c in enumerate(classes)}
+    unknown = rows[~rows["label"].isin(index)]
+    if len(unknown):
+        logging.getLogger(__name__).warning(
+            "%d %s images have labels %s the model was not trained on: left out; rerun from head_on_cache "
+            "to include them", len(unknown), split, sorted(set(unknown["label"])))
     rows = rows[rows["label"].isin(index)]
     return rows.assign(target=rows["label"].map(index).astype(int))
 

@@ -270,7 +270,8 @@ def fit(model: nn.Module, groups: Sequence[nn.Module], lrs: Sequence[float],
             if len(x) < 2:  # a batch of one breaks BatchNorm1d in train mode
                 continue
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            loss = criterion(model(x), y)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda"):
+                loss = criterion(model(x), y)  # bf16 on a GPU; the CPU path is unchanged float32
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -342,10 +343,15 @@ def lr_find(model: nn.Module, groups: Sequence[nn.Module], lrs: Sequence[float],
                 step = num_it
                 break
     model.load_state_dict(saved)
-    cut = max(2, int(np.argmin(losses)) + 1) if losses else 0
-    grads = np.gradient(np.asarray(losses[:cut]), np.log10(rates[:cut])) if cut >= 2 else np.zeros(1)
-    suggestion = float(rates[int(np.argmin(grads))]) if cut >= 2 else float(start)
-    return {"lrs": rates, "losses": losses, "suggestion": suggestion, "min_loss_lr": float(rates[int(np.argmin(losses))]) if losses else start}
+    best_at = int(np.argmin(losses)) if losses else 0
+    skip = min(10, best_at // 2)  # fastai skips the first points: the smoothed loss is still noise there
+    if best_at - skip >= 2:
+        grads = np.gradient(np.asarray(losses[skip:best_at + 1]), np.log10(rates[skip:best_at + 1]))
+        suggestion = float(rates[skip + int(np.argmin(grads))])
+    else:  # the loss never fell: one tenth of the best rate, the older rule of thumb
+        suggestion = float(rates[best_at]) / 10 if losses else float(start)
+    return {"lrs": rates, "losses": losses, "suggestion": suggestion,
+            "min_loss_lr": float(rates[best_at]) if losses else float(start)}
 
 
 @torch.no_grad()

@@ -185,12 +185,13 @@ def test_csv_with_split_column(digits_root):
     )
     df = build_manifest(csv).set_index("relpath")
     assert len(df) == 5
-    assert df.loc[f[0], ["label", "split", "status"]].tolist() == ["zero", "valid", "ok"]
+    # "zero" has no training image: left out as unseen_class (see tests/test_bad_inputs.py)
+    assert df.loc[f[0], ["label", "split", "status"]].tolist() == ["zero", "valid", "unseen_class"]
     assert df.loc[f[1], ["label", "status", "width"]].tolist() == ["one", "ok", 16]
     assert df.loc[f[2], ["split", "status"]].tolist() == ["test", "unknown_split"]
     assert df.loc["train/3/nothere.png", "status"] == "missing"
     assert df.loc[f[4], "status"] == "unknown_label"
-    assert class_names(df.reset_index()) == ["one", "zero"]
+    assert class_names(df.reset_index()) == ["one"]
 
 
 def test_csv_without_split_is_hash_split(digits_root):

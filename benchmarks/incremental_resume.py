@@ -1,0 +1,170 @@
+"""What the cache's row addressing buys: absorbing new images, and finishing a killed run.
+
+tf_efficientnet_lite0 (pretrained), pooled float32, 64 px, batch 32, 256-row chunks, on 4,000
+distinct JPEGs derived from the dogscats photos (``_images.image_set``); every precompute runs
+``compute_activations`` in its own subprocess (this file with ``--child``), as a Dagster step would.
+
+- full: a fresh store, all 4,000 images.
+- +5%: a store already holding 3,800 of them (filled once, copied for each repetition), then
+  all 4,000: only the 200 new ones are computed. Target: <= 0.1x the full run.
+- resume: a fresh store, all 4,000, SIGKILLed as soon as half of the 16 chunks are committed
+  (the parent watches the commit records, as tests/test_store_durability.py does); then all
+  4,000 again: only the chunks not committed are computed. Target: <= 0.6x the full run.
+
+Times are the child's ``PrecomputeStats.seconds`` (the whole ``compute_activations`` call: index
+check, decode, body, commits; not the interpreter start and model load, which are the same for
+every run and listed apart). Repetitions alternate the order of the runs. The manifest scan
+(hashing every file, ``build_manifest``) that finding the new images needs is timed once and
+shown beside, with the ratios it gives when it is counted in both runs.
+
+    .venv/bin/python benchmarks/incremental_resume.py            # ~15 min on 2 busy cores
+
+Writes its table to the "incremental_resume" section of benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from _images import OUT, image_set, write_section
+
+N_IMAGES, NEW_FRACTION, IMAGE_PX, ARCH, CHUNK = 4000, 0.05, 64, "tf_efficientnet_lite0", 256
+TARGET_INC, TARGET_RESUME = 0.10, 0.60
+
+
+def child(store_root: str, rows_csv: str) -> None:
+    t0 = time.perf_counter()
+    import pandas as pd
+
+    from precompute import recipe
+    from precompute.data import eval_transform
+    from precompute.features import compute_activations
+    from precompute.store import ActivationStore
+
+    bb = recipe.load_backbone(ARCH)
+    ts = recipe.transform_for(bb.spec, IMAGE_PX)
+    entry = ActivationStore(store_root).entry(recipe.activation_key(bb, ts))
+    rows = pd.read_csv(rows_csv)
+    startup = time.perf_counter() - t0
+    stats = compute_activations(bb.body, rows, eval_transform(ts), entry, chunk_rows=CHUNK)
+    print(json.dumps({**stats.as_dict(), "startup": startup}), flush=True)
+
+
+def commits(store_root: Path) -> int:
+    return len(list(store_root.glob("*/cut=*/*/commits/*.json")))
+
+
+def run_child(store_root: Path, rows_csv: Path, kill_at_commits: int | None = None) -> dict:
+    proc = subprocess.Popen([sys.executable, __file__, "--child", str(store_root), str(rows_csv)],
+                            stdout=subprocess.PIPE, text=True)
+    if kill_at_commits is None:
+        out, _ = proc.communicate()
+        if proc.returncode:
+            raise SystemExit(f"child failed ({proc.returncode})")
+        return json.loads(out.strip().splitlines()[-1])
+    while proc.poll() is None and commits(store_root) < kill_at_commits:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    if proc.returncode != -signal.SIGKILL:
+        raise SystemExit(f"child finished before it was killed ({proc.returncode})")
+    return {"committed_chunks": commits(store_root)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--reps", type=int, default=1)
+    args = p.parse_args()
+    t0 = time.perf_counter()
+    from precompute.data import build_manifest, ok_rows
+
+    folder = image_set(N_IMAGES)
+    t = time.perf_counter()
+    rows = ok_rows(build_manifest(folder)).drop_duplicates("image_id")[["image_id", "path"]]
+    scan = time.perf_counter() - t
+    assert len(rows) == N_IMAGES, len(rows)
+    n_new = int(round(NEW_FRACTION * N_IMAGES))
+    new = np.random.default_rng(0).choice(len(rows), n_new, replace=False)
+    old_rows = rows.drop(rows.index[new])
+    n_chunks = -(-N_IMAGES // CHUNK)
+    times: dict[str, list[float]] = {"full": [], "inc": [], "resume": []}
+    startups, killed_at = [], []
+    with tempfile.TemporaryDirectory(dir=OUT, prefix="incremental-") as tmp:
+        tmp = Path(tmp)
+        all_csv, old_csv = tmp / "all.csv", tmp / "old.csv"
+        rows.to_csv(all_csv, index=False)
+        old_rows.to_csv(old_csv, index=False)
+        prefilled = tmp / "prefilled"
+        r = run_child(prefilled, old_csv)
+        print(f"prefilled {r['computed']} images ({r['seconds']:.0f} s)", flush=True)
+
+        def full(rep: int) -> None:
+            store = tmp / f"full-{rep}"
+            r = run_child(store, all_csv)
+            assert r["computed"] == N_IMAGES, r
+            times["full"].append(r["seconds"])
+            startups.append(r["startup"])
+            print(f"  rep {rep + 1} full: {r['computed']} computed in {r['seconds']:.1f} s", flush=True)
+
+        def inc(rep: int) -> None:
+            store = tmp / f"inc-{rep}"
+            shutil.copytree(prefilled, store)
+            r = run_child(store, all_csv)
+            assert r["computed"] == n_new and r["reused"] == N_IMAGES - n_new, r
+            times["inc"].append(r["seconds"])
+            print(f"  rep {rep + 1} +5%: {r['computed']} computed, {r['reused']} reused in {r['seconds']:.1f} s", flush=True)
+
+        def resume(rep: int) -> None:
+            store = tmp / f"resume-{rep}"
+            k = run_child(store, all_csv, kill_at_commits=n_chunks // 2)
+            killed_at.append(k["committed_chunks"])
+            r = run_child(store, all_csv)
+            assert r["computed"] + r["reused"] == N_IMAGES and r["reused"] >= (n_chunks // 2) * CHUNK, r
+            times["resume"].append(r["seconds"])
+            print(f"  rep {rep + 1} resume: killed with {k['committed_chunks']}/{n_chunks} chunks committed; rerun "
+                  f"computed {r['computed']}, reused {r['reused']} in {r['seconds']:.1f} s", flush=True)
+
+        for rep in range(args.reps):
+            for step in ((full, resume, inc) if rep % 2 == 0 else (inc, resume, full)):
+                step(rep)
+    best = {k: min(v) for k, v in times.items()}
+    med = {k: statistics.median(v) for k, v in times.items()}
+    r_inc, r_res = best["inc"] / best["full"], best["resume"] / best["full"]
+    r_inc_scan, r_res_scan = (best["inc"] + scan) / (best["full"] + scan), (best["resume"] + scan) / (best["full"] + scan)
+    lines = ["| run | images computed | best s | median s | x full run | x full run, manifest scan counted |",
+             "|---|---:|---:|---:|---:|---:|",
+             f"| full precompute (fresh store) | {N_IMAGES:,} | {best['full']:.1f} | {med['full']:.1f} | 1 | 1 |",
+             f"| +5% new images (store holds {N_IMAGES - n_new:,}) | {n_new} | {best['inc']:.1f} | {med['inc']:.1f} "
+             f"| **{r_inc:.3f}** | {r_inc_scan:.3f} |",
+             f"| rerun after SIGKILL at {min(killed_at)}-{max(killed_at)}/{n_chunks} chunks | "
+             f"{N_IMAGES - min(killed_at) * CHUNK:,} | {best['resume']:.1f} | {med['resume']:.1f} | **{r_res:.3f}** "
+             f"| {r_res_scan:.3f} |"]
+    verdicts = [f"+5% images: {r_inc:.3f}x the full run (target <= {TARGET_INC}): {'PASS' if r_inc <= TARGET_INC else 'MISS'}",
+                f"resume after a kill at 50%: {r_res:.3f}x the full run (target <= {TARGET_RESUME}): "
+                f"{'PASS' if r_res <= TARGET_RESUME else 'MISS'}"]
+    notes = (f"{ARCH} (pretrained), pooled float32, {IMAGE_PX} px (small, to keep the runtime reasonable), batch 32, "
+             f"{CHUNK}-row chunks, num_workers=0, CPU; {N_IMAGES:,} derived JPEGs; each precompute in its own subprocess, "
+             f"{args.reps} repetition(s). Seconds = the child's compute_activations call; interpreter start and model load "
+             f"(median {statistics.median(startups):.1f} s) are the same for every run and not counted. Manifest scan "
+             f"(build_manifest over the {N_IMAGES:,} files) = {scan:.1f} s, needed before either run.")
+    table = "\n".join(lines)
+    write_section("incremental_resume", f"{notes}\n\n{table}\n\n" + "  \n".join(verdicts))
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s\n\n{table}\n\n" + "\n".join(verdicts))
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--child"]:
+        child(*sys.argv[2:4])
+    else:
+        main()

@@ -1,0 +1,112 @@
+"""How well each store codec compresses real activations, and how fast it writes and reads them.
+
+Activations: tf_efficientnet_lite0 at 224 px over 256 dogscats photos (both classes and splits),
+computed once with ``recipe.precompute`` (spatial, float32) into ``benchmarks/out/compression-store``
+and reused on later runs. The other three arrays are derived exactly as precompute would store
+them: pooled = ``concat_pool`` of the spatial map (max and avg, 2560 values), float16 = ``astype``.
+
+For every array and every codec in ``precompute.store.COMPRESSORS`` (plus a few extra Blosc/Zstd
+settings below) the array is written the way ``Entry.commit`` writes a chunk (``zarr.create_array``,
+blocks of ~4 MiB of rows) and read back whole, as ``Entry.read`` does; beside it ``numpy.save`` /
+``numpy.load`` of the same array. Best of 5 (rounds interleave the codecs); MB = 10^6 bytes of the uncompressed array; files
+stay in the page cache, so this measures codec CPU cost, not disk speed (the ratio is what a slow
+disk or S3 saves). Every read is checked to be bit-identical.
+
+    .venv/bin/python benchmarks/store_compression.py          # ~2 min on 2 cores the first time, ~1.5 min after
+
+Writes its table to the "store_compression" section of benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+import zarr.codecs
+
+from _images import DOGSCATS, OUT, write_section
+from precompute import recipe
+from precompute.data import build_manifest, ok_rows
+from precompute.heads import concat_pool
+from precompute.store import COMPRESSORS, ActivationStore
+
+N_PHOTOS, SIZE, REPEATS = 256, 224, 5
+Blosc = zarr.codecs.BloscCodec
+CODECS = {
+    **COMPRESSORS,  # the library's choices first
+    "blosc-zstd-1": lambda: Blosc(cname="zstd", clevel=1, shuffle="shuffle"),
+    "blosc-zstd-bitshuffle": lambda: Blosc(cname="zstd", clevel=3, shuffle="bitshuffle"),
+    "blosc-lz4-1": lambda: Blosc(cname="lz4", clevel=1, shuffle="shuffle"),
+    "blosc-lz4-bitshuffle": lambda: Blosc(cname="lz4", clevel=5, shuffle="bitshuffle"),
+    "zstd-1": lambda: zarr.codecs.ZstdCodec(level=1),
+}
+
+
+def activations() -> dict[str, np.ndarray]:
+    bb = recipe.load_backbone("tf_efficientnet_lite0")
+    rows = ok_rows(build_manifest(DOGSCATS)).sample(N_PHOTOS, random_state=0)
+    entry, stats, _ = recipe.precompute(rows, ActivationStore(OUT / "compression-store"), bb,
+                                        recipe.transform_for(bb.spec, SIZE), pooled=False)
+    print(f"activations: {stats.computed} computed, {stats.reused} reused, {stats.seconds:.0f} s")
+    spatial = entry.read(list(rows["image_id"]))
+    pooled = concat_pool(torch.from_numpy(spatial)).numpy()
+    return {"spatial float32": spatial, "spatial float16": spatial.astype(np.float16),
+            "pooled float32": pooled, "pooled float16": pooled.astype(np.float16)}
+
+
+def du(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def measure(arr: np.ndarray, folder: Path) -> list[dict]:
+    """Ratio and best-of-REPEATS write/read MB/s per codec; rounds go over all codecs in turn, so a
+    burst of load from other processes on a shared machine does not land on one codec only."""
+    rows_per_block = max(1, min(len(arr), (4 << 20) // arr[0].nbytes))  # as Entry.commit
+    ways = {"numpy.save/load": (folder / "a.npy", lambda p: np.save(p, arr), np.load)}
+    for name, codec in CODECS.items():
+        ways[name] = (folder / name,
+                      lambda p, codec=codec: zarr.create_array(str(p), data=arr, chunks=(rows_per_block, *arr.shape[1:]),
+                                                               compressors=codec()),
+                      lambda p: zarr.open_array(str(p), mode="r")[:])
+    best = {name: [np.inf, np.inf] for name in ways}
+    for _ in range(REPEATS):
+        for name, (path, write, read) in ways.items():
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            t = time.perf_counter(); write(path); tw = time.perf_counter() - t
+            t = time.perf_counter(); back = read(path); tr = time.perf_counter() - t
+            assert back.dtype == arr.dtype and np.array_equal(back, arr), f"{name}: round trip changed the data"
+            best[name] = [min(best[name][0], tw), min(best[name][1], tr)]
+    mb, numpy_read = arr.nbytes / 1e6, best["numpy.save/load"][1]
+    return [dict(codec=name, ratio=arr.nbytes / du(path), write=mb / best[name][0], read=mb / best[name][1],
+                 vs_numpy=numpy_read / best[name][1]) for name, (path, _, _) in ways.items()]
+
+
+def main() -> None:
+    t0 = time.perf_counter()
+    arrays = activations()
+    lines = ["| array | codec | ratio | write MB/s | read MB/s | read vs numpy |", "|---|---|---:|---:|---:|---:|"]
+    with tempfile.TemporaryDirectory(dir=OUT, prefix="codecs-") as tmp:
+        for label, arr in arrays.items():
+            zeros = (arr == 0).mean()
+            print(f"{label} {tuple(arr.shape)}: {arr.nbytes / 1e6:.1f} MB, {zeros:.0%} zeros", flush=True)
+            for row in measure(arr, Path(tmp)):
+                lines.append(f"| {label} {tuple(arr.shape)} | {row['codec']} | {row['ratio']:.2f} | {row['write']:.0f} "
+                             f"| {row['read']:.0f} | {row['vs_numpy']:.2f}x |")
+                print("  " + lines[-1], flush=True)
+    notes = (f"tf_efficientnet_lite0 at {SIZE} px, {N_PHOTOS} dogscats photos; written like Entry.commit (zarr "
+             f"{zarr.__version__}, ~4 MiB blocks of rows), read whole; best of {REPEATS}, warm page cache, "
+             f"{os.cpu_count()} CPUs. ratio = raw bytes / bytes on disk; MB/s of raw bytes; read vs numpy = "
+             "read MB/s / numpy.load MB/s. The first four zarr codecs are precompute.store.COMPRESSORS.")
+    table = "\n".join(lines)
+    write_section("store_compression", f"{notes}\n\n{table}")
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s\n\n{table}")
+
+
+if __name__ == "__main__":
+    main()

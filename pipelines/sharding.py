@@ -1,0 +1,56 @@
+"""Precompute one partition in shards by image hash, one Dagster step per shard.
+
+Run this job with the multiprocess executor here, or with dagster-k8s / dagster-celery / dagster-dask
+in a cluster: each step computes the images of its shard into the shared store (a path or an S3
+URL) with its own, disjoint chunks. Materializing `activations` afterwards finds every row
+committed and computes nothing; its checks verify the result.
+"""
+
+import dagster as dg
+
+from assets.activations import ActivationsConfig, progress_logger
+from assets.partitions import arch_and_cut, arch_cut
+from precompute import recipe
+from resources import ActivationStoreResource, ComputeDevice, ImageSource
+
+
+class ShardedPrecomputeConfig(ActivationsConfig):
+    shards: int = 2
+
+
+@dg.op(out=dg.DynamicOut(int))
+def plan_shards(config: ShardedPrecomputeConfig):
+    if config.shards < 1:
+        raise dg.Failure("shards must be >= 1", allow_retries=False)
+    for i in range(config.shards):
+        yield dg.DynamicOutput(i, mapping_key=f"shard_{i}")
+
+
+@dg.op
+def compute_shard(context: dg.OpExecutionContext, config: ShardedPrecomputeConfig, shard: int,
+                  images: ImageSource, store: ActivationStoreResource, compute: ComputeDevice) -> dict:
+    arch, xtra_cut = arch_and_cut(context)
+    device = compute.setup()
+    bb = recipe.load_backbone(arch, xtra_cut, config.weights, config.weights_path)
+    entry, stats, _ = recipe.precompute(images.manifest(), store.get(), bb, recipe.transform_for(bb.spec, config.size),
+                                        config.pooled, config.dtype, config.batch_size, config.chunk_rows,
+                                        compute.num_workers, device, progress_logger(context, f"shard {shard}"),
+                                        shard=(shard, config.shards))
+    context.log.info(f"shard {shard}/{config.shards}: {stats.computed} computed, {stats.reused} reused")
+    return {"entry": entry.rel, **stats.as_dict()}
+
+
+@dg.op
+def summarize_shards(context: dg.OpExecutionContext, results: list) -> dict:
+    entries = {r["entry"] for r in results}
+    if len(entries) != 1:
+        raise dg.Failure(f"shards wrote different entries {sorted(entries)}: their configs differ")
+    total = {k: sum(r[k] for r in results) for k in ("images", "computed", "reused", "chunks")}
+    context.add_output_metadata({"entry": entries.pop(), **total, "shards": len(results)})
+    return total
+
+
+@dg.job(partitions_def=arch_cut, executor_def=dg.multiprocess_executor,
+        description="Fill one partition's activation entry in parallel shards; then materialize activations")
+def precompute_sharded():
+    summarize_shards(plan_shards().map(compute_shard).collect())

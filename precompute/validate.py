@@ -1,0 +1,469 @@
+"""Configuration checks that run before any work: each failure is a ``ConfigError`` that says what to change.
+
+Every check is cheap: no weights are loaded, no image is read, nothing is created (no store folder,
+no MLflow database, no run), and a probe of a remote endpoint gives up after ``PROBE_TIMEOUT_S``.
+``validate_run`` runs the checks that apply to the values it is given and reports every problem
+at once; the ``check_*`` functions raise on the first.
+
+    from precompute.validate import validate_run
+    validate_run(arch="resnet34", xtra_cut=0, size=224, lr=[1e-4, 1e-3, 1e-2],
+                 store="s3://bucket/acts", storage_options={"endpoint_url": "http://minio:9000"},
+                 tracking_uri="http://mlflow:5000")
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import socket
+import threading
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from precompute.archs import ARCHS, ArchSpec, cut_body, max_xtra_cut
+from precompute.train import ConfigError, check_precompute_augment, group_lrs
+
+__all__ = [
+    "ConfigError", "PROBE_TIMEOUT_S", "validate_run", "check_arch", "check_cut", "body_stride", "min_image_size",
+    "check_size", "check_lrs", "check_precompute_augment", "check_batch_size", "check_dtype", "check_weights",
+    "check_custom_head", "check_head", "check_augmentation", "check_store", "check_tracking", "check_manifest",
+]
+
+PROBE_TIMEOUT_S = 3.0
+N_LAYER_GROUPS = 3  # archs.layer_groups: body below lr_cut, body above, head
+STORE_SETTING = "PRECOMPUTE_STORE"
+STORE_OPTIONS_SETTING = "PRECOMPUTE_STORE_OPTIONS"
+TRACKING_SETTING = "MLFLOW_TRACKING_URI"
+DTYPES = ("float32", "float16")
+
+
+# --------------------------------------------------------------------------- the whole run
+
+
+def validate_run(*, arch: str | None = None, xtra_cut: int = 0, size: int | None = None, lr=None,
+                 n_groups: int = N_LAYER_GROUPS, frozen: int = 0, precompute: bool = False, augment: bool = False,
+                 batch_size: int | None = None, dtype: str | None = None, weights: str | None = None,
+                 weights_path: str | None = None, custom_head: str | None = None, ps=None, xtra_fc=None,
+                 augmentation: str | None = None, max_zoom: float | None = None, store: str | None = None,
+                 storage_options: dict | str | None = None, tracking_uri: str | None = None, manifest=None,
+                 timeout_s: float = PROBE_TIMEOUT_S) -> None:
+    """Check every value given (None: not checked); one ConfigError lists every problem found."""
+    errors: list[str] = []
+
+    def run(check: Callable, *args, **kwargs) -> bool:
+        try:
+            check(*args, **kwargs)
+            return True
+        except ConfigError as e:
+            errors.append(str(e))
+            return False
+
+    run(check_precompute_augment, precompute, augment)
+    if arch is not None and run(check_arch, arch) and run(check_cut, arch, xtra_cut) and size is not None:
+        run(check_size, arch, xtra_cut, size)
+    if lr is not None:
+        run(check_lrs, lr, n_groups, frozen)
+    if batch_size is not None:
+        run(check_batch_size, batch_size)
+    if dtype is not None:
+        run(check_dtype, dtype)
+    if arch in ARCHS and (weights is not None or weights_path is not None):
+        run(check_weights, arch, weights or "pretrained", weights_path)
+    if custom_head is not None:
+        run(check_custom_head, custom_head)
+    elif ps is not None or xtra_fc is not None:
+        run(check_head, ps, xtra_fc)
+    if augmentation is not None or max_zoom is not None:
+        run(check_augmentation, augmentation, max_zoom)
+    if manifest is not None:
+        run(check_manifest, manifest)
+    if store is not None:  # the probes last: they may take up to timeout_s each
+        run(check_store, store, storage_options, timeout_s)
+    if tracking_uri is not None:
+        run(check_tracking, tracking_uri, timeout_s)
+    if len(errors) == 1:
+        raise ConfigError(errors[0])
+    if errors:
+        raise ConfigError(f"{len(errors)} configuration errors, nothing was run:\n" + "\n".join(f"- {e}" for e in errors))
+
+
+# --------------------------------------------------------------------------- arch, cut, size
+
+
+def check_arch(arch: str) -> ArchSpec:
+    if arch not in ARCHS:
+        raise ConfigError(f"unknown arch {arch!r}: choose one of {', '.join(sorted(ARCHS))} "
+                          "(the partition's arch: PRECOMPUTE_ARCHS or archs in precompute.yaml)")
+    return ARCHS[arch]
+
+
+def check_cut(arch: str, xtra_cut) -> None:
+    spec = check_arch(arch)
+    top = max_xtra_cut(spec)
+    if isinstance(xtra_cut, bool) or not isinstance(xtra_cut, int) or not 0 <= xtra_cut <= top:
+        raise ConfigError(f"cut (xtra_cut) {xtra_cut!r} is out of range for {arch}: valid cuts are 0..{top} "
+                          f"(0 = the table's cut of {spec.cut} children, each step one child earlier); "
+                          f"set the partition's cut (PRECOMPUTE_CUTS or cuts in precompute.yaml) within 0..{top}")
+
+
+_REF_SIZE = 512
+
+
+@functools.lru_cache(maxsize=None)
+def _shape_body(arch: str, xtra_cut: int, meta: bool = True) -> torch.nn.Module:
+    """The cut body, by default with parameters on the meta device: shapes propagate, nothing is
+    computed or allocated (a resnet152 costs what a resnet18 does)."""
+    spec = ARCHS[arch]
+    if meta:
+        with torch.device("meta"):
+            model = spec.build()
+    else:
+        model = spec.build()
+    return cut_body(model, spec, xtra_cut).eval()
+
+
+def _map_side(body: torch.nn.Module, size: int) -> int:
+    """The smaller side of the body's output map for a size x size input; 0 if it has none."""
+    p = next(body.parameters(), None)
+    try:
+        with torch.no_grad():
+            out = body(torch.empty(1, 3, size, size, device=p.device if p is not None else "cpu"))
+    except Exception:  # noqa: BLE001 - "output size is too small" from a conv or pool, or an op meta lacks
+        return 0
+    return int(min(out.shape[-2:]))
+
+
+@functools.lru_cache(maxsize=None)
+def _stride_and_min_size(arch: str, xtra_cut: int) -> tuple[int, int]:
+    check_cut(arch, xtra_cut)
+    for meta in (True, False):  # a real (random, CPU) body only if the meta one cannot run
+        body = _shape_body(arch, xtra_cut, meta)
+        side = _map_side(body, _REF_SIZE)
+        if side:
+            break
+    else:
+        return 1, 1  # cannot tell: reject no size
+    stride = math.ceil(_REF_SIZE / side)
+    size = stride
+    while size < _REF_SIZE and _map_side(body, size) < 1:  # unpadded convs or pools need a little more
+        size += 1
+    return stride, size
+
+
+def body_stride(arch: str, xtra_cut: int = 0) -> int:
+    """How many input pixels one cell of the body's output map spans (32 for a resnet at cut 0)."""
+    return _stride_and_min_size(arch, xtra_cut)[0]
+
+
+def min_image_size(arch: str, xtra_cut: int = 0) -> int:
+    """The smallest image size whose output map is at least 1x1 with every cell fully inside the image."""
+    return _stride_and_min_size(arch, xtra_cut)[1]
+
+
+def check_size(arch: str, xtra_cut: int, size: int | None) -> None:
+    spec = check_arch(arch)
+    if size is None:
+        return
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+        raise ConfigError(f"image size {size!r} must be a positive integer (pixels); "
+                          f"{spec.name}'s default is {_default_size(spec)}")
+    smallest = min_image_size(arch, xtra_cut)
+    if size < smallest:
+        raise ConfigError(f"image size {size} is too small for {arch} at cut {xtra_cut}: its body downsamples "
+                          f"{body_stride(arch, xtra_cut)}x, so the smallest size that leaves a 1x1 feature map is "
+                          f"{smallest}; set size >= {smallest} (the arch's default is {_default_size(spec)})")
+
+
+def _default_size(spec: ArchSpec) -> int:
+    return spec.input_size if isinstance(spec.input_size, int) else spec.input_size[-1]
+
+
+# --------------------------------------------------------------------------- training values
+
+
+def check_lrs(lr, n_groups: int = N_LAYER_GROUPS, frozen: int = 0) -> list[float]:
+    """A rate, a 'lo:hi' range or one rate per layer group (train.group_lrs), each finite and >= 0."""
+    try:
+        lrs = group_lrs(lr, n_groups, frozen)
+    except (TypeError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"learning rate {lr!r}: give a number, a range 'lo:hi' or {n_groups} numbers") from None
+    bad = [v for v in lrs if not math.isfinite(v) or v < 0]
+    if bad:
+        raise ConfigError(f"learning rates must be finite and >= 0, got {lr!r}")
+    if not any(lrs[frozen:]):
+        raise ConfigError(f"every trainable layer group has learning rate 0 ({lr!r}): nothing would train; "
+                          "give a rate > 0")
+    return lrs
+
+
+def check_batch_size(batch_size: int) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 2:
+        raise ConfigError(f"batch_size {batch_size!r}: use 2 or more (BatchNorm cannot train on a batch of one)")
+
+
+def check_dtype(dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype {dtype!r}: the activation store keeps {' or '.join(DTYPES)}")
+
+
+def check_weights(arch: str, weights: str = "pretrained", weights_path: str | None = None) -> None:
+    """The weights a run would load exist (or may be downloaded); nothing is loaded or downloaded."""
+    from precompute.weights import ALLOW_DOWNLOAD_ENV, WeightsUnavailable, resolve_weights_file
+
+    spec = check_arch(arch)
+    if weights not in ("pretrained", "random"):
+        raise ConfigError(f"weights {weights!r}: use 'pretrained' or 'random' (or pass weights_path)")
+    if weights_path is not None:
+        if weights == "random":
+            raise ConfigError("weights='random' and a weights_path contradict each other: drop one")
+        if not Path(weights_path).expanduser().is_file():
+            raise ConfigError(f"weights_path {weights_path} is not a file: point it at a state dict (.pt/.pth)")
+        return
+    if weights == "random" or (spec.source == "torchvision" and os.environ.get(ALLOW_DOWNLOAD_ENV) == "1"):
+        return  # nothing to find, or fetched by the run itself
+    try:
+        resolve_weights_file(spec, weights, None)
+    except (WeightsUnavailable, ValueError) as e:
+        raise ConfigError(str(e)) from None
+
+
+def check_head(ps=None, xtra_fc=None) -> None:
+    """fastai's head: one dropout per linear block (len(xtra_fc) + 1), each in [0, 1)."""
+    sizes = list(xtra_fc if xtra_fc is not None else [512])
+    if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in sizes):
+        raise ConfigError(f"xtra_fc {sizes}: hidden layer sizes must be integers >= 1 (or [] for none)")
+    if ps is None:
+        return
+    drops = [ps] if isinstance(ps, (int, float)) else list(ps)
+    if not isinstance(ps, (int, float)) and len(drops) != len(sizes) + 1:
+        raise ConfigError(f"ps has {len(drops)} dropout values for {len(sizes) + 1} linear blocks (xtra_fc={sizes} "
+                          f"plus the output): give {len(sizes) + 1} values, one number, or none for fastai's defaults")
+    if any(not 0 <= p < 1 for p in drops):
+        raise ConfigError(f"ps {ps}: dropout probabilities must be in [0, 1)")
+
+
+def check_augmentation(preset: str | None = None, max_zoom: float | None = None) -> None:
+    from precompute.data import AUGMENTATION_PRESETS
+
+    if preset is not None and preset not in AUGMENTATION_PRESETS:
+        raise ConfigError(f"augmentation {preset!r}: choose one of {', '.join(sorted(AUGMENTATION_PRESETS))}")
+    if max_zoom is not None and not max_zoom >= 1:
+        raise ConfigError(f"max_zoom {max_zoom}: use 1 (no zoom) or more, e.g. 1.1")
+
+
+def check_custom_head(dotted: str) -> None:
+    from precompute.heads import load_factory
+
+    try:
+        factory = load_factory(dotted)
+    except (ValueError, ImportError, AttributeError) as e:
+        raise ConfigError(f"custom_head {dotted!r} cannot be loaded ({type(e).__name__}: {e}): give "
+                          "'package.module:function' importable here, the function taking (in_features, n_classes)") from None
+    if not callable(factory):
+        raise ConfigError(f"custom_head {dotted!r} is not callable: name a function (in_features, n_classes) -> nn.Module")
+
+
+def check_manifest(manifest, train_split: str = "train", valid_split: str = "valid", require_valid: bool = True) -> None:
+    """Enough usable images to train and to measure: 2+ classes with training images, 1+ validation image."""
+    from precompute.data import ok_rows
+
+    ok = ok_rows(manifest)
+    train, valid = ok[ok["split"] == train_split], ok[ok["split"] == valid_split]
+    skipped = {k: int(v) for k, v in manifest.loc[manifest["status"] != "ok", "status"].value_counts().items()}
+    note = f" ({len(manifest) - len(ok)} rows not usable: {skipped}; their reasons are in the manifest)" if skipped else ""
+    classes = sorted(train["label"].unique())
+    if len(train) < 2 or len(classes) < 2:
+        raise ConfigError(f"{len(train)} usable {train_split} images in {len(classes)} class(es) {classes}: training "
+                          f"needs at least 2 classes with images; add images under {train_split}/<class>/{note}")
+    if require_valid and valid.empty:
+        raise ConfigError(f"no usable {valid_split} image, so accuracy cannot be measured: add images under "
+                          f"{valid_split}/<class>/, or use a CSV without a split column (20% go to {valid_split}){note}")
+
+
+# --------------------------------------------------------------------------- outside services
+
+
+def _bounded(fn: Callable[[], object], timeout_s: float):
+    """fn() in a daemon thread, given up after timeout_s (DNS look-ups ignore socket timeouts)."""
+    box: dict = {}
+
+    def target():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            box["error"] = e
+
+    thread = threading.Thread(target=target, daemon=True, name="precompute-probe")
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise TimeoutError(f"no answer within {timeout_s:g} s")
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+def _probe_url(url: str, timeout_s: float) -> str | None:
+    """None when something answers at url's host and port, else why not. Through a proxy where one
+    applies (as MLflow and botocore would go), else a plain TCP connect."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname
+    if not host:
+        return f"no host in {url!r}"
+    default = {"https": 443, "http": 80}.get(parts.scheme, 80)
+    try:
+        port = parts.port or default
+    except ValueError as e:
+        return str(e)
+    proxied = parts.scheme in urllib.request.getproxies() and not urllib.request.proxy_bypass(host)
+
+    def connect():
+        if proxied:
+            try:
+                urllib.request.urlopen(url, timeout=timeout_s).close()
+            except urllib.error.HTTPError as e:
+                if e.code in (502, 503, 504):  # the proxy answered for a server that did not
+                    raise ConnectionError(f"HTTP {e.code} from the proxy") from None
+        else:
+            socket.create_connection((host, port), timeout=timeout_s).close()
+
+    try:
+        _bounded(connect, timeout_s)
+    except (OSError, TimeoutError, urllib.error.URLError) as e:
+        reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or str(e) or type(e).__name__
+        return f"cannot connect to {host}:{port} ({reason})"
+    return None
+
+
+def _nearest_existing(path: Path) -> Path:
+    p = path
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _check_writable_location(path: Path, want: str, what: str, fix: str) -> None:
+    """``path`` (a folder or a file, per ``want``) exists as that, or could be created: nothing is created."""
+    path = path.expanduser().absolute()
+    if path.exists():
+        if want == "folder" and not path.is_dir():
+            raise ConfigError(f"{what}: {path} is a file, not a folder; {fix}")
+        if want == "file" and path.is_dir():
+            raise ConfigError(f"{what}: {path} is a folder, not a file; {fix}")
+        target = path if path.is_dir() else path.parent
+    else:
+        target = _nearest_existing(path.parent)
+        if not target.is_dir():
+            raise ConfigError(f"{what}: {path} cannot be created because {target} is a file, not a folder; {fix}")
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what}: no permission to write in {target}; {fix}")
+
+
+def _store_options(storage_options: dict | str | None) -> dict:
+    if storage_options is None or storage_options == "":
+        return {}
+    if isinstance(storage_options, str):
+        try:
+            storage_options = json.loads(storage_options)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"store options are not valid JSON ({e}): set {STORE_OPTIONS_SETTING} to a JSON object, "
+                              'e.g. {"endpoint_url": "http://127.0.0.1:9000"}') from None
+    if not isinstance(storage_options, dict):
+        raise ConfigError(f"store options must be a JSON object (a dict), got {storage_options!r}: fix {STORE_OPTIONS_SETTING}")
+    return storage_options
+
+
+def _store_endpoint(protocol: str, root: str, options: dict) -> str | None:
+    """Where a store's requests go, for the protocols whose endpoint is known."""
+    if protocol in ("s3", "s3a"):
+        return (options.get("endpoint_url") or (options.get("client_kwargs") or {}).get("endpoint_url")
+                or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+                or "https://s3.amazonaws.com")
+    if protocol in ("gs", "gcs"):
+        return options.get("endpoint_url") or "https://storage.googleapis.com"
+    if protocol in ("http", "https"):
+        return root
+    return None
+
+
+def check_store(root: str, storage_options: dict | str | None = None, timeout_s: float = PROBE_TIMEOUT_S) -> None:
+    """The activation store can be written: a local folder that exists or can be created, or a URL
+    whose endpoint answers within ``timeout_s`` and takes a probe object. Nothing is left behind."""
+    import fsspec
+
+    options = _store_options(storage_options)
+    root = str(root or "").strip()
+    fix = f"set {STORE_SETTING} to a writable path or URL (s3://bucket/prefix)"
+    if not root:
+        raise ConfigError(f"the activation store is not set: {fix}")
+    protocol = fsspec.utils.get_protocol(root)
+    if protocol in ("file", "local"):
+        _check_writable_location(Path(fsspec.core.strip_protocol(root)), "folder", f"activation store {root!r}", fix)
+        return
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except (ImportError, ValueError) as e:
+        raise ConfigError(f"activation store {root!r}: protocol {protocol!r} is not available ({e}); "
+                          f"install its fsspec package (s3fs for s3://, gcsfs for gs://) or {fix}") from None
+    endpoint = _store_endpoint(protocol, root, options)
+    if endpoint:
+        why = _probe_url(endpoint, timeout_s)
+        if why:
+            raise ConfigError(f"activation store {root!r} is unreachable: endpoint {endpoint} does not answer ({why}). "
+                              f"Start the server or fix endpoint_url in {STORE_OPTIONS_SETTING}, or {fix}")
+
+    def write_probe():  # one object written and removed; no makedirs, which would create a missing bucket
+        fs, base = fsspec.core.url_to_fs(root, **options)
+        probe = f"{base}/.probe-{uuid.uuid4().hex}"
+        fs.pipe_file(probe, b"ok")
+        fs.rm(probe)
+
+    try:  # the endpoint answers; a probe object proves the bucket and the credentials
+        _bounded(write_probe, max(10.0, 3 * timeout_s))
+    except TimeoutError as e:
+        raise ConfigError(f"activation store {root!r} did not take a probe object ({e}); {fix}") from None
+    except FileNotFoundError as e:
+        raise ConfigError(f"activation store {root!r}: {e} (the bucket must exist; it is not created here); "
+                          f"create it or {fix}") from None
+    except Exception as e:  # noqa: BLE001 - a backend's own errors: credentials, permissions, ...
+        raise ConfigError(f"activation store {root!r} is not writable ({type(e).__name__}: {e}); {fix}") from None
+
+
+_DB_PORTS = {"postgresql": 5432, "postgres": 5432, "mysql": 3306, "mssql": 1433}
+
+
+def check_tracking(uri: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
+    """MLflow can be reached at ``uri``: a sqlite file or folder that can be created, or a server that
+    answers within ``timeout_s``. Nothing is created and no run is started."""
+    uri = str(uri or "").strip()
+    fix = f"set {TRACKING_SETTING} to a reachable server (http://host:5000) or to sqlite:///<path> (the embedded default)"
+    if not uri:
+        raise ConfigError(f"the MLflow tracking URI is not set: {fix}")
+    parts = urllib.parse.urlsplit(uri)
+    scheme = parts.scheme.split("+", 1)[0]  # postgresql+psycopg2 -> postgresql
+    what = f"MLflow tracking URI {uri!r}"
+    if scheme == "sqlite":
+        path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
+        if path and path != ":memory:":
+            _check_writable_location(Path(path), "file", what, fix)
+    elif scheme in ("", "file") or len(scheme) == 1:  # a folder (MLflow's file store); "c:" is a drive
+        _check_writable_location(Path(parts.path if scheme == "file" else uri), "folder", what, fix)
+    elif scheme in ("http", "https"):
+        why = _probe_url(uri, timeout_s)
+        if why:
+            raise ConfigError(f"{what} is unreachable ({why}). Start the MLflow server, or {fix}")
+    elif scheme in _DB_PORTS:
+        why = _probe_url(f"tcp://{parts.hostname}:{parts.port or _DB_PORTS[scheme]}", timeout_s)
+        if why:
+            raise ConfigError(f"{what} is unreachable: the database does not answer ({why}); {fix}")
+    # other schemes (databricks, ...) are left to MLflow

@@ -1,0 +1,226 @@
+"""Config-driven partitions, the daily/weekly schedules and the new-images sensor, on real files."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from assets import partitions
+from assets.partitions import PartitionConfigError, arch_cut, partition_config
+from pipelines.definitions import defs
+from pipelines.schedules import daily_recipe_refresh, weekly_cache_housekeeping
+from pipelines.sensors import new_images_sensor, source_fingerprint
+from resources import ImageSource
+
+PROJECT = Path(__file__).resolve().parents[1]
+PHOTOS = PROJECT.parent / "shared" / "data" / "dogscats"
+REPO = defs.get_repository_def()  # partitioned run requests are checked against the job in it
+
+
+# --------------------------------------------------------------------------- partitions from config
+
+
+@pytest.fixture
+def no_config(monkeypatch, tmp_path):
+    """No project config file and no env overrides, whatever the machine has."""
+    monkeypatch.setattr(partitions, "CONFIG_FILE", tmp_path / "absent.yaml")
+    return {}
+
+
+def test_defaults_without_config(no_config):
+    assert partition_config(no_config) == (["tf_efficientnet_lite0", "resnet34"], ["0", "1"])
+
+
+def test_project_config_file_and_env_override(monkeypatch, tmp_path):
+    project_file = tmp_path / "precompute.yaml"
+    project_file.write_text("archs: [resnet18, tf_efficientnet_lite0]\ncuts: [0, 2]\nother_key: left alone\n")
+    monkeypatch.setattr(partitions, "CONFIG_FILE", project_file)
+    assert partition_config({}) == (["resnet18", "tf_efficientnet_lite0"], ["0", "2"])
+
+    other = tmp_path / "other.yaml"
+    other.write_text("archs:\n  - densenet121\n")  # cuts not given: the defaults
+    assert partition_config({"PRECOMPUTE_CONFIG": str(other)}) == (["densenet121"], ["0", "1"])
+    # env vars override the file, key by key
+    assert partition_config({"PRECOMPUTE_CONFIG": str(other), "PRECOMPUTE_CUTS": "3, 0"}) == (["densenet121"], ["3", "0"])
+    assert partition_config({"PRECOMPUTE_ARCHS": "vgg16_bn"}) == (["vgg16_bn"], ["0", "2"])
+
+
+@pytest.mark.parametrize("text, env, expected", [
+    ("archs: [resnet34, resnet99]\n", {}, ["'resnet99'", "valid archs:", "resnet18", "tf_efficientnet_lite0"]),
+    ("cuts: [0, 7]\n", {}, ["cut '7'", "resnet34", "0..6"]),
+    ("cuts: [-1]\n", {}, ["cut '-1'", "0..9", "0..6"]),
+    ("cuts: [one]\n", {}, ["cut 'one'", "not an integer", "0..6"]),
+    ("archs: []\n", {}, ["archs", "empty"]),
+    ("- resnet34\n", {}, ["must be a mapping"]),
+    ("", {"PRECOMPUTE_ARCHS": "resnet34,alexnet"}, ["'alexnet'", "$PRECOMPUTE_ARCHS", "valid archs:"]),
+])
+def test_bad_config_names_the_value_and_the_valid_ones(tmp_path, text, env, expected):
+    cfg = tmp_path / "precompute.yaml"
+    cfg.write_text(text)
+    with pytest.raises(PartitionConfigError) as e:
+        partition_config({"PRECOMPUTE_CONFIG": str(cfg), **env})
+    for part in expected:
+        assert part in str(e.value)
+
+
+def test_missing_config_file_named_by_env_fails(tmp_path):
+    with pytest.raises(PartitionConfigError, match="PRECOMPUTE_CONFIG=.*not a file"):
+        partition_config({"PRECOMPUTE_CONFIG": str(tmp_path / "nope.yaml")})
+
+
+def _load_definitions(config: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("PRECOMPUTE_ARCHS", "PRECOMPUTE_CUTS")}
+    env["PRECOMPUTE_CONFIG"] = str(config)
+    code = ("import json; from pipelines.definitions import defs; from pipelines.schedules import daily_recipe_refresh;"
+            "import dagster as dg;"
+            "keys = defs.resolve_job_def('recipe').partitions_def.get_partition_keys();"
+            "data = daily_recipe_refresh.evaluate_tick(dg.build_schedule_context(repository_def=defs.get_repository_def()));"
+            "print(json.dumps({'keys': keys, 'scheduled': [r.partition_key for r in data.run_requests]}))")
+    return subprocess.run([sys.executable, "-c", code], cwd=PROJECT, env=env, capture_output=True, text=True,
+                          timeout=240)
+
+
+def test_adding_an_arch_to_the_config_adds_its_partitions(tmp_path):
+    cfg = tmp_path / "precompute.yaml"
+    cfg.write_text("archs: [tf_efficientnet_lite0, resnet18]\ncuts: [0, 2]\n")
+    proc = _load_definitions(cfg)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    expected = {"tf_efficientnet_lite0|0", "tf_efficientnet_lite0|2", "resnet18|0", "resnet18|2"}
+    assert set(out["keys"]) == expected and set(out["scheduled"]) == expected
+
+
+def test_bad_config_fails_at_definitions_load(tmp_path):
+    cfg = tmp_path / "precompute.yaml"
+    cfg.write_text("archs: [resnet34, resnet9000]\n")
+    proc = _load_definitions(cfg)
+    assert proc.returncode != 0
+    assert "PartitionConfigError" in proc.stderr and "'resnet9000'" in proc.stderr and "resnet18" in proc.stderr
+
+
+# --------------------------------------------------------------------------- schedules
+
+
+def test_schedules_are_registered_and_stopped():
+    repo = defs.get_repository_def()
+    assert {s.name for s in repo.schedule_defs} == {"daily_recipe_refresh", "weekly_cache_housekeeping"}
+    assert {s.name for s in repo.sensor_defs} == {"new_images_sensor"}
+    assert daily_recipe_refresh.cron_schedule == "0 2 * * *" and daily_recipe_refresh.job_name == "recipe"
+    assert weekly_cache_housekeeping.cron_schedule == "0 3 * * 0"
+    assert weekly_cache_housekeeping.job_name == "cache_housekeeping"
+    assert repo.get_job("recipe").partitions_def == arch_cut
+    for d in (daily_recipe_refresh, weekly_cache_housekeeping, new_images_sensor):
+        assert d.default_status.value == "STOPPED"
+
+
+def test_daily_schedule_requests_one_run_per_partition():
+    when = datetime(2024, 5, 1, 2, 0, tzinfo=timezone.utc)
+    data = daily_recipe_refresh.evaluate_tick(dg.build_schedule_context(scheduled_execution_time=when, repository_def=REPO))
+    keys = arch_cut.get_partition_keys()
+    assert len(keys) >= 2
+    assert sorted(r.partition_key for r in data.run_requests) == sorted(keys)
+    assert {r.run_key for r in data.run_requests} == {f"2024-05-01:{k}" for k in keys}
+    next_day = daily_recipe_refresh.evaluate_tick(
+        dg.build_schedule_context(scheduled_execution_time=datetime(2024, 5, 2, 2, tzinfo=timezone.utc),
+                                  repository_def=REPO))
+    assert not {r.run_key for r in data.run_requests} & {r.run_key for r in next_day.run_requests}
+
+
+# --------------------------------------------------------------------------- sensor
+
+
+@pytest.fixture
+def photos(tmp_path) -> Path:
+    if not (PHOTOS / "train").is_dir():
+        pytest.skip(f"real photos not found at {PHOTOS}")
+    root = tmp_path / "images"
+    for split, n in (("train", 2), ("valid", 1)):
+        for cls in ("cats", "dogs"):
+            (root / split / cls).mkdir(parents=True)
+            for f in sorted((PHOTOS / split / cls).iterdir())[:n]:
+                shutil.copy2(f, root / split / cls / f.name)
+    return root
+
+
+@pytest.fixture
+def instance():
+    with dg.instance_for_test() as inst:
+        yield inst
+
+
+def tick(instance, source, cursor, root=None):
+    ctx = dg.build_sensor_context(instance=instance, cursor=cursor, repository_def=REPO,
+                                  resources={"images": ImageSource(source=str(source), root=root)})
+    return new_images_sensor.evaluate_tick(ctx)
+
+
+def spare_photo(n: int = 5) -> Path:
+    return sorted((PHOTOS / "train" / "dogs").iterdir())[n]
+
+
+def test_sensor_launches_only_when_the_folder_changes(instance, photos):
+    keys = sorted(arch_cut.get_partition_keys())
+    first = tick(instance, photos, None)
+    assert sorted(r.partition_key for r in first.run_requests) == keys
+    assert all(r.job_name in (None, "recipe") for r in first.run_requests)
+    assert len({r.run_key for r in first.run_requests}) == len(keys)
+    cursor = first.cursor
+    assert cursor
+
+    same = tick(instance, photos, cursor)
+    assert same.run_requests == [] and "unchanged" in same.skip_message
+    (photos / "train" / "cats" / "notes.txt").write_text("not an image")
+    (photos / "train" / ".hidden.jpg").write_bytes(b"x")
+    assert tick(instance, photos, cursor).run_requests == []  # non-images and hidden files do not count
+
+    shutil.copy(spare_photo(), photos / "train" / "dogs" / "new.jpg")  # a new image
+    added = tick(instance, photos, cursor)
+    assert sorted(r.partition_key for r in added.run_requests) == keys and added.cursor != cursor
+    assert not {r.run_key for r in added.run_requests} & {r.run_key for r in first.run_requests}
+    cursor = added.cursor
+    assert tick(instance, photos, cursor).run_requests == []
+
+    victim = sorted((photos / "valid" / "cats").iterdir())[0]  # replaced content, same name
+    victim.write_bytes(spare_photo(6).read_bytes())
+    changed = tick(instance, photos, cursor)
+    assert len(changed.run_requests) == len(keys)
+    cursor = changed.cursor
+
+    st = victim.stat()  # rewritten with the same size: the mtime alone tells
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    touched = tick(instance, photos, cursor)
+    assert len(touched.run_requests) == len(keys)
+
+    victim.unlink()  # a removed image changes the training set too
+    assert len(tick(instance, photos, touched.cursor).run_requests) == len(keys)
+
+
+def test_sensor_on_a_csv_source(instance, photos, tmp_path):
+    listed = sorted(p.relative_to(photos).as_posix() for p in photos.rglob("*.jpg"))[:3]
+    csv = photos / "labels.csv"
+    csv.write_text("path,label\n" + "".join(f"{p},{p.split('/')[1]}\n" for p in listed))
+    first = tick(instance, csv, None)
+    assert len(first.run_requests) == len(arch_cut.get_partition_keys())
+    assert source_fingerprint(csv)[1] == 3
+
+    shutil.copy(spare_photo(), photos / "train" / "dogs" / "unlisted.jpg")  # not in the CSV: no run
+    assert tick(instance, csv, first.cursor).run_requests == []
+
+    os.utime(photos / listed[0], ns=(0, 10**18))  # a listed image changed
+    second = tick(instance, csv, first.cursor)
+    assert second.run_requests
+
+    with csv.open("a") as f:  # a row added to the CSV
+        f.write("train/dogs/unlisted.jpg,dogs\n")
+    assert tick(instance, csv, second.cursor).run_requests
+
+
+def test_sensor_skips_a_missing_source(instance, tmp_path):
+    data = tick(instance, tmp_path / "gone", None)
+    assert data.run_requests == [] and "does not exist" in data.skip_message and data.cursor is None
