@@ -6,6 +6,8 @@ URL) with its own, disjoint chunks. Materializing `activations` afterwards finds
 committed and computes nothing; its checks verify the result.
 """
 
+import os
+
 import dagster as dg
 
 from assets.activations import ActivationsConfig, progress_logger
@@ -50,7 +52,28 @@ def summarize_shards(context: dg.OpExecutionContext, results: list) -> dict:
     return total
 
 
-@dg.job(partitions_def=arch_cut, executor_def=dg.multiprocess_executor,
+def executor_from_env():
+    """$PRECOMPUTE_EXECUTOR picks Dagster's own engine: multiprocess (default), k8s, celery or dask.
+
+    The cluster ones need their package installed (dagster-k8s, dagster-celery, dagster-dask);
+    they are configured by run config, see deploy/k8s/.
+    """
+    kind = os.environ.get("PRECOMPUTE_EXECUTOR", "multiprocess")
+    if kind == "k8s":
+        from dagster_k8s import k8s_job_executor
+        return k8s_job_executor
+    if kind == "celery":
+        from dagster_celery import celery_executor
+        return celery_executor
+    if kind == "dask":
+        from dagster_dask import dask_executor
+        return dask_executor
+    if kind != "multiprocess":
+        raise ValueError(f"PRECOMPUTE_EXECUTOR={kind!r}: use multiprocess, k8s, celery or dask")
+    return dg.multiprocess_executor
+
+
+@dg.job(partitions_def=arch_cut, executor_def=executor_from_env(),
         description="Fill one partition's activation entry in parallel shards; then materialize activations")
 def precompute_sharded():
     summarize_shards(plan_shards().map(compute_shard).collect())
