@@ -70,7 +70,7 @@ class ImageStageConfig(ScheduleConfig):
         return {"preset": self.augmentation, "max_zoom": self.max_zoom}
 
     def learning_rates(self, finder: Optional[dict] = None):
-        if self.lr_from_finder and finder:
+        if self.lr_from_finder and finder and finder.get("suggestion") is not None:
             return float(finder["suggestion"])
         return self.lrs or self.lr_range or self.lr
 
@@ -137,11 +137,14 @@ def _lr_find_output(context, tracking: MlflowTracking, stage: str, result: dict,
     folder = Path(tempfile.mkdtemp(prefix="lr_find-"))
     plot = evaluate.plot_lr_find(result, folder / f"{stage}.png")
     with _mlflow_run(context, tracking, stage, params) as run:
-        run.metrics({"suggested_lr": result["suggestion"]})
+        if result["suggestion"] is not None:
+            run.metrics({"suggested_lr": result["suggestion"]})
         run.series("lr_find_loss", result["losses"])
         run.artifact(plot)
-    context.log.info(f"{stage}: suggested learning rate {result['suggestion']:.2e}")
-    return dg.Output(result, metadata={"suggested_lr": result["suggestion"], "mlflow_run_id": run.run_id,
+    said = (f"{result['suggestion']:.2e}" if result["suggestion"] is not None
+            else "none: the loss never fell; stages keep their configured lr")
+    context.log.info(f"{stage}: suggested learning rate {said}")
+    return dg.Output(result, metadata={"suggested_lr": said, "mlflow_run_id": run.run_id,
                                        "plot": dg.MetadataValue.md(png_markdown(plot, "loss vs learning rate"))})
 
 
@@ -171,7 +174,8 @@ def head_on_cache(context: dg.AssetExecutionContext, config: HeadOnCacheConfig, 
                          "to train the head on images", allow_retries=False)
     compute.setup()
     entry = recipe.open_entry(store.get(), activations)
-    lr = float(lr_find_head["suggestion"]) if config.lr_from_finder else config.lr
+    lr = (float(lr_find_head["suggestion"]) if config.lr_from_finder and lr_find_head["suggestion"] is not None
+          else config.lr)
     # Dagster reruns an asset whenever asked; a head is a pure function of its rows, config and seed,
     # so an identical request returns the earlier result instead of training again.
     fingerprint = recipe.head_fingerprint(activations["view_key"], {**config.model_dump(exclude={"reuse"}), "lr": lr})

@@ -75,9 +75,12 @@ def plot_tensor_grid(images, path: Path, mean, std, cols: int = 4) -> Path:
 def plot_lr_find(result: dict, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(result["lrs"], result["losses"])
-    ax.axvline(result["suggestion"], color="red", linestyle="--", label=f"suggested {result['suggestion']:.2e}")
-    ax.set(xscale="log", xlabel="learning rate", ylabel="smoothed loss")
-    ax.legend()
+    if result["suggestion"] is not None:
+        ax.axvline(result["suggestion"], color="red", linestyle="--", label=f"suggested {result['suggestion']:.2e}")
+    ax.set(xscale="log", xlabel="learning rate", ylabel="smoothed loss",
+           title=None if result["suggestion"] is not None else "the loss never fell: no suggestion")
+    if result["suggestion"] is not None:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -311,7 +311,7 @@ def lr_find(model: nn.Module, groups: Sequence[nn.Module], lrs: Sequence[float],
 
     ``lrs`` gives the groups' rates relative to the last group's (frozen groups 0). The model is
     restored afterwards. The suggestion is the rate at the steepest fall of the smoothed loss
-    before it blows up, a common choice (fastai v2's ``steep``).
+    before it blows up, a common choice (fastai v2's ``steep``); None when the loss never fell.
     """
     seed_everything(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -348,8 +348,10 @@ def lr_find(model: nn.Module, groups: Sequence[nn.Module], lrs: Sequence[float],
     if best_at - skip >= 2:
         grads = np.gradient(np.asarray(losses[skip:best_at + 1]), np.log10(rates[skip:best_at + 1]))
         suggestion = float(rates[skip + int(np.argmin(grads))])
-    else:  # the loss never fell: one tenth of the best rate, the older rule of thumb
-        suggestion = float(rates[best_at]) / 10 if losses else float(start)
+    elif best_at > 0:  # too few points to differentiate: a tenth of the best rate, the older rule
+        suggestion = float(rates[best_at]) / 10
+    else:  # the loss never fell (e.g. an already converged model): no rate to suggest
+        suggestion = None
     return {"lrs": rates, "losses": losses, "suggestion": suggestion,
             "min_loss_lr": float(rates[best_at]) if losses else float(start)}
 
