@@ -30,6 +30,7 @@ import fsspec
 import numpy as np
 import zarr
 import zarr.codecs
+from zarr.core.buffer import default_buffer_prototype
 
 # Bump when the way activations are computed changes in a way the other key parts miss.
 CODE_VERSION = "1"
@@ -156,6 +157,11 @@ class ActivationStore:
         return removed
 
 
+def _in_order(rows: np.ndarray, n: int) -> bool:
+    """``rows`` is exactly 0, 1, ..., n - 1."""
+    return len(rows) == n and bool((rows == np.arange(n)).all())
+
+
 def _modified(fs, path: str) -> float:
     try:
         return fs.modified(path).timestamp()
@@ -227,8 +233,8 @@ class Entry:
         self._index = None
         return chunk
 
-    def iter_blocks(self, image_ids: list[str]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(positions in ``image_ids``, their rows), one committed chunk at a time: bounded memory."""
+    def _rows_by_chunk(self, image_ids: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """chunk -> (positions in ``image_ids``, rows in the chunk); KeyError if any is not committed."""
         index = self.index()
         if any(i not in index for i in image_ids):  # commits are immutable: list again only for new ids
             index = self.index(refresh=True)
@@ -240,24 +246,41 @@ class Entry:
         for pos, image_id in enumerate(image_ids):
             chunk, row = index[image_id]
             by_chunk.setdefault(chunk, []).append((pos, row))
-        for chunk, pairs in by_chunk.items():
-            arr = zarr.open_array(self.store.url(f"{self.rel}/chunks/{chunk}"), mode="r", zarr_format=3,
-                                  storage_options=self.store.storage_options or None)
-            pos, rows = (np.asarray(v) for v in zip(*pairs))
-            block = arr[:]
-            whole = len(rows) == len(block) and bool((rows == np.arange(len(rows))).all())
-            yield pos, block if whole else block[rows]  # a whole chunk in order needs no gather copy
+        return {chunk: tuple(np.asarray(v) for v in zip(*pairs)) for chunk, pairs in by_chunk.items()}
+
+    def _open_chunk(self, chunk: str) -> zarr.Array:
+        return zarr.open_array(self.store.url(f"{self.rel}/chunks/{chunk}"), mode="r", zarr_format=3,
+                               storage_options=self.store.storage_options or None)
+
+    def _used(self) -> None:
         if time.time() - self._touched > TOUCH_EVERY_S:  # a use per minute is plenty for housekeeping,
             self.touch()                                  # and spares a synced write per streamed chunk
             self._touched = time.time()
 
+    def iter_blocks(self, image_ids: list[str]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(positions in ``image_ids``, their rows), one committed chunk at a time: bounded memory."""
+        for chunk, (pos, rows) in self._rows_by_chunk(image_ids).items():
+            block = self._open_chunk(chunk)[:]
+            yield pos, block if _in_order(rows, len(block)) else block[rows]  # whole chunk: no gather copy
+        self._used()
+
     def read(self, image_ids: list[str]) -> np.ndarray:
         """Rows for ``image_ids`` in that order; raises KeyError if any is not committed."""
+        image_ids = list(image_ids)
         out = None
-        for pos, block in self.iter_blocks(list(image_ids)):
+        for chunk, (pos, rows) in self._rows_by_chunk(image_ids).items():
+            arr = self._open_chunk(chunk)
             if out is None:
-                out = np.empty((len(image_ids), *block.shape[1:]), dtype=block.dtype)
-            out[pos] = block
+                out = np.empty((len(image_ids), *arr.shape[1:]), dtype=np.dtype(arr.dtype))
+            if _in_order(rows, arr.shape[0]) and _in_order(pos - pos[0], len(pos)):
+                # a whole chunk landing on consecutive rows: Zarr decodes straight into place (one
+                # pass over memory fewer than reading the block and copying it in: ~1.5x faster)
+                arr.get_basic_selection(Ellipsis, out=default_buffer_prototype().nd_buffer.from_numpy_array(
+                    out[pos[0]:pos[0] + len(pos)]))
+            else:
+                block = arr[:]
+                out[pos] = block if _in_order(rows, len(block)) else block[rows]
+        self._used()
         return out if out is not None else np.empty((0,), dtype=self.key.dtype)
 
     def row_nbytes(self) -> int:
