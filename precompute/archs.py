@@ -197,3 +197,18 @@ def set_frozen_bn_eval(groups: Sequence[nn.Module]) -> None:
             for m in g.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
+
+
+# Convolutions run faster channels-last (NHWC): on CUDA tensor cores and on CPUs through oneDNN.
+# Measured on this project's 2-core CPU, batch 16: EfficientNet-Lite0 at 224 px 1.45x faster
+# forward and 1.35x faster forward+backward; resnet34 at 128 px 1.3x / 1.05x. The numbers agree
+# with the default layout to float32 rounding (oneDNN picks other kernels, so the order of the sums
+# differs), which is why precompute.store.CODE_VERSION changed with it.
+def channels_last(model: nn.Module) -> nn.Module:
+    """``model`` with its 4-d weights in channels-last layout (in place; other weights unchanged)."""
+    return model.to(memory_format=torch.channels_last)
+
+
+def as_channels_last(x: torch.Tensor) -> torch.Tensor:
+    """A batch of images or feature maps (4-d) in channels-last layout; other tensors as they are."""
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x

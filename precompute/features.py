@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from precompute.archs import as_channels_last, channels_last
 from precompute.data import ImageDataset
 from precompute.heads import concat_pool
 from precompute.store import Entry
@@ -62,9 +63,7 @@ def compute_activations(body: nn.Module, manifest: pd.DataFrame, transform: Call
     todo = entry.missing(first_paths.index)
     n_images = len(first_paths)
     device = torch.device(device)
-    body = body.eval().to(device)
-    if device.type == "cuda":  # convnets run faster channels-last on tensor cores; same numbers
-        body = body.to(memory_format=torch.channels_last)
+    body = channels_last(body.eval().to(device))  # faster on CPU and GPU: see archs.channels_last
     committed = 0
     if todo:
         loader = DataLoader(ImageDataset([first_paths[i] for i in todo], None, transform),
@@ -75,7 +74,7 @@ def compute_activations(body: nn.Module, manifest: pd.DataFrame, transform: Call
         bar = tqdm(total=len(todo), desc=f"precompute {entry.key.arch}", unit="img", disable=None)
         for x, _ in loader:
             x = x.to(device, non_blocking=True)
-            out = body(x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x)
+            out = body(as_channels_last(x))
             if entry.key.pooled:
                 out = concat_pool(out)
             buffer.append(out.float().cpu().numpy().astype(entry.key.dtype, copy=False))

@@ -33,7 +33,7 @@ import zarr.codecs
 from zarr.core.buffer import default_buffer_prototype
 
 # Bump when the way activations are computed changes in a way the other key parts miss.
-CODE_VERSION = "1"
+CODE_VERSION = "2"  # 2: bodies run channels-last (archs.channels_last); values move by float32 rounding
 
 COMPRESSORS = {
     # Blosc from numcodecs (zarr's BloscCodec wraps numcodecs.blosc).

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.optim import lr_scheduler
 
-from precompute.archs import set_frozen_bn_eval
+from precompute.archs import as_channels_last, channels_last, set_frozen_bn_eval
 
 EpochCallback = Callable[[dict], None]
 LearningRates = float | Sequence[float] | slice | str
@@ -222,11 +222,11 @@ def _correct(out: torch.Tensor, y: torch.Tensor, multilabel: bool) -> float:
 
 @torch.no_grad()
 def evaluate_batches(model: nn.Module, batches: Iterable, device="cpu", multilabel: bool = False) -> tuple[float, float]:
-    model.eval()
+    channels_last(model.eval())
     criterion = loss_fn(multilabel)
     loss, correct, n = 0.0, 0.0, 0
     for x, y in batches:
-        x, y = x.to(device), y.to(device)
+        x, y = as_channels_last(x.to(device)), y.to(device)
         out = model(x)
         loss += criterion(out, y).item() * len(y)
         correct += _correct(out, y, multilabel)
@@ -257,7 +257,7 @@ def fit(model: nn.Module, groups: Sequence[nn.Module], lrs: Sequence[float],
     """
     seed_everything(seed)
     gen = torch.Generator().manual_seed(seed)
-    model.to(device)
+    channels_last(model.to(device))  # before the optimizer: it holds the parameters it is given
     opt = _optimizer(groups, lrs, wd)
     sched = schedule.build(opt, steps_per_epoch)
     criterion = loss_fn(multilabel)
@@ -269,7 +269,7 @@ def fit(model: nn.Module, groups: Sequence[nn.Module], lrs: Sequence[float],
         for x, y in train_batches(gen):
             if len(x) < 2:  # a batch of one breaks BatchNorm1d in train mode
                 continue
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, y = as_channels_last(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda"):
                 loss = criterion(model(x), y)  # bf16 on a GPU; the CPU path is unchanged float32
             opt.zero_grad()
@@ -316,7 +316,7 @@ def lr_find(model: nn.Module, groups: Sequence[nn.Module], lrs: Sequence[float],
     seed_everything(seed)
     gen = torch.Generator().manual_seed(seed)
     saved = copy.deepcopy(model.state_dict())
-    model.to(device)
+    channels_last(model.to(device))
     ratios = [lr / lrs[-1] for lr in lrs]
     opt = _optimizer(groups, [r * start for r in ratios], wd=0.0)
     sched = lr_scheduler.ExponentialLR(opt, gamma=(end / start) ** (1 / max(1, num_it - 1)))
@@ -328,7 +328,7 @@ def lr_find(model: nn.Module, groups: Sequence[nn.Module], lrs: Sequence[float],
         for x, y in train_batches(gen):
             if len(x) < 2:
                 continue
-            loss = criterion(model(x.to(device)), y.to(device))
+            loss = criterion(model(as_channels_last(x.to(device))), y.to(device))
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -359,10 +359,10 @@ def lr_find(model: nn.Module, groups: Sequence[nn.Module], lrs: Sequence[float],
 @torch.no_grad()
 def predict_proba(model: nn.Module, batches, device="cpu", multilabel: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Class probabilities (softmax, or sigmoid per label) and targets over (x, y) batches."""
-    model.eval().to(device)
+    channels_last(model.eval().to(device))
     probs, targets = [], []
     for x, y in batches:
-        out = model(x.to(device))
+        out = model(as_channels_last(x.to(device)))
         probs.append((torch.sigmoid(out) if multilabel else torch.softmax(out, 1)).cpu())
         targets.append(torch.as_tensor(y))
     return torch.cat(probs).numpy(), torch.cat(targets).numpy()

@@ -45,9 +45,13 @@ def test_two_shards_equal_one(tmp_path, tiny_tree, monkeypatch):
     single, stats, _ = recipe.precompute(manifest, ActivationStore(str(tmp_path / "single")), bb, ts, chunk_rows=4)
     sharded = ActivationStore(str(tmp_path / "sharded")).entry(single.key)
     assert sharded.rel == single.rel and set(sharded.index()) == set(single.index())
-    # the same rows under the same key; values equal to float32 rounding: oneDNN picks its kernels by
-    # batch size, and a shard's batches hold other images than a single run's (seen: 1e-6 relative)
-    np.testing.assert_allclose(sharded.read(ids), single.read(ids), rtol=1e-5, atol=1e-5)
+    # the same rows under the same key; values equal to float32 rounding: oneDNN picks its
+    # channels-last kernels by batch size and thread count (the shard processes run 1 thread, this
+    # one 2), so sums run in another order. Seen: at most 1.5e-5 absolute on values up to ~5, a few
+    # elements in 60k. A row in the wrong place or another image's features differ by ~0.1-1.
+    got, want = sharded.read(ids), single.read(ids)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    assert np.abs(got - want).mean() < 1e-6  # the bulk agrees far more tightly than the worst element
     # disjoint chunks: every committed chunk holds images of one shard only
     for record in (sharded.index(refresh=True), sharded._records)[1]:
         assert len({in_shard(i, 0, 2) for i in record["ids"]}) == 1
