@@ -22,30 +22,44 @@ def evaluation_report(context: dg.AssetExecutionContext, config: EvaluationConfi
     entry = recipe.open_entry(store.get(), activations)
     records = {"head_on_cache": head_on_cache, "head_augmented": head_augmented, "finetuned": finetuned}
     classes = finetuned["classes"]
+    multilabel = bool(finetuned.get("multilabel"))
     stages, final = {}, None
     for name, record in records.items():
         probs, targets, tta_probs = recipe.evaluate_on_images(record, image_manifest, compute.num_workers, device,
                                                               config.tta, finetuned.get("augmentation"))
         if name == "head_on_cache":  # the same numbers from the cache: a check that the cache is not stale
             cache_probs, _ = recipe.evaluate_on_cache(record, entry, image_manifest)
-            stages[name + " (on cache)"] = evaluate.stage_metrics(cache_probs, targets, len(classes))
-        m = evaluate.stage_metrics(probs, targets, len(classes))
+            stages[name + " (on cache)"] = evaluate.stage_metrics(cache_probs, targets, len(classes),
+                                                                  record.get("thresholds"))
+        m = evaluate.stage_metrics(probs, targets, len(classes), record.get("thresholds"))
         if tta_probs is not None:
-            t = evaluate.stage_metrics(tta_probs, targets, len(classes))
+            t = evaluate.stage_metrics(tta_probs, targets, len(classes), record.get("thresholds"))
             m.update(tta_accuracy=t["accuracy"], tta_loss=t["loss"])
         stages[name] = m
         final = (probs, targets, tta_probs)
     folder = project_home() / "reports" / arch / f"cut={xtra_cut}"
     folder.mkdir(parents=True, exist_ok=True)
     probs, targets, _ = final
-    preds = probs.argmax(1)
-    evaluate.plot_confusion(targets, preds, classes, folder / "confusion_matrix.png")
+    thresholds = finetuned.get("thresholds")
+    if multilabel:
+        preds = (probs >= evaluate._thresholds(thresholds, len(classes))).astype(int)
+        evaluate.plot_label_confusion(targets, preds, classes, folder / "confusion_matrix.png")
+        tags = evaluate.predicted_tags(probs, classes, thresholds)
+
+        def caption(i: int) -> str:
+            true = [c for c, on in zip(classes, targets[i] > 0.5) if on]
+            return f"true {' '.join(true) or '-'} / pred {' '.join(tags[i]) or '-'}"
+    else:
+        preds = probs.argmax(1)
+        evaluate.plot_confusion(targets, preds, classes, folder / "confusion_matrix.png")
+
+        def caption(i: int) -> str:
+            return f"true {classes[targets[i]]} / pred {classes[preds[i]]} ({probs[i, preds[i]]:.2f})"
     evaluate.plot_learning_curves({r["stage"]: r["history"] for r in records.values()}, folder / "learning_curves.png")
     valid = recipe.labelled_split(image_manifest, classes, "valid")
     worst = evaluate.top_losses(probs, targets, config.top_losses)
-    evaluate.plot_image_grid([valid["path"].iloc[i] for i in worst],
-                             [f"true {classes[targets[i]]} / pred {classes[preds[i]]} ({probs[i, preds[i]]:.2f})"
-                              for i in worst], folder / "top_losses.png")
+    evaluate.plot_image_grid([valid["path"].iloc[i] for i in worst], [caption(i) for i in worst],
+                             folder / "top_losses.png")
     details = {"arch": arch, "xtra_cut": xtra_cut, "entry_key": entry.key.digest(),
                "view_key": activations["view_key"], "dagster_run": context.run.run_id, "tta_views": config.tta,
                **{f"mlflow_run.{r['stage']}": r["mlflow_run_id"] for r in records.values()}}
@@ -53,7 +67,8 @@ def evaluation_report(context: dg.AssetExecutionContext, config: EvaluationConfi
         f"Evaluation: {arch}, cut {xtra_cut}", stages, classes, details,
         {"Confusion matrix (finetuned)": "confusion_matrix.png", "Top losses (finetuned)": "top_losses.png",
          "Learning curves": "learning_curves.png"},
-        evaluate.per_class(probs, targets, classes), evaluate.most_confused(targets, preds, classes))
+        evaluate.per_class(probs, targets, classes, thresholds),
+        () if multilabel else evaluate.most_confused(targets, preds, classes), multilabel)
     (folder / "report.md").write_text(md)
     tracker = tracking.tracker()
     with tracker.run(f"evaluation {arch} cut={xtra_cut}", {"arch": arch, "cut": xtra_cut, "tta": config.tta},

@@ -4,6 +4,7 @@ lr_find runs as its own assets (on the cache for the head; on images for the unf
 a stage uses the suggested rate when its config says ``lr_from_finder: true``.
 """
 
+import re
 import tempfile
 import uuid
 from contextlib import contextmanager
@@ -116,6 +117,10 @@ def _finish(run, record: dict, tracking: MlflowTracking, data_version: Optional[
                 "valid_accuracy": float(last.get("valid_accuracy", float("nan"))),
                 "valid_loss": float(last.get("valid_loss", float("nan"))),
                 "layer_groups": dg.MetadataValue.json(record["groups"]), **(extra or {})}
+    if record.get("thresholds") is not None:  # multi-label: each label's threshold, as predict will use it
+        thresholds = dict(zip(record["classes"], record["thresholds"]))
+        run.metrics({"threshold." + re.sub(r"[^\w\-. /]", "_", c): t for c, t in thresholds.items()})
+        metadata["thresholds"] = dg.MetadataValue.json(thresholds)
     return dg.Output(record, metadata=metadata,
                      data_version=dg.DataVersion(data_version) if data_version else None)
 

@@ -21,6 +21,12 @@ Status codes (``STATUSES``):
 - ``unseen_class``  a validation image whose class has no usable training image: the model cannot
                     predict it, so it is left out of training and of the accuracy (logged as a warning)
 - ``conflicting_label``  identical bytes under two or more labels: every copy is left out
+
+Multi-label manifests (``build_manifest(csv, label_delim=" ")``, fastai's planet-style CSV with
+several tags per image) keep one row per image; ``label`` holds its tags, sorted, without
+duplicates, joined by the delimiter, and ``manifest.attrs["label_delim"]`` says how to split them.
+``class_names`` is then the set of tags, ``multi_hot`` the targets; a tag no training image has
+makes its validation images ``unseen_class``.
 """
 
 from __future__ import annotations
@@ -67,6 +73,7 @@ def build_manifest(
     splits: tuple[str, ...] = ("train", "valid"),
     valid_fraction: float = 0.2,
     classes: list[str] | tuple[str, ...] | None = None,
+    label_delim: str | None = None,
 ) -> pd.DataFrame:
     """One row per image file under ``source``, sorted by (split, label, relpath).
 
@@ -85,6 +92,9 @@ def build_manifest(
     (catches typos in a CSV). Validation images of a class without a usable training image are
     ``unseen_class``; identical bytes under different labels are ``conflicting_label``.
 
+    ``label_delim`` (a CSV only) makes the manifest multi-label: each label cell holds several
+    tags separated by it (``" "`` for fastai's planet CSV), ``classes`` then lists tags.
+
     Files without an image extension (and hidden files) are skipped and counted in the log.
     """
     source = Path(source).expanduser()
@@ -94,7 +104,12 @@ def build_manifest(
         raise ManifestError(f"image source {_printable(str(source.resolve()))} has a name that is not valid UTF-8: "
                             "rename it (e.g. convmv -f latin1 -t utf8 --notest <path>)")
     extra: list[dict] = []
+    if label_delim is not None and (not label_delim or label_delim.isalnum()):
+        raise ManifestError(f"label_delim {label_delim!r}: give the character between an image's tags, e.g. ' ' or ';'")
     if source.is_dir():
+        if label_delim:
+            raise ManifestError(f"multi-label images (label_delim={label_delim!r}) need a CSV of path,label with "
+                                "the tags in the label column; a folder gives one class per image")
         root = Path(root).expanduser().resolve() if root is not None else source.resolve()
         source = source.resolve()  # resolve folders once so relpaths are lexical; files stay unresolved
         if not _is_inside(source, root):
@@ -103,6 +118,8 @@ def build_manifest(
     elif source.suffix.lower() == ".csv":
         root = Path(root).expanduser().resolve() if root is not None else source.resolve().parent
         entries = _csv_entries(source, root)
+        if label_delim:
+            entries = [(path, _canonical_tags(label, label_delim), split) for path, label, split in entries]
     else:
         raise ManifestError(f"image source {source} is neither a folder nor a .csv file")
 
@@ -112,13 +129,14 @@ def build_manifest(
             key = row["image_id"] or hashlib.sha256(row["relpath"].encode()).hexdigest()
             row["split"] = _hash_split(key, splits, valid_fraction)
     if classes is not None:
-        _mark_unknown_labels(rows, classes)
+        _mark_unknown_labels(rows, classes, label_delim)
     _mark_conflicting_labels(rows)
-    _mark_unseen_classes(rows, splits[0])
+    _mark_unseen_classes(rows, splits[0], label_delim)
 
     df = pd.DataFrame(rows + extra, columns=MANIFEST_COLUMNS)
     df = df.astype({"width": "Int64", "height": "Int64"})
     df = df.sort_values(["split", "label", "relpath"], kind="stable", ignore_index=True)
+    df.attrs["label_delim"] = label_delim or None  # pandas carries attrs through filters and pickling
     bad = df[df.status != "ok"]
     if len(bad):
         log.warning("%d of %d manifest rows are not usable: %s", len(bad), len(df), bad.status.value_counts().to_dict())
@@ -137,15 +155,55 @@ def manifest_summary(manifest: pd.DataFrame, train_split: str = "train") -> dict
         "by_status": {k: int(v) for k, v in manifest["status"].value_counts().sort_index().items()},
         "usable_by_split": {s: int((ok["split"] == s).sum()) for s in splits},
         "classes": classes,
-        "classes_without_images_in": {s: sorted(set(classes) - set(ok.loc[ok["split"] == s, "label"]))
+        "multilabel": is_multilabel(manifest),
+        "classes_without_images_in": {s: sorted(set(classes) - _tags_of(ok.loc[ok["split"] == s, "label"],
+                                                                        label_delim(manifest)))
                                       for s in splits if s != train_split},
         "in_several_splits": int((ok.groupby("image_id")["split"].nunique() > 1).sum()),
     }
 
 
 def class_names(manifest: pd.DataFrame) -> list[str]:
-    """Sorted labels of usable rows; a label's index here is its class index."""
-    return sorted(ok_rows(manifest)["label"].unique().tolist())
+    """Sorted labels (tags, for a multi-label manifest) of usable rows; the index here is the class index."""
+    return sorted(_tags_of(ok_rows(manifest)["label"], label_delim(manifest)))
+
+
+def label_delim(manifest: pd.DataFrame) -> str | None:
+    """The tag delimiter of a multi-label manifest; None for one class per image."""
+    return manifest.attrs.get("label_delim") or None
+
+
+def is_multilabel(manifest: pd.DataFrame) -> bool:
+    return label_delim(manifest) is not None
+
+
+def split_tags(label: str, delim: str | None) -> list[str]:
+    """An image's classes: its tags for a multi-label manifest, else the label itself."""
+    if delim is None:
+        return [label]
+    return [t for t in (t.strip() for t in label.split(delim)) if t]
+
+
+def multi_hot(labels, classes, delim: str) -> np.ndarray:
+    """float32 (n, len(classes)) targets: 1 where an image has the tag. Tags not in ``classes`` are an error."""
+    index = {c: i for i, c in enumerate(classes)}
+    labels = list(labels)
+    out = np.zeros((len(labels), len(index)), dtype=np.float32)
+    for row, label in enumerate(labels):
+        for tag in split_tags(label, delim):
+            if tag not in index:
+                raise ValueError(f"tag {tag!r} of {label!r} is not one of the classes {list(classes)}")
+            out[row, index[tag]] = 1.0
+    return out
+
+
+def _tags_of(labels, delim: str | None) -> set[str]:
+    return {t for label in labels for t in split_tags(label, delim)}
+
+
+def _canonical_tags(label: str, delim: str) -> str:
+    """Tags sorted and without duplicates, so one tag set has one spelling (and one conflict check)."""
+    return delim.join(sorted(set(split_tags(label, delim))))
 
 
 def ok_rows(manifest: pd.DataFrame, split: str | None = None) -> pd.DataFrame:
@@ -324,11 +382,12 @@ def _csv_entries(csv: Path, root: Path) -> list[tuple[Path, str, str]]:
     return entries
 
 
-def _mark_unknown_labels(rows: list[dict], classes) -> None:
+def _mark_unknown_labels(rows: list[dict], classes, delim: str | None = None) -> None:
     known = set(classes)
     for row in rows:
-        if row["status"] == "ok" and row["label"] not in known:
-            row.update(status="unknown_label", reason=f"label {row['label']!r} is not one of the classes "
+        if row["status"] == "ok" and (unknown := sorted(set(split_tags(row["label"], delim)) - known)):
+            what = f"label {row['label']!r} is" if delim is None else f"tag(s) {unknown} of {row['label']!r} are"
+            row.update(status="unknown_label", reason=f"{what} not one of the classes "
                                                       f"{sorted(known)}: fix the label or add it to classes")
 
 
@@ -353,16 +412,18 @@ def _mark_conflicting_labels(rows: list[dict]) -> None:
                     "keep each image in one split", leaked)
 
 
-def _mark_unseen_classes(rows: list[dict], train_split: str) -> None:
+def _mark_unseen_classes(rows: list[dict], train_split: str, delim: str | None = None) -> None:
     """Validation images of a class the model has no training image for: left out, with a warning."""
-    trained = {r["label"] for r in rows if r["status"] == "ok" and r["split"] == train_split}
+    trained = _tags_of((r["label"] for r in rows if r["status"] == "ok" and r["split"] == train_split), delim)
     unseen: dict[str, int] = defaultdict(int)
     for row in rows:
-        if row["status"] == "ok" and row["split"] != train_split and row["label"] not in trained:
-            unseen[row["label"]] += 1
+        if row["status"] != "ok" or row["split"] == train_split:
+            continue
+        for cls in (c for c in split_tags(row["label"], delim) if c not in trained):
+            unseen[cls] += 1
             row.update(status="unseen_class",
-                       reason=f"class {row['label']!r} has no usable {train_split!r} image, so the model cannot predict "
-                              f"it: left out of training and accuracy; add {train_split} images of {row['label']!r}")
+                       reason=f"class {cls!r} has no usable {train_split!r} image, so the model cannot predict "
+                              f"it: left out of training and accuracy; add {train_split} images of {cls!r}")
     if unseen:
         log.warning("classes with validation images but no usable training image, left out: %s", dict(unseen))
 
@@ -597,20 +658,30 @@ def train_transform(
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """(transformed image, label) pairs; label is -1 when unlabeled."""
+    """(transformed image, label) pairs; label is -1 when unlabeled.
 
-    def __init__(self, paths, labels: list[int] | None, transform):
+    ``labels`` are class indices, or a 2-d multi-hot array (one float32 vector per image) for
+    multi-label targets.
+    """
+
+    def __init__(self, paths, labels, transform):
         self.paths = [str(p) for p in paths]
         if labels is not None and len(labels) != len(self.paths):
             raise ValueError(f"{len(self.paths)} paths but {len(labels)} labels")
-        self.labels = None if labels is None else [int(x) for x in labels]
+        if labels is not None and np.ndim(labels) == 2:
+            self.labels = torch.as_tensor(np.asarray(labels, dtype=np.float32))
+        else:
+            self.labels = None if labels is None else [int(x) for x in labels]
         self.transform = transform
 
     @classmethod
     def from_manifest(cls, manifest: pd.DataFrame, split: str, transform, classes: list[str] | None = None):
         """Usable rows of ``split``, labels indexed into ``classes`` (default: ``class_names``)."""
         rows = ok_rows(manifest, split)
-        index = {c: i for i, c in enumerate(classes or class_names(manifest))}
+        classes = classes or class_names(manifest)
+        if is_multilabel(manifest):
+            return cls(rows["path"].tolist(), multi_hot(rows["label"], classes, label_delim(manifest)), transform)
+        index = {c: i for i, c in enumerate(classes)}
         unknown = set(rows["label"]) - index.keys()
         if unknown:
             raise ValueError(f"labels {sorted(unknown)} in split {split!r} are not in classes; pass the full class list")

@@ -10,21 +10,79 @@ import matplotlib
 matplotlib.use("Agg")  # no display on servers; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from sklearn.metrics import accuracy_score, confusion_matrix, log_loss, precision_recall_fscore_support  # noqa: E402
+from sklearn.metrics import (accuracy_score, average_precision_score, confusion_matrix, fbeta_score,  # noqa: E402
+                             log_loss, precision_recall_fscore_support)
+
+THRESHOLD_GRID = np.round(np.arange(0.05, 0.951, 0.05), 2)
 
 
-def stage_metrics(probs: np.ndarray, targets: np.ndarray, n_classes: int) -> dict:
+def stage_metrics(probs: np.ndarray, targets: np.ndarray, n_classes: int, thresholds=None) -> dict:
+    """accuracy, loss and n; multi-label targets (2-d multi-hot) get ``multilabel_metrics``."""
+    if targets.ndim == 2:
+        return multilabel_metrics(probs, targets, thresholds)
     labels = list(range(n_classes))
     return {"accuracy": float(accuracy_score(targets, probs.argmax(1))),
             "loss": float(log_loss(targets, np.clip(probs, 1e-7, 1), labels=labels)),
             "n": int(len(targets))}
 
 
-def per_class(probs: np.ndarray, targets: np.ndarray, classes: Sequence[str]) -> list[dict]:
+def per_class(probs: np.ndarray, targets: np.ndarray, classes: Sequence[str], thresholds=None) -> list[dict]:
+    """Precision, recall, F1 and support per class; for multi-label targets (2-d) per tag at
+    ``thresholds`` (default 0.5), with the tag's threshold and average precision."""
+    if targets.ndim == 2:
+        th = _thresholds(thresholds, probs.shape[1])
+        p, r, f, n = precision_recall_fscore_support(targets.astype(int), (probs >= th).astype(int), zero_division=0)
+        return [{"class": c, "precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(n[i]),
+                 "threshold": float(th[i]),
+                 "average_precision": float(average_precision_score(targets[:, i], probs[:, i])) if n[i] else None}
+                for i, c in enumerate(classes)]
     p, r, f, n = precision_recall_fscore_support(targets, probs.argmax(1), labels=list(range(len(classes))),
                                                  zero_division=0)
     return [{"class": c, "precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(n[i])}
             for i, c in enumerate(classes)]
+
+
+# -- multi-label ---------------------------------------------------------------------------------
+
+def _thresholds(thresholds, n: int) -> np.ndarray:
+    return np.full(n, 0.5) if thresholds is None else np.asarray(thresholds, dtype=float)
+
+
+def choose_thresholds(probs: np.ndarray, targets: np.ndarray, grid: Sequence[float] = THRESHOLD_GRID) -> list[float]:
+    """Per label, the threshold on ``grid`` with the best F1 on these (validation) rows; ties go
+    to the one nearest 0.5, and a label without positives here keeps 0.5. fastai 0.7 tuned one
+    threshold for all labels (planet's ``opt_th``); one per label suits labels of unequal frequency.
+    Tuned on validation, so metrics on the same rows are optimistic: the report says so."""
+    out = []
+    for j in range(probs.shape[1]):
+        y = targets[:, j] > 0.5
+        if not y.any():
+            out.append(0.5)
+            continue
+        scores = [(fbeta_score(y, probs[:, j] >= t, beta=1, zero_division=0), -abs(t - 0.5), float(t)) for t in grid]
+        out.append(max(scores)[2])
+    return out
+
+
+def multilabel_metrics(probs: np.ndarray, targets: np.ndarray, thresholds=None) -> dict:
+    """accuracy = fastai's ``accuracy_thresh`` (share of correct label decisions); exact_match =
+    every label of an image right; F1 micro/macro over labels; F2 averaged over images (the
+    planet competition's score); loss = mean binary cross-entropy."""
+    th = _thresholds(thresholds, probs.shape[1])
+    pred, y = (probs >= th).astype(int), (targets > 0.5).astype(int)
+    p = np.clip(probs, 1e-7, 1 - 1e-7)
+    return {"accuracy": float((pred == y).mean()),
+            "exact_match": float((pred == y).all(1).mean()),
+            "f1_micro": float(fbeta_score(y, pred, beta=1, average="micro", zero_division=0)),
+            "f1_macro": float(fbeta_score(y, pred, beta=1, average="macro", zero_division=0)),
+            "f2_samples": float(fbeta_score(y, pred, beta=2, average="samples", zero_division=0)),
+            "loss": float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean()),
+            "n": int(len(y))}
+
+
+def predicted_tags(probs: np.ndarray, classes: Sequence[str], thresholds=None) -> list[list[str]]:
+    th = _thresholds(thresholds, probs.shape[1])
+    return [[c for c, on in zip(classes, row) if on] for row in probs >= th]
 
 
 def most_confused(targets: np.ndarray, preds: np.ndarray, classes: Sequence[str], top: int = 5) -> list[tuple]:
@@ -36,8 +94,13 @@ def most_confused(targets: np.ndarray, preds: np.ndarray, classes: Sequence[str]
 
 
 def top_losses(probs: np.ndarray, targets: np.ndarray, k: int = 8) -> np.ndarray:
-    """Indices of the k images the model was most wrong about (highest cross-entropy)."""
-    losses = -np.log(np.clip(probs[np.arange(len(targets)), targets], 1e-7, 1))
+    """Indices of the k images the model was most wrong about (highest cross-entropy; summed
+    binary cross-entropy over the labels for multi-label targets)."""
+    if targets.ndim == 2:
+        p = np.clip(probs, 1e-7, 1 - 1e-7)
+        losses = -(targets * np.log(p) + (1 - targets) * np.log(1 - p)).sum(1)
+    else:
+        losses = -np.log(np.clip(probs[np.arange(len(targets)), targets], 1e-7, 1))
     return np.argsort(-losses)[:k]
 
 
@@ -104,6 +167,23 @@ def plot_confusion(targets: np.ndarray, preds: np.ndarray, classes: Sequence[str
     return path
 
 
+def plot_label_confusion(targets: np.ndarray, preds: np.ndarray, classes: Sequence[str], path: Path) -> Path:
+    """Multi-label: one row per label with its true/false positives and negatives."""
+    y, p = targets > 0.5, preds > 0.5
+    cells = np.stack([(y & p).sum(0), (~y & p).sum(0), (y & ~p).sum(0), (~y & ~p).sum(0)], 1)
+    fig, ax = plt.subplots(figsize=(6, max(3.0, 0.4 * len(classes) + 1.5)))
+    ax.imshow(cells[:, :3], cmap="Blues", aspect="auto")
+    ax.set_xticks(range(3), ["true pos.", "false pos.", "false neg."])
+    ax.set_yticks(range(len(classes)), classes)
+    for (i, j), v in np.ndenumerate(cells[:, :3]):
+        ax.text(j, i, str(v), ha="center", va="center")
+    ax.set_title(f"per label, at its threshold ({int(cells[0].sum())} images)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def plot_learning_curves(histories: dict[str, list[dict]], path: Path) -> Path:
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     offset = 0
@@ -126,7 +206,8 @@ def plot_learning_curves(histories: dict[str, list[dict]], path: Path) -> Path:
 
 
 def render_report(title: str, stages: dict[str, dict], classes: Sequence[str], details: dict,
-                  images: dict[str, str], class_rows: Sequence[dict] = (), confused: Sequence[tuple] = ()) -> str:
+                  images: dict[str, str], class_rows: Sequence[dict] = (), confused: Sequence[tuple] = (),
+                  multilabel: bool = False) -> str:
     """Markdown: one row per stage (with TTA where measured), per-class metrics, the most
     confused pairs, the run's identifiers, and the plots by relative path."""
     lines = [f"# {title}", "", "| stage | valid accuracy | valid loss | accuracy with TTA | loss with TTA | images |",
@@ -135,7 +216,20 @@ def render_report(title: str, stages: dict[str, dict], classes: Sequence[str], d
         tta_acc = f"{m['tta_accuracy']:.4f}" if "tta_accuracy" in m else "-"
         tta_loss = f"{m['tta_loss']:.4f}" if "tta_loss" in m else "-"
         lines.append(f"| {name} | {m['accuracy']:.4f} | {m['loss']:.4f} | {tta_acc} | {tta_loss} | {m['n']} |")
-    if class_rows:
+    if multilabel:
+        lines += ["", "Multi-label: accuracy is the share of correct label decisions (fastai's accuracy_thresh) at "
+                  "each label's threshold, chosen for the best F1 on this validation split (so these figures are "
+                  "optimistic; hold out a test split for an unbiased one).", "",
+                  "| stage | exact match | F1 micro | F1 macro | F2 (per image) |", "|---|---|---|---|---|"]
+        lines += [f"| {name} | {m['exact_match']:.4f} | {m['f1_micro']:.4f} | {m['f1_macro']:.4f} | "
+                  f"{m['f2_samples']:.4f} |" for name, m in stages.items() if "exact_match" in m]
+    if class_rows and multilabel:
+        lines += ["", "## Per label (final stage)", "",
+                  "| label | threshold | precision | recall | F1 | average precision | images |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['class']} | {r['threshold']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | "
+                  f"{'-' if r['average_precision'] is None else format(r['average_precision'], '.3f')} | {r['support']} |"
+                  for r in class_rows]
+    elif class_rows:
         lines += ["", "## Per class (final stage)", "", "| class | precision | recall | F1 | images |", "|---|---|---|---|---|"]
         lines += [f"| {r['class']} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | {r['support']} |"
                   for r in class_rows]

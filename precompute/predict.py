@@ -35,7 +35,11 @@ def load_model(ref: str, tracking_uri: str | None = None) -> dict:
 
 
 def predict_folder(record: dict, folder: str | Path, tta: int = 0, batch_size: int = 64, device="cpu") -> pd.DataFrame:
-    """One row per file: path, status, reason, predicted class, and a probability per class."""
+    """One row per file: path, status, reason, predicted class, and a probability per class.
+
+    For a multi-label model ``predicted`` holds every label whose probability reaches its
+    threshold (the record's, tuned on validation), joined by the training CSV's delimiter.
+    """
     files = scan_images(folder)
     ok = files[files["status"] == "ok"]
     classes = record["classes"]
@@ -47,7 +51,13 @@ def predict_folder(record: dict, folder: str | Path, tta: int = 0, batch_size: i
         probs, tta_probs = predict_paths(record, list(ok["path"]), tta, record.get("augmentation"),
                                          batch_size=batch_size, device=device)
         final = tta_probs if tta_probs is not None else probs
-        out.loc[ok.index, "predicted"] = [classes[i] for i in final.argmax(1)]
+        if record.get("multilabel"):
+            from precompute.evaluate import predicted_tags
+
+            delim = record.get("label_delim") or " "
+            out.loc[ok.index, "predicted"] = [delim.join(t) for t in predicted_tags(final, classes, record["thresholds"])]
+        else:
+            out.loc[ok.index, "predicted"] = [classes[i] for i in final.argmax(1)]
         for j, c in enumerate(classes):
             out.loc[ok.index, f"prob_{c}"] = final[:, j]
     return out

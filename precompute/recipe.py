@@ -18,7 +18,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from precompute.archs import ArchSpec, body_output_shape, cut_body, describe_groups, freeze_to, get_arch, layer_groups
-from precompute.data import ImageDataset, TransformSpec, class_names, eval_transform, ok_rows, train_transform
+from precompute.data import (ImageDataset, TransformSpec, class_names, eval_transform, is_multilabel, label_delim,
+                             multi_hot, ok_rows, split_tags, train_transform)
 from precompute.features import PrecomputeStats, compute_activations
 from precompute.heads import build_head
 from precompute.store import ActivationStore, CacheKey, Entry, view_key
@@ -91,25 +92,39 @@ def save_model(record: dict, run_id: str, folder: str | None = None) -> str:
 
 
 def labelled_split(manifest: pd.DataFrame, classes: Sequence[str], split: str) -> pd.DataFrame:
+    """Usable rows of ``split`` whose classes the model knows, with a ``target`` column: the class
+    index, or for a multi-label manifest a multi-hot float32 vector (see ``targets``)."""
     rows = ok_rows(manifest, split)
     index = {c: i for i, c in enumerate(classes)}
-    unknown = rows[~rows["label"].isin(index)]
-    if len(unknown):
+    delim = label_delim(manifest)
+    known = rows["label"].map(lambda label: all(t in index for t in split_tags(label, delim))).astype(bool)
+    if (~known).any():
         logging.getLogger(__name__).warning(
             "%d %s images have labels %s the model was not trained on: left out; rerun from head_on_cache "
-            "to include them", len(unknown), split, sorted(set(unknown["label"])))
-    rows = rows[rows["label"].isin(index)]
+            "to include them", int((~known).sum()), split, sorted(set(rows.loc[~known, "label"])))
+    rows = rows[known]
+    if delim is not None:
+        return rows.assign(target=list(multi_hot(rows["label"], classes, delim)))
     return rows.assign(target=rows["label"].map(index).astype(int))
+
+
+def targets(rows: pd.DataFrame, n_classes: int) -> np.ndarray:
+    """The ``target`` column of ``labelled_split`` as an array: (n,) int64 class indices, or
+    (n, n_classes) float32 multi-hot rows for a multi-label manifest."""
+    if label_delim(rows) is None:
+        return rows["target"].to_numpy(dtype=np.int64)
+    return np.stack(list(rows["target"])) if len(rows) else np.zeros((0, n_classes), np.float32)
 
 
 def cached_split(entry: Entry, manifest: pd.DataFrame, classes: Sequence[str], split: str):
     rows = labelled_split(manifest, classes, split)
-    return entry.read(list(rows["image_id"])), rows["target"].to_numpy()
+    return entry.read(list(rows["image_id"])), targets(rows, len(classes))
 
 
 def _stage_record(stage: str, bb_or_spec, xtra_cut: int, classes, head_config, ts, weights_id,
                   model: nn.Module, history, lrs=None, groups=None, **extra) -> dict:
     return {"stage": stage, "arch": bb_or_spec.name, "xtra_cut": xtra_cut, "classes": list(classes),
+            "multilabel": False, "label_delim": None, "thresholds": None,
             "head_config": head_config, "transform": ts.key(), "weights_id": weights_id,
             "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
             "history": history, "groups": describe_groups(groups, lrs) if groups else None, **extra}
@@ -119,9 +134,24 @@ def cached_rows(entry: Entry, manifest: pd.DataFrame, classes: Sequence[str], sp
                 memory_budget: int) -> ArrayRows | StreamedRows:
     """The split's cached rows: in memory when they fit ``memory_budget`` bytes, else streamed."""
     rows = labelled_split(manifest, classes, split)
+    y = targets(rows, len(classes))
     if len(rows) * entry.row_nbytes() * 4 // np.dtype(entry.key.dtype).itemsize <= memory_budget:
-        return ArrayRows(entry.read(list(rows["image_id"])), rows["target"].to_numpy())
-    return StreamedRows(entry, list(rows["image_id"]), rows["target"].to_numpy())
+        return ArrayRows(entry.read(list(rows["image_id"])), y)
+    return StreamedRows(entry, list(rows["image_id"]), y)
+
+
+def _label_info(manifest: pd.DataFrame) -> dict:
+    """What a stage record says about its targets (taken over by later stages)."""
+    return {"multilabel": is_multilabel(manifest), "label_delim": label_delim(manifest)}
+
+
+def _with_thresholds(record: dict, probs: np.ndarray, y: np.ndarray) -> dict:
+    """A multi-label record gets per-label thresholds, each the one with the best F1 on validation."""
+    if record["multilabel"]:
+        from precompute.evaluate import choose_thresholds  # matplotlib comes with it: only when needed
+
+        record["thresholds"] = choose_thresholds(probs, y)
+    return record
 
 
 def _new_head(bb: Backbone, ts: TransformSpec, n_classes: int, head_config: dict, seed: int) -> nn.Module:
@@ -139,13 +169,19 @@ def train_head_on_cache(entry: Entry, manifest: pd.DataFrame, bb: Backbone, ts: 
     valid = cached_rows(entry, manifest, classes, "valid", memory_budget)
     head = _new_head(bb, ts, len(classes), head_config, seed)
     schedule = schedule or Schedule("one_cycle", epochs=epochs)
+    multilabel = is_multilabel(manifest)
     history = fit_head_on_cache(head, train, valid, lr=lr, batch_size=batch_size, seed=seed, on_epoch=on_epoch,
-                                schedule=schedule)
+                                schedule=schedule, multilabel=multilabel)
     groups = layer_groups(bb.body, head, bb.spec, bb.xtra_cut)
     freeze_to(groups, len(groups) - 1)
-    return _stage_record("head_on_cache", bb.spec, bb.xtra_cut, classes, head_config, ts, bb.weights_id,
-                         nn.Sequential(bb.body, head), history, [0.0] * (len(groups) - 1) + [lr], groups,
-                         seed=seed, schedule=schedule.as_dict(), lr=lr, streamed=isinstance(train, StreamedRows))
+    record = _stage_record("head_on_cache", bb.spec, bb.xtra_cut, classes, head_config, ts, bb.weights_id,
+                           nn.Sequential(bb.body, head), history, [0.0] * (len(groups) - 1) + [lr], groups,
+                           seed=seed, schedule=schedule.as_dict(), lr=lr, streamed=isinstance(train, StreamedRows),
+                           **_label_info(manifest))
+    if multilabel:
+        probs, y = predict_proba(head, valid.batches(512), multilabel=True)
+        _with_thresholds(record, probs, y)
+    return record
 
 
 def lr_find_on_cache(entry: Entry, manifest: pd.DataFrame, bb: Backbone, ts: TransformSpec, head_config: dict,
@@ -156,7 +192,7 @@ def lr_find_on_cache(entry: Entry, manifest: pd.DataFrame, bb: Backbone, ts: Tra
     train = cached_rows(entry, manifest, classes, "train", memory_budget)
     head = _new_head(bb, ts, len(classes), head_config, seed)
     return lr_find(head, [head], [1.0], lambda gen: train.batches(batch_size, gen), num_it=num_it, seed=seed,
-                   freeze_bn_stats=False)
+                   freeze_bn_stats=False, multilabel=is_multilabel(manifest))
 
 
 def verify_entry(entry: Entry, manifest: pd.DataFrame) -> dict[str, tuple[bool, dict]]:
@@ -217,7 +253,9 @@ def rebuild(record: dict, size: int) -> tuple[ArchSpec, nn.Sequential, list[nn.M
 def image_loader(rows: pd.DataFrame, transform: Callable, batch_size: int, shuffle: bool,
                  seed: int | torch.Generator = 0, num_workers: int = 0) -> DataLoader:
     gen = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(seed)
-    return DataLoader(ImageDataset(list(rows["path"]), list(rows["target"]), transform), batch_size=batch_size,
+    labels = np.stack(list(rows["target"])) if len(rows) and isinstance(rows["target"].iloc[0], np.ndarray) \
+        else list(rows["target"])  # multi-hot rows for a multi-label manifest
+    return DataLoader(ImageDataset(list(rows["path"]), labels, transform), batch_size=batch_size,
                       shuffle=shuffle, generator=gen, num_workers=num_workers,
                       persistent_workers=False)
 
@@ -259,14 +297,19 @@ def train_on_images(previous: dict, manifest: pd.DataFrame, stage: str, schedule
     train_tf = train_transform(ts, **(augmentation or {})) if augment else eval_transform(ts)
     train_rows = labelled_split(manifest, classes, "train")
     valid = image_loader(labelled_split(manifest, classes, "valid"), eval_transform(ts), 64, False, 0, num_workers)
+    multilabel = bool(previous.get("multilabel"))
     history = fit(model, groups, lrs,
                   lambda gen: image_loader(train_rows, train_tf, batch_size, True, gen, num_workers),
                   lambda: valid, -(-len(train_rows) // batch_size), schedule, seed, device=device,
-                  freeze_bn_stats=freeze_bn_stats, on_epoch=on_epoch)
-    return _stage_record(stage, spec, previous["xtra_cut"], classes, previous["head_config"], ts,
-                         previous["weights_id"], model, history, lrs, groups, seed=seed, schedule=schedule.as_dict(),
-                         augment=augment, augmentation=augmentation or {}, freeze=freeze,
-                         freeze_bn_stats=freeze_bn_stats, train_bn=train_bn)
+                  multilabel=multilabel, freeze_bn_stats=freeze_bn_stats, on_epoch=on_epoch)
+    record = _stage_record(stage, spec, previous["xtra_cut"], classes, previous["head_config"], ts,
+                           previous["weights_id"], model, history, lrs, groups, seed=seed, schedule=schedule.as_dict(),
+                           augment=augment, augmentation=augmentation or {}, freeze=freeze,
+                           freeze_bn_stats=freeze_bn_stats, train_bn=train_bn,
+                           multilabel=multilabel, label_delim=previous.get("label_delim"))
+    if multilabel:
+        _with_thresholds(record, *predict_proba(model, valid, device, multilabel=True))
+    return record
 
 
 def lr_find_on_images(previous: dict, manifest: pd.DataFrame, freeze: int = 0, lr_spread: float = 3.0,
@@ -278,24 +321,28 @@ def lr_find_on_images(previous: dict, manifest: pd.DataFrame, freeze: int = 0, l
     tf = train_transform(ts, **(augmentation or {}))
     ratios = stage_lrs(1.0, len(groups), freeze, lr_spread)
     return lr_find(model, groups, ratios, lambda gen: image_loader(rows, tf, batch_size, True, gen, num_workers),
-                   num_it=num_it, seed=seed, device=device, freeze_bn_stats=freeze_bn_stats)
+                   num_it=num_it, seed=seed, device=device, freeze_bn_stats=freeze_bn_stats,
+                   multilabel=bool(previous.get("multilabel")))
 
 
 def predict_paths(record: dict, paths: Sequence[str], tta: int = 0, augmentation: dict | None = None,
                   batch_size: int = 64, num_workers: int = 0, device="cpu", seed: int = 0):
     """Class probabilities for images: center crop, and with ``tta`` > 0 also the mean of the
-    center crop and ``tta`` augmented views (fastai's TTA). Returns (probs, tta_probs or None)."""
+    center crop and ``tta`` augmented views (fastai's TTA). Returns (probs, tta_probs or None).
+    Softmax over classes, or for a multi-label model one sigmoid per label."""
     ts = TransformSpec(**record["transform"])
     _, model, _ = rebuild(record, ts.size)
+    multilabel = bool(record.get("multilabel"))
     rows = pd.DataFrame({"path": list(paths), "target": -1})
-    probs, _ = predict_proba(model, image_loader(rows, eval_transform(ts), batch_size, False, 0, num_workers), device)
+    probs, _ = predict_proba(model, image_loader(rows, eval_transform(ts), batch_size, False, 0, num_workers), device,
+                             multilabel)
     if not tta:
         return probs, None
     views = [probs]
     aug = train_transform(ts, **(augmentation or {}))
     for i in range(tta):
         torch.manual_seed(seed + i)  # augmentations draw from torch's global generator
-        views.append(predict_proba(model, image_loader(rows, aug, batch_size, False, 0, 0), device)[0])
+        views.append(predict_proba(model, image_loader(rows, aug, batch_size, False, 0, 0), device, multilabel)[0])
     return probs, np.mean(views, axis=0)
 
 
@@ -305,11 +352,11 @@ def evaluate_on_images(record: dict, manifest: pd.DataFrame, num_workers: int = 
     rows = labelled_split(manifest, record["classes"], "valid")
     probs, tta_probs = predict_paths(record, list(rows["path"]), tta, augmentation, num_workers=num_workers,
                                      device=device)
-    return probs, rows["target"].to_numpy(), tta_probs
+    return probs, targets(rows, len(record["classes"])), tta_probs
 
 
 def evaluate_on_cache(record: dict, entry: Entry, manifest: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     ts = TransformSpec(**record["transform"])
     _, model, _ = rebuild(record, ts.size)
     x, y = cached_split(entry, manifest, record["classes"], "valid")
-    return predict_proba(model[1], tensor_batches(x, y))
+    return predict_proba(model[1], tensor_batches(x, y), multilabel=bool(record.get("multilabel")))

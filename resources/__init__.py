@@ -22,11 +22,14 @@ class ImageSource(dg.ConfigurableResource):
     """The images: a folder (train/<class>/*, valid/<class>/*) or a CSV of path,label[,split].
 
     Set PRECOMPUTE_DATA to point the pipeline at your own images; the default writes
-    scikit-learn's digits as an image folder under the project home.
+    scikit-learn's digits as an image folder under the project home. For a multi-label CSV
+    (several tags per image in the label column) set PRECOMPUTE_LABEL_DELIM to the character
+    between the tags (" " for fastai's planet CSV): the heads then use sigmoid outputs.
     """
 
     source: str = DEMO_SOURCE
     root: Optional[str] = None  # for a CSV: folder its paths are relative to (default: the CSV's)
+    label_delim: Optional[str] = None  # multi-label CSV: the character between an image's tags
 
     def resolve(self) -> Path:
         if self.source == DEMO_SOURCE:
@@ -38,7 +41,7 @@ class ImageSource(dg.ConfigurableResource):
     def manifest(self):
         from precompute.data import build_manifest
 
-        return build_manifest(self.resolve(), root=self.root)
+        return build_manifest(self.resolve(), root=self.root, label_delim=self.label_delim or None)
 
 
 class ActivationStoreResource(dg.ConfigurableResource):
@@ -46,12 +49,12 @@ class ActivationStoreResource(dg.ConfigurableResource):
 
     root: str
     storage_options_json: str = "{}"  # e.g. {"endpoint_url": "http://127.0.0.1:9000"} for S3
-    compressor: str = "blosc-zstd"
+    compressor: str = ""  # "" = precompute.store.DEFAULT_COMPRESSOR; the choices are store.COMPRESSORS
 
     def get(self):
-        from precompute.store import ActivationStore
+        from precompute.store import DEFAULT_COMPRESSOR, ActivationStore
 
-        return ActivationStore(self.root, json.loads(self.storage_options_json), self.compressor)
+        return ActivationStore(self.root, json.loads(self.storage_options_json), self.compressor or DEFAULT_COMPRESSOR)
 
 
 class MlflowTracking(dg.ConfigurableResource):
@@ -89,9 +92,11 @@ def default_resources() -> dict:
     home = project_home()
     return {
         "images": ImageSource(source=os.environ.get("PRECOMPUTE_DATA", DEMO_SOURCE),
-                              root=os.environ.get("PRECOMPUTE_DATA_ROOT")),
+                              root=os.environ.get("PRECOMPUTE_DATA_ROOT"),
+                              label_delim=os.environ.get("PRECOMPUTE_LABEL_DELIM") or None),
         "store": ActivationStoreResource(root=os.environ.get("PRECOMPUTE_STORE", str(home / "activations")),
-                                         storage_options_json=os.environ.get("PRECOMPUTE_STORE_OPTIONS", "{}")),
+                                         storage_options_json=os.environ.get("PRECOMPUTE_STORE_OPTIONS", "{}"),
+                                         compressor=os.environ.get("PRECOMPUTE_STORE_COMPRESSOR", "")),
         "tracking": MlflowTracking(tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", default_tracking_uri(home)),
                                    artifact_root=os.environ.get("PRECOMPUTE_ARTIFACTS", str(home / "mlartifacts"))),
         "compute": ComputeDevice(device=os.environ.get("PRECOMPUTE_DEVICE", "auto"),
