@@ -239,6 +239,14 @@ def _read_pool() -> ThreadPoolExecutor:
     return _POOL
 
 
+def _forget_pool() -> None:
+    global _POOL
+    _POOL = None  # a forked child has the pool object but not its threads: start its own
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
 def _in_order(rows: np.ndarray, n: int) -> bool:
     """``rows`` is exactly 0, 1, ..., n - 1."""
     return len(rows) == n and bool((rows == np.arange(n)).all())

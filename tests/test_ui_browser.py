@@ -145,14 +145,19 @@ class UI:
                 raise AssertionError(f"code location {e['name']} failed to load: {e['locationOrLoadError']['message']}")
         return bool(entries) and all(e["loadStatus"] == "LOADED" and e["locationOrLoadError"] for e in entries)
 
-    def stop(self, timeout: float = 120) -> int:
-        """Ctrl-C as a terminal sends it: SIGINT to the script's process group."""
+    def stop(self, timeout: float = 180) -> int:
+        """Ctrl-C as a terminal sends it: SIGINT to the script's process group. ui.sh gives each
+        server UI_STOP_TIMEOUT (60 s) before SIGKILL; the rest is margin for a loaded machine."""
         if self.proc is None:
             return 0
         if self.proc.poll() is None:
             self.remember_children()
             os.killpg(self.proc.pid, signal.SIGINT)
-        return self.proc.wait(timeout=timeout)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            alive = [p.cmdline()[:4] for p in self.started if p.is_running()]
+            raise AssertionError(f"ui.sh still running {timeout:.0f}s after Ctrl-C; alive: {alive}\n{self.log()}") from None
 
     def kill_leftovers(self) -> None:
         for p in self.started:
