@@ -352,9 +352,21 @@ class Entry:
         return arr
 
     def _used(self) -> None:
-        if time.time() - self._touched > TOUCH_EVERY_S:  # a use per minute is plenty for housekeeping,
-            self.touch()                                  # and spares a synced write per streamed chunk
-            self._touched = time.time()
+        """Record a use at most once a minute: plenty for housekeeping, and it spares a write per
+        streamed chunk; on a local disk a fresh Entry first looks whether another one just did."""
+        now = time.time()
+        if now - self._touched <= TOUCH_EVERY_S:
+            return
+        if self.store.local:
+            try:
+                with open(f"{self.path}/last_used", "rb") as f:
+                    if now - float(f.read()) <= TOUCH_EVERY_S:  # what last_used() and housekeeping read
+                        self._touched = now
+                        return
+            except (OSError, ValueError):
+                pass
+        self.touch()
+        self._touched = now
 
     def iter_blocks(self, image_ids: list[str]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(positions in ``image_ids``, their rows), one committed chunk at a time: bounded memory."""
@@ -421,7 +433,10 @@ class Entry:
             if at is not None:
                 out[at] = dest[take]
 
-        list(_read_pool().map(run, jobs))  # list: re-raises the first error
+        if len(jobs) == 1:
+            run(jobs[0])  # one block: no thread hand-off
+        else:
+            list(_read_pool().map(run, jobs))  # list: re-raises the first error
         self._used()
         return out
 
