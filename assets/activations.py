@@ -74,6 +74,7 @@ def activations(context: dg.AssetExecutionContext, config: ActivationsConfig, im
         **{k: dg.MetadataValue.float(float(v)) if isinstance(v, float) else v for k, v in stats.as_dict().items()},
         "bytes_on_disk": on_disk,
         "compression_ratio": dg.MetadataValue.float(round(raw / on_disk, 3) if on_disk else 0.0),
+        "codec": entry.codec(),
     })
     for name, (passed, details) in recipe.verify_entry(entry, image_manifest).items():
         yield dg.AssetCheckResult(check_name=name, passed=passed, metadata=details)

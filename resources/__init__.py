@@ -49,7 +49,7 @@ class ActivationStoreResource(dg.ConfigurableResource):
 
     root: str
     storage_options_json: str = "{}"  # e.g. {"endpoint_url": "http://127.0.0.1:9000"} for S3
-    compressor: str = ""  # "" = precompute.store.DEFAULT_COMPRESSOR; the choices are store.COMPRESSORS
+    compressor: str = ""  # "" = precompute.store.DEFAULT_COMPRESSOR ("auto"); or one of store.COMPRESSORS
 
     def get(self):
         from precompute.store import DEFAULT_COMPRESSOR, ActivationStore

@@ -48,7 +48,7 @@ def test_round_trip_in_any_order(tmp_path):
 
 
 def test_float16_storage_and_compression(tmp_path):
-    store = ActivationStore(str(tmp_path / "store"))
+    store = ActivationStore(str(tmp_path / "store"), compressor="blosc-lz4-noshuffle")
     entry = store.entry(make_key(dtype="float16"))
     x = np.maximum(np.random.randn(64, 256), 0).astype("float32")  # ReLU-like: many zeros
     entry.commit([f"i{i}" for i in range(64)], x)
@@ -163,3 +163,18 @@ def test_local_fast_read_equals_zarr(tmp_path, monkeypatch, compressor):
     for record in entry._records:  # zarr reads the same values from the same files
         arr = zarr.open_array(f"{entry.path}/chunks/{record['chunk']}", mode="r")
         np.testing.assert_array_equal(arr[:], np.stack([rows[i] for i in record["ids"]]))
+
+
+def test_auto_codec_compresses_maps_not_pooled_vectors(tmp_path):
+    """The default: LZ4 where it pays (spatial maps), raw bytes for pooled vectors (read speed)."""
+    store = ActivationStore(str(tmp_path / "store"))
+    assert store.compressor == "auto"
+    x = np.maximum(np.random.default_rng(0).standard_normal((16, 8, 4, 4)), 0).astype("float32")
+    for pooled, data, codecs in ((True, x.reshape(16, -1), ["bytes"]), (False, x, ["bytes", "blosc"])):
+        entry = store.entry(make_key(pooled=pooled))
+        chunk = entry.commit([f"i{i}" for i in range(16)], data)
+        meta = json.loads((tmp_path / "store" / entry.rel / "chunks" / chunk / "zarr.json").read_text())
+        assert [c["name"] for c in meta["codecs"]] == codecs
+        np.testing.assert_array_equal(entry.read([f"i{i}" for i in range(16)]), data)
+    with pytest.raises(ValueError, match="choose auto or one of"):
+        ActivationStore(str(tmp_path / "other"), compressor="lz5")
