@@ -42,7 +42,7 @@ def evaluation_report(context: dg.AssetExecutionContext, config: EvaluationConfi
     probs, targets, _ = final
     thresholds = finetuned.get("thresholds")
     if multilabel:
-        preds = (probs >= evaluate._thresholds(thresholds, len(classes))).astype(int)
+        preds = evaluate.multilabel_predictions(probs, thresholds)
         evaluate.plot_label_confusion(targets, preds, classes, folder / "confusion_matrix.png")
         tags = evaluate.predicted_tags(probs, classes, thresholds)
 

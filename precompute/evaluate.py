@@ -31,7 +31,8 @@ def per_class(probs: np.ndarray, targets: np.ndarray, classes: Sequence[str], th
     ``thresholds`` (default 0.5), with the tag's threshold and average precision."""
     if targets.ndim == 2:
         th = _thresholds(thresholds, probs.shape[1])
-        p, r, f, n = precision_recall_fscore_support(targets.astype(int), (probs >= th).astype(int), zero_division=0)
+        p, r, f, n = precision_recall_fscore_support(targets.astype(int), multilabel_predictions(probs, th),
+                                                     zero_division=0)
         return [{"class": c, "precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(n[i]),
                  "threshold": float(th[i]),
                  "average_precision": float(average_precision_score(targets[:, i], probs[:, i])) if n[i] else None}
@@ -68,8 +69,7 @@ def multilabel_metrics(probs: np.ndarray, targets: np.ndarray, thresholds=None) 
     """accuracy = fastai's ``accuracy_thresh`` (share of correct label decisions); exact_match =
     every label of an image right; F1 micro/macro over labels; F2 averaged over images (the
     planet competition's score); loss = mean binary cross-entropy."""
-    th = _thresholds(thresholds, probs.shape[1])
-    pred, y = (probs >= th).astype(int), (targets > 0.5).astype(int)
+    pred, y = multilabel_predictions(probs, thresholds), (targets > 0.5).astype(int)
     p = np.clip(probs, 1e-7, 1 - 1e-7)
     return {"accuracy": float((pred == y).mean()),
             "exact_match": float((pred == y).all(1).mean()),
@@ -80,9 +80,13 @@ def multilabel_metrics(probs: np.ndarray, targets: np.ndarray, thresholds=None) 
             "n": int(len(y))}
 
 
+def multilabel_predictions(probs: np.ndarray, thresholds=None) -> np.ndarray:
+    """0/1 per image and label: the probability reaches the label's threshold (default 0.5)."""
+    return (probs >= _thresholds(thresholds, probs.shape[1])).astype(int)
+
+
 def predicted_tags(probs: np.ndarray, classes: Sequence[str], thresholds=None) -> list[list[str]]:
-    th = _thresholds(thresholds, probs.shape[1])
-    return [[c for c, on in zip(classes, row) if on] for row in probs >= th]
+    return [[c for c, on in zip(classes, row) if on] for row in multilabel_predictions(probs, thresholds)]
 
 
 def most_confused(targets: np.ndarray, preds: np.ndarray, classes: Sequence[str], top: int = 5) -> list[tuple]:

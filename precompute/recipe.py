@@ -253,8 +253,7 @@ def rebuild(record: dict, size: int) -> tuple[ArchSpec, nn.Sequential, list[nn.M
 def image_loader(rows: pd.DataFrame, transform: Callable, batch_size: int, shuffle: bool,
                  seed: int | torch.Generator = 0, num_workers: int = 0) -> DataLoader:
     gen = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(seed)
-    labels = np.stack(list(rows["target"])) if len(rows) and isinstance(rows["target"].iloc[0], np.ndarray) \
-        else list(rows["target"])  # multi-hot rows for a multi-label manifest
+    labels = targets(rows, 0)  # class indices, or multi-hot rows for a multi-label manifest
     return DataLoader(ImageDataset(list(rows["path"]), labels, transform), batch_size=batch_size,
                       shuffle=shuffle, generator=gen, num_workers=num_workers,
                       persistent_workers=False)

@@ -222,7 +222,7 @@ class _LocalChunk:
         full = stop - start == self.block_rows  # zarr pads the last block to the block shape
         dest = out if full else np.empty((self.block_rows, *self.shape[1:]), self.dtype)
         try:
-            with open(path, "rb", buffering=0) as f:  # unbuffered: readinto goes straight to `dest` (1.4x)
+            with open(path, "rb", buffering=0) as f:  # one read of the whole file: no buffer in between
                 if self.blosc:
                     numcodecs.blosc.decompress(f.read(), dest)
                 else:  # read then copy: faster here than readinto (which faults `dest` in from the kernel)
@@ -258,6 +258,12 @@ os.register_at_fork(after_in_child=_forget_pool)
 def _in_order(rows: np.ndarray, n: int) -> bool:
     """``rows`` is exactly 0, 1, ..., n - 1."""
     return len(rows) == n and bool((rows == np.arange(n)).all())
+
+
+def _lands_whole(pos: np.ndarray, rows: np.ndarray, n: int) -> bool:
+    """A whole chunk of ``n`` rows, in order, landing on consecutive output rows: it can be
+    decoded straight into place (one pass over memory fewer than decoding and copying it in)."""
+    return _in_order(rows, n) and _in_order(pos - pos[0], len(pos))
 
 
 def _modified(fs, path: str) -> float:
@@ -407,9 +413,9 @@ class Entry:
     def read(self, image_ids: list[str]) -> np.ndarray:
         """Rows for ``image_ids`` in that order; raises KeyError if any is not committed.
 
-        Chunks are opened and read ``READ_THREADS`` at a time: each read spends most of its time
-        waiting on zarr's event loop and decoding in its thread pool, so overlapping them keeps the
-        cores busy (3x on 16 pooled chunks on 2 cores; benchmarks/store_compression.py).
+        On a local disk the chunk files are decoded here (``_LocalChunk``); elsewhere (S3) and for
+        layouts that reader does not handle, zarr reads them, ``READ_THREADS`` chunks at a time so
+        that requests to a remote store overlap.
         """
         image_ids = list(image_ids)
         plan = self._rows_by_chunk(image_ids)
@@ -419,23 +425,21 @@ class Entry:
             local = {c: _LocalChunk.from_folder(f"{self.path}/chunks/{c}") for c in plan}
             if all(local.values()):
                 return self._read_local(image_ids, plan, local)
-        with ThreadPoolExecutor(min(READ_THREADS, len(plan))) as pool:
-            arrays = dict(zip(plan, pool.map(self._open_chunk, plan)))
-            first = next(iter(arrays.values()))
-            out = np.empty((len(image_ids), *first.shape[1:]), dtype=np.dtype(first.dtype))
+        pool = _read_pool()
+        arrays = dict(zip(plan, pool.map(self._open_chunk, plan)))
+        first = next(iter(arrays.values()))
+        out = np.empty((len(image_ids), *first.shape[1:]), dtype=np.dtype(first.dtype))
 
-            def fill(chunk: str) -> None:
-                arr, (pos, rows) = arrays[chunk], plan[chunk]
-                if _in_order(rows, arr.shape[0]) and _in_order(pos - pos[0], len(pos)):
-                    # a whole chunk landing on consecutive rows: Zarr decodes straight into place
-                    # (one pass over memory fewer than reading the block and copying it in)
-                    arr.get_basic_selection(Ellipsis, out=default_buffer_prototype().nd_buffer.from_numpy_array(
-                        out[pos[0]:pos[0] + len(pos)]))
-                else:
-                    block = arr[:]
-                    out[pos] = block if _in_order(rows, len(block)) else block[rows]
+        def fill(chunk: str) -> None:
+            arr, (pos, rows) = arrays[chunk], plan[chunk]
+            if _lands_whole(pos, rows, arr.shape[0]):  # Zarr decodes straight into place
+                arr.get_basic_selection(Ellipsis, out=default_buffer_prototype().nd_buffer.from_numpy_array(
+                    out[pos[0]:pos[0] + len(pos)]))
+            else:
+                block = arr[:]
+                out[pos] = block if _in_order(rows, len(block)) else block[rows]
 
-            list(pool.map(fill, plan))  # list: re-raises the first error of any chunk
+        list(pool.map(fill, plan))  # list: re-raises the first error of any chunk
         self._used()
         return out
 
@@ -447,7 +451,7 @@ class Entry:
         jobs = []
         for chunk, (pos, rows) in plan.items():
             c = local[chunk]
-            if _in_order(rows, c.shape[0]) and _in_order(pos - pos[0], len(pos)):
+            if _lands_whole(pos, rows, c.shape[0]):
                 jobs += [(c, i, out[pos[0] + a:pos[0] + b], None, None) for i, (a, b) in enumerate(c.blocks())]
             else:  # some rows of the chunk, or out of order: decode the blocks they are in, then gather
                 for i, (a, b) in enumerate(c.blocks()):

@@ -107,7 +107,8 @@ class UI:
     def start(self) -> None:
         self.proc = subprocess.Popen(["bash", "scripts/ui.sh"], cwd=PROJECT, env=self.env,
                                      stdout=self.log_path.open("w"), stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+                                     stdin=subprocess.DEVNULL, start_new_session=True,
+                                     preexec_fn=_terminal_signals)
         deadline = time.time() + START_TIMEOUT
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -145,9 +146,9 @@ class UI:
                 raise AssertionError(f"code location {e['name']} failed to load: {e['locationOrLoadError']['message']}")
         return bool(entries) and all(e["loadStatus"] == "LOADED" and e["locationOrLoadError"] for e in entries)
 
-    def stop(self, timeout: float = 180) -> int:
-        """Ctrl-C as a terminal sends it: SIGINT to the script's process group. ui.sh gives each
-        server UI_STOP_TIMEOUT (60 s) before SIGKILL; the rest is margin for a loaded machine."""
+    def stop(self, timeout: float = 120) -> int:
+        """Ctrl-C as a terminal sends it: SIGINT to the script's process group. ui.sh gives the
+        servers UI_STOP_TIMEOUT (60 s, both at once) before SIGKILL."""
         if self.proc is None:
             return 0
         if self.proc.poll() is None:
@@ -156,7 +157,12 @@ class UI:
         try:
             return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            alive = [p.cmdline()[:4] for p in self.started if p.is_running()]
+            alive = []
+            for p in self.started:
+                try:
+                    alive.append(p.cmdline()[:4])
+                except psutil.Error:  # gone meanwhile
+                    pass
             raise AssertionError(f"ui.sh still running {timeout:.0f}s after Ctrl-C; alive: {alive}\n{self.log()}") from None
 
     def kill_leftovers(self) -> None:
@@ -167,6 +173,14 @@ class UI:
                 pass
         if self.proc and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+def _terminal_signals() -> None:
+    """SIGINT and SIGQUIT as a terminal leaves them. A test run started in the background by a
+    non-interactive shell (`make test &`, nohup) inherits them ignored, and bash cannot trap a
+    signal that was ignored when it started: ui.sh would never see the Ctrl-C this test sends."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
 
 
 @pytest.fixture(scope="module")
