@@ -8,7 +8,7 @@ from assets.partitions import arch_and_cut, arch_cut
 from precompute import recipe
 from precompute.store import CODE_VERSION
 from precompute.train import ConfigError
-from precompute.validate import validate_run
+from precompute.validate import check_store, validate_run
 from resources import ActivationStoreResource, ComputeDevice
 
 
@@ -26,6 +26,7 @@ CHECKS = {
     "rows_match_manifest": "every ok image of the manifest has a row in the entry",
     "finite_values": "no NaN or inf in the cached activations",
     "every_image_accounted_for": "every manifest image has a row or a recorded reason for skipping it",
+    "blocks_verified": "every block read back passed its crc32c checksum (damaged chunks were dropped and recomputed)",
 }
 
 
@@ -48,24 +49,35 @@ def activations(context: dg.AssetExecutionContext, config: ActivationsConfig, im
     arch, xtra_cut = arch_and_cut(context)
     try:  # before any work: nothing is created or loaded; an unreachable store fails within seconds
         validate_run(arch=arch, xtra_cut=xtra_cut, size=config.size, dtype=config.dtype, weights=config.weights,
-                     weights_path=config.weights_path, store=store.root, storage_options=store.storage_options_json,
-                     manifest=image_manifest)
+                     weights_path=config.weights_path, manifest=image_manifest)
+        writable = check_store(store.root, store.storage_options_json, read_only_ok=True)
     except ConfigError as exc:
         raise dg.Failure(str(exc), allow_retries=False) from exc
     device = compute.setup()
     act_store = store.get()
-    act_store.check_reachable()
     bb = recipe.load_backbone(arch, xtra_cut, config.weights, config.weights_path)
     ts = recipe.transform_for(bb.spec, config.size)
+    try:  # damaged chunks are dropped here, so the precompute below recomputes their rows
+        repaired = recipe.repair_entry(act_store.entry(recipe.activation_key(bb, ts, config.pooled, config.dtype)),
+                                       image_manifest, writable)
+    except RuntimeError as exc:
+        raise dg.Failure(str(exc), allow_retries=False) from exc
+    if repaired.damaged:
+        context.log.warning(f"dropped {len(repaired.damaged)} damaged chunk(s), their rows are recomputed: "
+                            + "; ".join(repaired.damaged.values()))
     entry, stats, view = recipe.precompute(
         image_manifest, act_store, bb, ts, config.pooled, config.dtype, config.batch_size,
         config.chunk_rows, compute.num_workers, device,
         on_progress=progress_logger(context))
     ref = {"store": act_store.root, "entry": entry.rel, "key": entry.key.parts(), "view_key": view,
-           "weights": config.weights, "weights_path": config.weights_path}
+           "weights": config.weights, "weights_path": config.weights_path,
+           "failed_images": [list(f) for f in stats.failed]}  # no rows: later stages leave them out
     on_disk, raw = entry.nbytes_on_disk(), entry.raw_nbytes()
     context.log.info(f"activations {entry.rel}: {stats.computed} computed, {stats.reused} reused, "
                      f"{stats.images_per_s:.1f} img/s, {on_disk / 2**20:.1f} MiB on disk")
+    if stats.failed:  # the run goes on without them; the checks below fail and name them
+        context.log.warning(f"{len(stats.failed)} images failed to decode or transform and have no row: "
+                            + "; ".join(f"{path}: {reason}" for _, path, reason in stats.failed[:10]))
     yield dg.Output(ref, data_version=dg.DataVersion(view), metadata={
         "entry": entry.rel,
         "entry_key": entry.key.digest(),
@@ -75,6 +87,9 @@ def activations(context: dg.AssetExecutionContext, config: ActivationsConfig, im
         "bytes_on_disk": on_disk,
         "compression_ratio": dg.MetadataValue.float(round(raw / on_disk, 3) if on_disk else 0.0),
         "codec": entry.codec(),
+        "chunks_verified": len(repaired.verified),
+        "chunks_unverified": len(repaired.unverified),  # written before checksums: readable, not verifiable
+        "chunks_repaired": dg.MetadataValue.json(repaired.damaged),
     })
-    for name, (passed, details) in recipe.verify_entry(entry, image_manifest).items():
+    for name, (passed, details) in recipe.verify_entry(entry, image_manifest, stats.failed).items():
         yield dg.AssetCheckResult(check_name=name, passed=passed, metadata=details)

@@ -18,6 +18,7 @@ def evaluation_report(context: dg.AssetExecutionContext, config: EvaluationConfi
     """Every stage on the validation split, with and without TTA; per-class metrics, the most
     confused pairs, a confusion matrix, the worst mistakes and the learning curves."""
     arch, xtra_cut = arch_and_cut(context)
+    image_manifest = recipe.without_failed(image_manifest, activations.get("failed_images"))  # no rows for them
     device = compute.setup()
     entry = recipe.open_entry(store.get(), activations)
     records = {"head_on_cache": head_on_cache, "head_augmented": head_augmented, "finetuned": finetuned}

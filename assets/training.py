@@ -44,7 +44,8 @@ class HeadOnCacheConfig(ScheduleConfig):
     batch_size: int = 64
     ps: Optional[list[float]] = None     # dropout per linear block; None: fastai's 0.25 ... 0.5
     xtra_fc: list[int] = [512]           # hidden layer sizes
-    custom_head: Optional[str] = None    # "package.module:factory" -> nn.Module(in_features, n_classes)
+    custom_head: Optional[str] = None    # a head registered in precompute.heads, or "package.module:factory"
+                                         # listed in PRECOMPUTE_ALLOWED_HEADS -> nn.Module(in_features, n_classes)
     precompute: bool = True
     augment: bool = False
     reuse: bool = True                   # return the earlier head when rows, config and seed are unchanged
@@ -157,6 +158,7 @@ def _lr_find_output(context, tracking: MlflowTracking, stage: str, result: dict,
 def lr_find_head(context: dg.AssetExecutionContext, config: LrFindConfig, image_manifest, activations,
                  store: ActivationStoreResource, tracking: MlflowTracking, compute: ComputeDevice):
     """lr_find for a new head on the cached activations: loss vs learning rate, and a suggestion."""
+    image_manifest = recipe.without_failed(image_manifest, activations.get("failed_images"))  # no rows for them
     compute.setup()
     entry = recipe.open_entry(store.get(), activations)
     bb = recipe.load_backbone(activations["key"]["arch"], activations["key"]["xtra_cut"],
@@ -171,6 +173,7 @@ def lr_find_head(context: dg.AssetExecutionContext, config: LrFindConfig, image_
 def head_on_cache(context: dg.AssetExecutionContext, config: HeadOnCacheConfig, image_manifest, activations,
                   lr_find_head, store: ActivationStoreResource, tracking: MlflowTracking, compute: ComputeDevice):
     """A new head trained on the cached activations only (fastai precompute=True)."""
+    image_manifest = recipe.without_failed(image_manifest, activations.get("failed_images"))  # no rows for them
     schedule = _checked(config, precompute=config.precompute, augment=config.augment, lr=config.lr,
                         batch_size=config.batch_size, custom_head=config.custom_head, ps=config.ps,
                         xtra_fc=config.xtra_fc, tracking_uri=tracking.tracking_uri, manifest=image_manifest)
@@ -228,6 +231,7 @@ def _augmented_samples(record: dict, image_manifest, config: ImageStageConfig) -
 
 def _image_stage(context, config: ImageStageConfig, image_manifest, previous: dict, stage: str, freeze: int,
                  tracking: MlflowTracking, compute: ComputeDevice, finder: Optional[dict] = None):
+    image_manifest = recipe.without_failed(image_manifest, previous.get("failed_images"))  # as the stages before
     arch, xtra_cut = arch_and_cut(context)
     lr = config.learning_rates(finder)
     schedule = _checked(config, arch=arch, xtra_cut=xtra_cut, size=config.size, lr=lr, frozen=freeze,
@@ -267,6 +271,7 @@ class LrFindImagesConfig(LrFindConfig):
 def lr_find_unfrozen(context: dg.AssetExecutionContext, config: LrFindImagesConfig, image_manifest, head_augmented,
                      tracking: MlflowTracking, compute: ComputeDevice):
     """lr_find for the unfrozen network on augmented images (fastai: lr_find again after unfreeze)."""
+    image_manifest = recipe.without_failed(image_manifest, head_augmented.get("failed_images"))
     device = compute.setup()
     result = recipe.lr_find_on_images(head_augmented, image_manifest, 0, config.lr_spread, config.batch_size,
                                       config.seed, config.num_it, {"preset": config.augmentation},

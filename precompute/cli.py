@@ -1,4 +1,5 @@
-"""`precompute cache list|gc`: see what the activation cache holds and remove what nobody uses."""
+"""`precompute cache list|gc|verify`: see what the activation cache holds, remove what nobody uses,
+check every stored block."""
 
 from __future__ import annotations
 
@@ -18,12 +19,36 @@ def _store(args) -> ActivationStore:
 
 def cmd_list(args) -> int:
     entries = _store(args).entries()
-    print(f"{'entry':<52} {'rows':>7} {'MiB':>9}  last used (UTC)")
+    print(f"{'entry':<52} {'rows':>7} {'MiB':>9}  {'last used (UTC)':<16}  status")
     for e in entries:
         when = dt.datetime.fromtimestamp(e["last_used"], dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
-        print(f"{e['entry']:<52} {e['rows']:>7} {e['bytes'] / 2**20:>9.2f}  {when}")
-    print(f"{len(entries)} entries, {sum(e['bytes'] for e in entries) / 2**20:.2f} MiB")
+        status = e["status"] + (f", {e['writers']} writer(s)" if e["writers"] else "")
+        print(f"{e['entry']:<52} {e['rows']:>7} {e['bytes'] / 2**20:>9.2f}  {when:<16}  {status}")
+        for problem in e["problems"]:
+            print(f"    damaged: {problem}")
+    damaged = sum(e["status"] != "ok" for e in entries)
+    print(f"{len(entries)} entries, {sum(e['bytes'] for e in entries) / 2**20:.2f} MiB"
+          + (f", {damaged} damaged: `precompute cache verify --repair` drops what is damaged" if damaged else ""))
     return 0
+
+
+def cmd_verify(args) -> int:
+    """Every block of every entry against its checksum; exit 1 while damage remains."""
+    results = _store(args).verify(repair=args.repair)
+    left = 0
+    for r in results:
+        still = (bool(r["damaged"]) and not args.repair) or (bool(r["key_problem"]) and not r["key_restored"])
+        state = "DAMAGED" if still else ("repaired" if r["damaged"] or r["key_restored"] else "ok")
+        left += still
+        print(f"{r['entry']}: {state}; {r['verified']} chunks verified, {r['unverified']} unverified "
+              "(written before checksums)")
+        for chunk, why in r["damaged"].items():
+            print(f"    {'dropped' if args.repair else 'damaged'} chunk {chunk}: {why}")
+        if r["key_problem"]:
+            print(f"    {'restored' if r['key_restored'] else 'damaged'}: {r['key_problem']}")
+    print(f"{len(results)} entries checked; " + (f"{left} with damage left" if left else "no damage left")
+          + ("" if args.repair or not left else ": run again with --repair to drop it (rows are recomputed)"))
+    return 1 if left else 0
 
 
 def cmd_gc(args) -> int:
@@ -57,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         dest="action", required=True)
     default_store = os.environ.get("PRECOMPUTE_STORE", os.path.join(os.environ.get("PRECOMPUTE_HOME", "var"), "activations"))
     for name, fn, text in (("list", cmd_list, "entries with rows, size and last use"),
-                           ("gc", cmd_gc, "remove entries unused for a while, and crash leftovers")):
+                           ("gc", cmd_gc, "remove entries unused for a while, and crash leftovers"),
+                           ("verify", cmd_verify, "check every stored block against its checksum")):
         p = cache.add_parser(name, help=text)
         p.add_argument("--store", default=default_store, help="path or fsspec URL (default: %(default)s)")
         p.set_defaults(fn=fn)
@@ -65,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--unused-days", type=float, default=30.0, help="remove entries unused this long")
             p.add_argument("--keep", action="append", default=[], help="an entry path to keep regardless")
             p.add_argument("--dry-run", action="store_true", help="say what would be removed, remove nothing")
+        if name == "verify":
+            p.add_argument("--repair", action="store_true",
+                           help="drop damaged chunks (the next precompute recomputes their rows)")
     pred = sub.add_parser("predict", help="predict a folder of images with a trained model")
     pred.add_argument("--model", required=True, help="a model .pt file, or the MLflow run id of a finetuned stage")
     pred.add_argument("--images", required=True, help="folder of images (any layout)")
@@ -75,7 +104,15 @@ def main(argv: list[str] | None = None) -> int:
                       help="MLflow tracking URI for a run id (default: $MLFLOW_TRACKING_URI)")
     pred.set_defaults(fn=cmd_predict)
     args = parser.parse_args(argv)
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as exc:
+        # our errors say what to do next: the message alone, not a traceback (set PRECOMPUTE_DEBUG=1 for one)
+        if os.environ.get("PRECOMPUTE_DEBUG"):
+            raise
+        print(f"precompute {args.command}: {exc.args[0] if isinstance(exc, KeyError) and exc.args else exc}",
+              file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -2,11 +2,18 @@
 
 The same module takes a spatial map (N, C, H, W) from the body or a pooled vector (N, 2C) from
 the cache, so a head trained on pooled activations is put on top of the body unchanged.
+
+A custom head is named, never imported by whatever name a file holds: model files, cached head
+results and run configs are data, and a name in them that imported a module would let that data
+run code. ``load_factory`` accepts a head registered in code (``@register_head("name")``, the
+``HEADS`` registry) or a ``package.module:function`` the operator lists in the environment variable
+``PRECOMPUTE_ALLOWED_HEADS`` (comma-separated); any other name is refused before anything is imported.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Callable, Sequence
 
 import torch
@@ -58,12 +65,63 @@ class Head(nn.Module):
         return self.classifier(x)
 
 
-def load_factory(dotted: str) -> Callable[[int, int], nn.Module]:
-    """'package.module:function' -> a callable (in_features, n_classes) -> nn.Module."""
-    module, _, name = dotted.partition(":")
-    if not name:
-        raise ValueError(f"custom head {dotted!r} must look like 'package.module:function'")
-    return getattr(importlib.import_module(module), name)
+HeadFactory = Callable[[int, int], nn.Module]  # (in_features, n_classes) -> module giving class scores
+HEADS: dict[str, HeadFactory] = {}
+ALLOWED_HEADS_ENV = "PRECOMPUTE_ALLOWED_HEADS"
+
+
+class UnknownHead(ValueError):
+    """A head name that is neither registered in code nor allowed by the operator; nothing was imported."""
+
+
+def register_head(name: str) -> Callable[[HeadFactory], HeadFactory]:
+    """Decorator: make ``factory`` available as ``custom_head: name`` (in code, so data cannot add one)."""
+    def add(factory: HeadFactory) -> HeadFactory:
+        if name in HEADS and HEADS[name] is not factory:
+            raise ValueError(f"head {name!r} is already registered ({HEADS[name]!r})")
+        HEADS[name] = factory
+        return factory
+    return add
+
+
+register_head("linear")(nn.Linear)  # one linear layer on the pooled vector: logistic regression
+
+
+def allowed_heads() -> set[str]:
+    """The 'package.module:function' names the operator allows in ``PRECOMPUTE_ALLOWED_HEADS``."""
+    return {n.strip() for n in os.environ.get(ALLOWED_HEADS_ENV, "").split(",") if n.strip()}
+
+
+def check_head_name(name) -> None:
+    """Refuse a head name from a config, model file or cache before anything is imported."""
+    if not isinstance(name, str):
+        raise UnknownHead(f"custom head {name!r} is not a name: give a registered head or 'package.module:function'")
+    if name in HEADS or name in allowed_heads():
+        return
+    raise UnknownHead(f"custom head {name!r} is refused, nothing was imported: a head named by a config, model file "
+                      f"or cached result must be registered in code ({', '.join(sorted(HEADS))}) or listed in "
+                      f"{ALLOWED_HEADS_ENV}. Register it (@precompute.heads.register_head({name!r}) on its factory, "
+                      f"in a module imported before the run) or, for a 'package.module:function', add that name to "
+                      f"{ALLOWED_HEADS_ENV} (comma-separated) on the machine that loads it")
+
+
+def check_head_config(head_config) -> None:
+    """The head part of a stage record read from a file or the cache: only known heads."""
+    if not isinstance(head_config, dict):
+        raise UnknownHead(f"head_config {head_config!r} is not a dict of ps, xtra_fc and custom")
+    if head_config.get("custom") is not None:
+        check_head_name(head_config["custom"])
+
+
+def load_factory(name: str) -> HeadFactory:
+    """A registered head, or an allowed 'package.module:function' -> a callable (in_features, n_classes) -> nn.Module."""
+    check_head_name(name)  # before any import
+    if name in HEADS:
+        return HEADS[name]
+    module, _, attr = name.partition(":")
+    if not module or not attr:
+        raise ValueError(f"custom head {name!r} must look like 'package.module:function'")
+    return getattr(importlib.import_module(module), attr)
 
 
 def build_head(in_channels: int, n_classes: int, ps=None, xtra_fc: Sequence[int] = (512,),

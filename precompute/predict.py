@@ -10,7 +10,7 @@ import pandas as pd
 import torch
 
 from precompute.data import scan_images
-from precompute.recipe import predict_paths
+from precompute.recipe import checked_record, predict_paths
 
 MODEL_ARTIFACT_DIR = "model"
 
@@ -18,7 +18,7 @@ MODEL_ARTIFACT_DIR = "model"
 def load_model(ref: str, tracking_uri: str | None = None) -> dict:
     """A stage record from a ``.pt`` file, or from the ``model/`` artifact of an MLflow run id."""
     if os.path.isfile(ref):
-        return torch.load(ref, map_location="cpu", weights_only=True)
+        return checked_record(torch.load(ref, map_location="cpu", weights_only=True), f"model file {ref}")
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
@@ -31,7 +31,8 @@ def load_model(ref: str, tracking_uri: str | None = None) -> dict:
         raise FileNotFoundError(f"MLflow run {ref} has no model/*.pt artifact: use the run of the 'finetuned' stage")
     with tempfile.TemporaryDirectory() as tmp:
         path = client.download_artifacts(ref, files[0], tmp)
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return checked_record(torch.load(path, map_location="cpu", weights_only=True),
+                              f"model {files[0]} of MLflow run {ref}")
 
 
 def predict_folder(record: dict, folder: str | Path, tta: int = 0, batch_size: int = 64, device="cpu") -> pd.DataFrame:

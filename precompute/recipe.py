@@ -21,8 +21,8 @@ from precompute.archs import ArchSpec, body_output_shape, cut_body, describe_gro
 from precompute.data import (ImageDataset, TransformSpec, class_names, eval_transform, is_multilabel, label_delim,
                              multi_hot, ok_rows, split_tags, train_transform)
 from precompute.features import PrecomputeStats, compute_activations
-from precompute.heads import build_head
-from precompute.store import ActivationStore, CacheKey, Entry, view_key
+from precompute.heads import UnknownHead, build_head, check_head_config
+from precompute.store import ActivationStore, CacheCorruption, CacheKey, Entry, ResultCache, VerifyReport, view_key
 from precompute.train import (ArrayRows, EpochCallback, LearningRates, Schedule, StreamedRows, check_precompute_augment,
                               differential_lrs, fit, fit_head_on_cache, group_lrs, lr_find, predict_proba,
                               tensor_batches)
@@ -66,11 +66,49 @@ def precompute(manifest: pd.DataFrame, store: ActivationStore, bb: Backbone, ts:
     entry = store.entry(activation_key(bb, ts, pooled, dtype))
     stats = compute_activations(bb.body, rows, eval_transform(ts), entry, batch_size, chunk_rows,
                                 num_workers, device, on_progress, shard)
+    rows = rows[~rows["image_id"].isin({f[0] for f in stats.failed})]  # the view is what downstream can read
     return entry, stats, view_key(entry.key, rows["image_id"], rows["label"])
 
 
+def without_failed(manifest: pd.DataFrame, failed) -> pd.DataFrame:
+    """The manifest with images that failed at precompute (``PrecomputeStats.failed``: image_id, path,
+    reason) as status ``failed``: stages after the cache leave them out instead of missing their rows."""
+    reasons = {image_id: reason for image_id, _, reason in failed or ()}
+    hit = manifest["image_id"].isin(reasons.keys()) & (manifest["status"] == "ok")
+    if not hit.any():
+        return manifest
+    out = manifest.copy()
+    out.loc[hit, "status"] = "failed"
+    out.loc[hit, "reason"] = out.loc[hit, "image_id"].map(reasons)
+    logging.getLogger(__name__).warning("%d images failed when their activations were computed and are left out: "
+                                        "%s", int(hit.sum()), sorted(out.loc[hit, "path"])[:10])
+    return out
+
+
+def failed_images(manifest: pd.DataFrame) -> list[list[str]]:
+    """[image_id, path, reason] of the manifest's ``failed`` rows: a stage record carries them on."""
+    rows = manifest[manifest["status"] == "failed"]
+    return [[r.image_id, r.path, r.reason] for r in rows.itertuples()]
+
+
+def repair_entry(entry: Entry, manifest: pd.DataFrame, writable: bool = True) -> VerifyReport:
+    """Check every block the manifest's rows live in; drop damaged chunks so the next precompute
+    recomputes their rows. A read-only store cannot be repaired or filled: RuntimeError if it
+    lacks rows or holds damage, naming both counts."""
+    ids = list(dict.fromkeys(ok_rows(manifest)["image_id"]))
+    if writable:
+        return entry.repair(ids)
+    report = entry.verify(ids)
+    missing = entry.missing(ids)
+    if missing or report.damaged:
+        raise RuntimeError(f"activation store {entry.store.root} is read-only, and entry {entry.rel} lacks "
+                           f"{len(missing)} of {len(ids)} rows and has {len(report.damaged)} damaged chunk(s): "
+                           "point PRECOMPUTE_STORE at a writable store, or fill this one where it is writable")
+    return report
+
+
 def open_entry(store: ActivationStore, ref: dict) -> Entry:
-    """The entry an activations result points at; its key must match what this code computes."""
+    """The entry an activations result points at (its key.json is put right if it was damaged)."""
     return store.entry(CacheKey(**ref["key"]))
 
 
@@ -177,7 +215,7 @@ def train_head_on_cache(entry: Entry, manifest: pd.DataFrame, bb: Backbone, ts: 
     record = _stage_record("head_on_cache", bb.spec, bb.xtra_cut, classes, head_config, ts, bb.weights_id,
                            nn.Sequential(bb.body, head), history, [0.0] * (len(groups) - 1) + [lr], groups,
                            seed=seed, schedule=schedule.as_dict(), lr=lr, streamed=isinstance(train, StreamedRows),
-                           **_label_info(manifest))
+                           failed_images=failed_images(manifest), **_label_info(manifest))
     if multilabel:
         probs, y = predict_proba(head, valid.batches(512), multilabel=True)
         _with_thresholds(record, probs, y)
@@ -195,24 +233,34 @@ def lr_find_on_cache(entry: Entry, manifest: pd.DataFrame, bb: Backbone, ts: Tra
                    freeze_bn_stats=False, multilabel=is_multilabel(manifest))
 
 
-def verify_entry(entry: Entry, manifest: pd.DataFrame) -> dict[str, tuple[bool, dict]]:
-    """The cache's health for one manifest: name -> (passed, details)."""
+def verify_entry(entry: Entry, manifest: pd.DataFrame, failed=()) -> dict[str, tuple[bool, dict]]:
+    """The cache's health for one manifest: name -> (passed, details). ``failed`` is
+    ``PrecomputeStats.failed``: those images have no row, and the checks name them with their reason."""
     rows = ok_rows(manifest)
     ids = list(dict.fromkeys(rows["image_id"]))
     missing = entry.missing(ids)
-    finite, checked = True, 0
-    if not missing:
-        for _, block in entry.iter_blocks(ids):
-            finite &= bool(np.isfinite(block).all())
-            checked += len(block)
+    reasons = {image_id: f"{path}: {reason}" for image_id, path, reason in failed}
+    paths = rows.drop_duplicates("image_id").set_index("image_id")["path"]
+    named = {"missing_images": [reasons.get(i, f"{paths[i]}: no row in the entry") for i in missing[:20]]}
+    finite, checked, damage = True, 0, ""
+    gone = set(missing)
+    present = [i for i in ids if i not in gone]  # one missing row must not hide the others' values
+    if present:
+        try:  # every block read here is checked against its crc32c
+            for _, block in entry.iter_blocks(present):
+                finite &= bool(np.isfinite(block).all())
+                checked += len(block)
+        except CacheCorruption as exc:
+            damage = str(exc)
     bad = manifest[manifest["status"] != "ok"]
     unexplained = bad[bad["reason"].fillna("").str.strip() == ""]
     return {
-        "rows_match_manifest": (not missing, {"manifest_images": len(ids), "missing_rows": len(missing)}),
-        "finite_values": (finite and not missing, {"rows_checked": checked}),
+        "rows_match_manifest": (not missing, {"manifest_images": len(ids), "missing_rows": len(missing), **named}),
+        "finite_values": (finite and not damage, {"rows_checked": checked}),
+        "blocks_verified": (not missing and not damage, {"rows_read": checked, "damage": damage or "none"}),
         "every_image_accounted_for": (not missing and unexplained.empty,
                                       {"with_row": len(ids) - len(missing), "skipped_with_reason": len(bad),
-                                       "unexplained": len(unexplained)}),
+                                       "unexplained": len(unexplained), "failed_at_precompute": len(failed), **named}),
     }
 
 
@@ -230,14 +278,30 @@ def save_head_result(entry: Entry, fingerprint: str, record: dict) -> None:
 
     buf = io.BytesIO()
     torch.save(record, buf)
-    entry.put_blob(f"head-{fingerprint}.pt", buf.getvalue())
+    ResultCache(entry).put(f"head-{fingerprint}.pt", buf.getvalue())  # best effort: a read-only store warns
 
 
 def load_head_result(entry: Entry, fingerprint: str) -> dict | None:
     import io
 
-    blob = entry.get_blob(f"head-{fingerprint}.pt")
-    return None if blob is None else torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    blob = ResultCache(entry).get(f"head-{fingerprint}.pt")
+    if blob is None:
+        return None
+    record = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    return checked_record(record, f"cached head result head-{fingerprint}.pt in {entry.rel}")
+
+
+def checked_record(record, source: str) -> dict:
+    """A stage record read from a file or a shared cache is data: its head must be one the code
+    registers or the operator allows (precompute.heads), checked before anything is built or imported."""
+    if not isinstance(record, dict) or not {"arch", "classes", "head_config", "state_dict"} <= record.keys():
+        raise ValueError(f"{source} is not a stage record (a dict with arch, classes, head_config, state_dict): "
+                         "pass a model .pt saved by a training stage")
+    try:
+        check_head_config(record["head_config"])
+    except UnknownHead as e:
+        raise UnknownHead(f"{source}: {e}") from None
+    return record
 
 
 def rebuild(record: dict, size: int) -> tuple[ArchSpec, nn.Sequential, list[nn.Module]]:
@@ -305,7 +369,8 @@ def train_on_images(previous: dict, manifest: pd.DataFrame, stage: str, schedule
                            previous["weights_id"], model, history, lrs, groups, seed=seed, schedule=schedule.as_dict(),
                            augment=augment, augmentation=augmentation or {}, freeze=freeze,
                            freeze_bn_stats=freeze_bn_stats, train_bn=train_bn,
-                           multilabel=multilabel, label_delim=previous.get("label_delim"))
+                           multilabel=multilabel, label_delim=previous.get("label_delim"),
+                           failed_images=failed_images(manifest))
     if multilabel:
         _with_thresholds(record, *predict_proba(model, valid, device, multilabel=True))
     return record

@@ -218,7 +218,7 @@ def check_dtype(dtype: str) -> None:
 
 def check_weights(arch: str, weights: str = "pretrained", weights_path: str | None = None) -> None:
     """The weights a run would load exist (or may be downloaded); nothing is loaded or downloaded."""
-    from precompute.weights import ALLOW_DOWNLOAD_ENV, WeightsUnavailable, resolve_weights_file
+    from precompute.weights import ALLOW_DOWNLOAD_ENV, WeightsUnavailable, looks_like_torch_file, resolve_weights_file
 
     spec = check_arch(arch)
     if weights not in ("pretrained", "random"):
@@ -228,6 +228,13 @@ def check_weights(arch: str, weights: str = "pretrained", weights_path: str | No
             raise ConfigError("weights='random' and a weights_path contradict each other: drop one")
         if not Path(weights_path).expanduser().is_file():
             raise ConfigError(f"weights_path {weights_path} is not a file: point it at a state dict (.pt/.pth)")
+        try:
+            torch_file = looks_like_torch_file(Path(weights_path).expanduser())  # 4 bytes; tensors are checked on load
+        except OSError as e:
+            raise ConfigError(f"weights_path {weights_path} cannot be read ({e.strerror or e}): fix its permissions") from None
+        if not torch_file:
+            raise ConfigError(f"weights_path {weights_path} is not a file torch.save writes (text, an image?): point it "
+                              f"at the state dict of {arch}, saved with torch.save(model.state_dict(), path)")
         return
     if weights == "random" or (spec.source == "torchvision" and os.environ.get(ALLOW_DOWNLOAD_ENV) == "1"):
         return  # nothing to find, or fetched by the run itself
@@ -262,10 +269,13 @@ def check_augmentation(preset: str | None = None, max_zoom: float | None = None)
 
 
 def check_custom_head(dotted: str) -> None:
-    from precompute.heads import load_factory
+    """A registered head, or a 'package.module:function' allowed in PRECOMPUTE_ALLOWED_HEADS (precompute.heads)."""
+    from precompute.heads import UnknownHead, load_factory
 
     try:
         factory = load_factory(dotted)
+    except UnknownHead as e:  # never imported: the message says how to register or allow it
+        raise ConfigError(str(e)) from None
     except (ValueError, ImportError, AttributeError) as e:
         raise ConfigError(f"custom_head {dotted!r} cannot be loaded ({type(e).__name__}: {e}): give "
                           "'package.module:function' importable here, the function taking (in_features, n_classes)") from None
@@ -396,9 +406,36 @@ def _store_endpoint(protocol: str, root: str, options: dict) -> str | None:
     return None
 
 
-def check_store(root: str, storage_options: dict | str | None = None, timeout_s: float = PROBE_TIMEOUT_S) -> None:
+def check_store(root: str, storage_options: dict | str | None = None, timeout_s: float = PROBE_TIMEOUT_S,
+                read_only_ok: bool = False) -> bool:
     """The activation store can be written: a local folder that exists or can be created, or a URL
-    whose endpoint answers within ``timeout_s`` and takes a probe object. Nothing is left behind."""
+    whose endpoint answers within ``timeout_s`` and takes a probe object. Nothing is left behind.
+
+    With ``read_only_ok``, a store that exists and can be listed but not written passes too and
+    False is returned (a read-only mount of a complete cache still serves reads and training)."""
+    import fsspec
+
+    try:
+        _check_store_writable(root, storage_options, timeout_s)
+        return True
+    except ConfigError:
+        if not read_only_ok or not _store_listable(root, storage_options, timeout_s):
+            raise
+        return False
+
+
+def _store_listable(root: str, storage_options, timeout_s: float) -> bool:
+    import fsspec
+
+    try:
+        fs, base = fsspec.core.url_to_fs(str(root), **_store_options(storage_options))
+        _bounded(lambda: fs.ls(base), max(10.0, 3 * timeout_s))
+        return True
+    except Exception:  # noqa: BLE001 - cannot be listed: not a read-only store but a missing or broken one
+        return False
+
+
+def _check_store_writable(root: str, storage_options, timeout_s: float) -> None:
     import fsspec
 
     options = _store_options(storage_options)

@@ -26,6 +26,10 @@ class WeightsUnavailable(RuntimeError):
     """Pretrained weights are not on this machine and may not be downloaded."""
 
 
+class WeightsFileError(ValueError):
+    """``weights_path`` names a file that is not a state dict for the arch; the message says what to pass."""
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     p = Path(path).resolve()
     st = p.stat()
@@ -96,9 +100,67 @@ def resolve_weights_file(spec: ArchSpec, weights: str = "pretrained", weights_pa
     raise WeightsUnavailable(f"no offline pretrained weights known for {spec.name}; pass weights_path=...")
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    sd = torch.load(path, map_location="cpu", weights_only=True)  # plain tensors only: no code runs
-    return sd["state_dict"] if isinstance(sd, dict) and "state_dict" in sd else sd
+# torch.save writes a zip archive (PK..) or, in the legacy format, a pickle (protocol byte 0x80).
+_TORCH_FILE_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+def looks_like_torch_file(path: str | os.PathLike) -> bool:
+    """Cheap check of the first bytes: False for a file torch.save cannot have written (text, an image)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head.startswith(_TORCH_FILE_MAGIC)
+
+
+def _expected(spec: ArchSpec) -> str:
+    return (f"expected the state dict of {spec.source} {spec.name}, a file written by "
+            f"torch.save(model.state_dict(), path) (or a checkpoint dict holding it under 'state_dict'); "
+            f"pass such a file as weights_path, or leave weights_path unset for the arch's pretrained weights")
+
+
+def _describe(obj) -> str:
+    if isinstance(obj, torch.Tensor):
+        return f"a single tensor of shape {tuple(obj.shape)}"
+    if isinstance(obj, dict):
+        kinds = sorted({type(v).__name__ for v in obj.values()})
+        return f"a dict of {len(obj)} entries (keys {list(obj)[:5]}, values {kinds}) that is not names -> tensors"
+    return f"an object of type {type(obj).__name__}"
+
+
+def _read_state_dict(path: Path, spec: ArchSpec) -> dict[str, torch.Tensor]:
+    if not looks_like_torch_file(path):
+        with open(path, "rb") as f:
+            head = f.read(8)
+        raise WeightsFileError(f"weights_path {path} is not a file torch.save writes (it starts with {head!r}: "
+                               f"text, an image, an archive?); {_expected(spec)}")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)  # plain tensors only: no code runs
+    except Exception as e:  # noqa: BLE001 - text, an image, a truncated archive, a pickled model ...
+        what = (f"holds Python objects, not only tensors (a whole pickled model? save model.state_dict() instead)"
+                if "Weights only load failed" in str(e) else
+                f"cannot be read as a PyTorch file ({type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else 'no data'})")
+        raise WeightsFileError(f"weights_path {path} {what}; {_expected(spec)}") from None
+    if isinstance(sd, dict) and "state_dict" in sd:
+        sd = sd["state_dict"]
+    if not (isinstance(sd, dict) and sd and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items())):
+        raise WeightsFileError(f"weights_path {path} holds {_describe(sd)}, not a state dict; {_expected(spec)}")
+    return sd
+
+
+def _mismatch(path: Path, spec: ArchSpec, sd: dict, model: nn.Module, error: Exception) -> str:
+    """What differs between a state dict file and the arch, in one line."""
+    want = model.state_dict()
+    missing = [k for k in want if k not in sd]
+    unexpected = [k for k in sd if k not in want]
+    reshaped = [f"{k} {tuple(sd[k].shape)} vs {tuple(want[k].shape)}" for k in want
+                if k in sd and sd[k].shape != want[k].shape]
+    parts = [f"{n} {what} (e.g. {examples[:2]})" for n, what, examples in (
+        (len(missing), f"of {len(want)} tensors missing", missing), (len(unexpected), "unexpected", unexpected),
+        (len(reshaped), "with another shape", reshaped)) if n]
+    if isinstance(error, ValueError):  # map_by_position says where the layers stop lining up
+        parts = [str(error)]
+    detail = "; ".join(parts) if parts else str(error).strip().splitlines()[0]
+    return (f"weights_path {path} is a state dict, but not one for {spec.name}: {detail} (a file for another arch, "
+            f"or keys with a prefix such as 'module.'?); {_expected(spec)}")
 
 
 # torchvision densenet checkpoints predate nn.Module name rules ("norm.1" for "norm1");
@@ -139,10 +201,13 @@ def load_weights(spec: ArchSpec, weights: str = "pretrained", weights_path: str 
     model = spec.build()
     if path is None:
         return model.eval(), "random"
-    sd = _rename_legacy(_read_state_dict(path))
-    if "_conv_stem.weight" in sd:  # lukemelas efficientnet_pytorch names (the lite0 package file)
-        sd = map_by_position(sd, model)
-    model.load_state_dict(sd, strict=True)
+    sd = _rename_legacy(_read_state_dict(path, spec))
+    try:
+        if "_conv_stem.weight" in sd:  # lukemelas efficientnet_pytorch names (the lite0 package file)
+            sd = map_by_position(sd, model)
+        model.load_state_dict(sd, strict=True)
+    except (RuntimeError, ValueError) as e:  # missing/unexpected keys, shapes: say which, and what to pass
+        raise WeightsFileError(_mismatch(path, spec, sd, model, e)) from None
     return model.eval(), f"sha256:{file_sha256(path)}"
 
 

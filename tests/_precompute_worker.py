@@ -19,6 +19,7 @@ JSON result per stdout line), so tests pay torch's import once per worker, not o
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -36,11 +37,12 @@ IMAGE_SIZE = 48  # network input; the photos are bigger and get resized + center
 TRANSFORM = TransformSpec(size=IMAGE_SIZE)
 
 
-def make_key() -> CacheKey:
+def make_key(**changes) -> CacheKey:
     # versions are fixed here (not library_versions()) so the worker need not import timm
-    return CacheKey(arch="counting-body", weights_id="seed:0", xtra_cut=0, cut_index=2,
-                    transform=TRANSFORM.key(), pooled=True, dtype="float32",
-                    versions={"torch": torch.__version__, "precompute_code": CODE_VERSION})
+    key = CacheKey(arch="counting-body", weights_id="seed:0", xtra_cut=0, cut_index=2,
+                   transform=TRANSFORM.key(), pooled=True, dtype="float32",
+                   versions={"torch": torch.__version__, "precompute_code": CODE_VERSION})
+    return dataclasses.replace(key, **changes)
 
 
 def manifest_of(images: str | Path):
@@ -98,10 +100,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.commit_delay:
         put = entry._put
 
-        def put_record_late(rel: str, data: bytes) -> None:
-            if "/commits/" in rel:
+        def put_record_late(rel: str, data: bytes, durable: bool = True) -> None:
+            if rel.startswith("commits/"):  # the commit record: written last
                 time.sleep(args.commit_delay)
-            put(rel, data)
+            put(rel, data, durable)
 
         entry._put = put_record_late
     if args.ready:

@@ -207,7 +207,7 @@ def test_other_values(tmp_path, monkeypatch):
     assert "ps has 1 dropout values for 3 linear blocks" in rejected(ps=[0.5], xtra_fc=[512, 256])
     assert "augmentation 'sideways': choose one of basic, side_on, top_down" in rejected(augmentation="sideways")
     assert "max_zoom 0.9" in rejected(max_zoom=0.9)
-    validate_run(arch="resnet18", weights="random", batch_size=2, dtype="float16", custom_head="torch.nn:Linear",
+    validate_run(arch="resnet18", weights="random", batch_size=2, dtype="float16", custom_head="linear",
                  augmentation="top_down", max_zoom=1.2)
     validate_run(ps=[0.25, 0.5], xtra_fc=[512])
 

@@ -16,7 +16,7 @@ DAY = 86400
 def _entry(store, arch, age_days):
     entry = store.entry(make_key(arch=arch))
     entry.commit(["a", "b"], np.ones((2, 4), "float32"))
-    entry._put(f"{entry.rel}/last_used", str(time.time() - age_days * DAY).encode())
+    store.put(f"{entry.rel}/last_used", str(time.time() - age_days * DAY).encode())
     return entry
 
 
@@ -46,7 +46,7 @@ def test_gc_removes_only_unused_entries_and_crash_leftovers(tmp_path, capsys):
 def test_reading_an_entry_counts_as_use(tmp_path):
     store = ActivationStore(str(tmp_path / "store"))
     entry = _entry(store, "resnet34", age_days=90)
-    entry.read(["a"])
+    store.entry(entry.key).read(["a"])  # a reader (a new Entry, as in another process)
     assert store.remove_unused(unused_for_s=30 * DAY) == []
 
 

@@ -95,7 +95,8 @@ def test_whole_recipe_materializes(env):
     # pooled vectors are stored raw by default (codec "auto"): on disk the rows plus Zarr's metadata
     assert meta["codec"].text == "none" and 0.9 < meta["compression_ratio"].value <= 1.0
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
-    assert checks == {"rows_match_manifest": True, "finite_values": True, "every_image_accounted_for": True}
+    assert checks == {"rows_match_manifest": True, "finite_values": True, "every_image_accounted_for": True,
+                      "blocks_verified": True}
 
     # the cacheable head: same rows, config and seed -> the earlier result, said plainly; a new seed trains
     def head_run(seed):

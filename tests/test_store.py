@@ -134,34 +134,33 @@ def test_streamed_rows_visit_every_row_once_and_train_like_in_memory(tmp_path):
 
 
 @pytest.mark.parametrize("compressor", ["blosc-lz4-noshuffle", "blosc-zstd", "none", "zstd"])
-def test_local_fast_read_equals_zarr(tmp_path, monkeypatch, compressor):
-    """Entry.read decodes local chunks itself (numcodecs, no event loop); it must give exactly what
-    zarr reads from the same files: partial last blocks, blocks zarr did not write because they
-    hold only the fill value, subsets in any order, across chunks. zstd takes zarr's own path."""
-    from precompute import store as store_module
+def test_block_reader_equals_zarr(tmp_path, monkeypatch, compressor):
+    """Entry.read decodes blocks itself (numcodecs, no event loop) after checking each one's
+    crc32c; it must give exactly what zarr reads from the same files: partial last blocks, an
+    all-zero block (written like any other: a missing block file is damage, never zeros),
+    subsets in any order, across chunks."""
+    from precompute.store import entry as entry_module
 
-    monkeypatch.setattr(store_module, "BLOCK_BYTES", 8 * 64 * 16 * 16 * 4)  # 8 rows per Zarr block
+    monkeypatch.setattr(entry_module, "BLOCK_BYTES", 8 * 64 * 16 * 16 * 4)  # 8 rows per Zarr block
     store = ActivationStore(str(tmp_path / "store"), compressor=compressor)
     entry = store.entry(make_key(pooled=False))
     rng = np.random.default_rng(0)
     big = np.maximum(rng.standard_normal((37, 64, 16, 16)), 0).astype("float32")  # blocks of 8, last of 5
-    big[:8] = 0.0  # the first block is all fill value: zarr writes no file for it
+    big[:8] = 0.0  # the first block is all fill value
     small = rng.standard_normal((5, 64, 16, 16)).astype("float32")
     ids_big, ids_small = [f"b{i}" for i in range(37)], [f"s{i}" for i in range(5)]
     entry.commit(ids_big, big)
     entry.commit(ids_small, small)
     entry.index(refresh=True)
-    chunks = {r["chunk"]: store_module._LocalChunk.from_folder(f"{entry.path}/chunks/{r['chunk']}")
-              for r in entry._records}
-    assert all(chunks.values()) == (compressor != "zstd")  # the plain layout is recognised, zstd is not
-    big_chunk = next(r["chunk"] for r in entry._records if r["ids"][0] == "b0")
-    assert not (tmp_path / "store" / entry.rel / "chunks" / big_chunk / "c" / "0" / "0" / "0" / "0").exists()
+    assert all(entry._layout(c).checksum for c in entry.records)
+    big_chunk = next(c for c, r in entry.records.items() if r["ids"][0] == "b0")
+    assert (tmp_path / "store" / entry.rel / "chunks" / big_chunk / "c" / "0" / "0" / "0" / "0").exists()
     rows = {**{f"b{i}": big[i] for i in range(37)}, **{f"s{i}": small[i] for i in range(5)}}
     ids = ["s4", "b36", "b0", "s0", "b7", "b8", "b20"] + ids_big[10:30]
     np.testing.assert_array_equal(entry.read(ids), np.stack([rows[i] for i in ids]))
     np.testing.assert_array_equal(store.entry(entry.key).read(ids_big + ids_small), np.concatenate([big, small]))
-    for record in entry._records:  # zarr reads the same values from the same files
-        arr = zarr.open_array(f"{entry.path}/chunks/{record['chunk']}", mode="r")
+    for chunk, record in entry.records.items():  # zarr reads the same values from the same files
+        arr = zarr.open_array(f"{entry.path}/chunks/{chunk}", mode="r")
         np.testing.assert_array_equal(arr[:], np.stack([rows[i] for i in record["ids"]]))
 
 
@@ -170,7 +169,8 @@ def test_auto_codec_compresses_maps_not_pooled_vectors(tmp_path):
     store = ActivationStore(str(tmp_path / "store"))
     assert store.compressor == "auto"
     x = np.maximum(np.random.default_rng(0).standard_normal((16, 8, 4, 4)), 0).astype("float32")
-    for pooled, data, codecs in ((True, x.reshape(16, -1), ["bytes"]), (False, x, ["bytes", "blosc"])):
+    for pooled, data, codecs in ((True, x.reshape(16, -1), ["bytes", "crc32c"]),
+                                 (False, x, ["bytes", "blosc", "crc32c"])):
         entry = store.entry(make_key(pooled=pooled))
         chunk = entry.commit([f"i{i}" for i in range(16)], data)
         meta = json.loads((tmp_path / "store" / entry.rel / "chunks" / chunk / "zarr.json").read_text())

@@ -1,0 +1,117 @@
+"""The store: a root (a local path or any fsspec URL) holding one folder per cache entry."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import uuid
+from typing import Iterable
+
+import fsspec
+
+from precompute.store.entry import COMPRESSORS, DEFAULT_COMPRESSOR, Entry
+from precompute.store.key import CacheKey
+
+log = logging.getLogger(__name__)
+
+
+class ActivationStore:
+    def __init__(self, root: str, storage_options: dict | None = None, compressor: str = DEFAULT_COMPRESSOR):
+        if compressor not in COMPRESSORS and compressor != "auto":
+            raise ValueError(f"unknown compressor {compressor!r}; choose auto or one of {sorted(COMPRESSORS)}")
+        self.root = str(root).rstrip("/")
+        self.storage_options = dict(storage_options or {})
+        self.compressor = compressor
+        self.fs, self.base = fsspec.core.url_to_fs(self.root, **self.storage_options)
+        self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+
+    def url(self, rel: str) -> str:
+        return f"{self.root}/{rel}"
+
+    def put(self, rel: str, data: bytes, durable: bool = True) -> None:
+        """Write a file under the root atomically: a reader sees the old bytes or the new, never part."""
+        fs, path = self.fs, f"{self.base}/{rel}"
+        if not self.local:  # an object PUT is atomic on S3 and its kin
+            fs.pipe_file(path, data)
+            return
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        try:  # write then rename: atomic on one filesystem
+            with open(tmp, "wb") as f:
+                f.write(data)
+                if durable:
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)  # a full disk must not leave 0-byte temp files behind
+            raise
+
+    def entry(self, key: CacheKey) -> Entry:
+        """The entry for ``key``; its key.json is written (or put right, when damaged) if it can be."""
+        entry = Entry(self, key.rel(), key)
+        want = key.parts()
+        try:
+            have = json.loads(self.fs.cat_file(f"{self.base}/{entry.rel}/key.json"))
+        except (FileNotFoundError, ValueError):
+            have = None
+        if have != json.loads(json.dumps(want)):
+            try:
+                self.put(f"{entry.rel}/key.json", json.dumps(want, indent=2, sort_keys=True).encode())
+            except OSError as exc:  # a read-only store still serves what it holds
+                log.warning("cannot write %s/key.json (%s): reading the entry as it is", entry.rel, exc)
+        return entry
+
+    def open_rel(self, rel: str) -> Entry:
+        """An existing entry by its path under the root, e.g. ``resnet34/cut=0/<digest>``.
+        ValueError when its key.json is missing or damaged."""
+        try:
+            parts = json.loads(self.fs.cat_file(f"{self.base}/{rel}/key.json"))
+            key = CacheKey(**parts)
+        except FileNotFoundError:
+            raise ValueError(f"{rel}/key.json is missing") from None
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{rel}/key.json is damaged ({type(exc).__name__}: {exc})") from None
+        return Entry(self, rel, key)
+
+    def check_reachable(self) -> bool:
+        """Fail early when the store cannot be read; True when it can be written too, False when
+        it is read-only (reads and training work; computing missing rows does not)."""
+        try:
+            self.fs.makedirs(self.base, exist_ok=True)
+            self.fs.ls(self.base)
+        except FileNotFoundError:
+            pass  # an object store has no folders: an empty prefix is a new, empty store
+        except Exception as exc:  # noqa: BLE001 - any backend error means the same thing here
+            raise RuntimeError(f"activation store {self.root!r} cannot be read ({exc}); "
+                               "set PRECOMPUTE_STORE to a path or URL you can reach") from exc
+        probe = f"{self.base}/.probe-{uuid.uuid4().hex}"
+        try:
+            self.fs.pipe_file(probe, b"ok")
+        except OSError as exc:
+            log.warning("activation store %s is read-only (%s): cached rows are served, none can be added",
+                        self.root, exc)
+            return False
+        with contextlib.suppress(OSError):
+            self.fs.rm(probe)
+        return True
+
+    # housekeeping lives in its own module; these are the store's face for it
+    def entries(self) -> list[dict]:
+        from precompute.store.housekeeping import list_entries
+
+        return list_entries(self)
+
+    def remove_unused(self, keep: Iterable[str] = (), unused_for_s: float = 30 * 86400,
+                      orphan_grace_s: float = 3600.0, dry_run: bool = False) -> list[str]:
+        from precompute.store.housekeeping import remove_unused
+
+        return remove_unused(self, keep, unused_for_s, orphan_grace_s, dry_run)
+
+    def verify(self, repair: bool = False) -> list[dict]:
+        from precompute.store.housekeeping import verify_store
+
+        return verify_store(self, repair)
