@@ -4,6 +4,11 @@ Run this job with the multiprocess executor here, or with dagster-k8s / dagster-
 in a cluster: each step computes the images of its shard into the shared store (a path or an S3
 URL) with its own, disjoint chunks. Materializing `activations` afterwards finds every row
 committed and computes nothing; its checks verify the result.
+
+The source is scanned once per run, by `scan_manifest`: every shard receives that manifest as its
+input (through the run's IO manager: a pickle under DAGSTER_HOME with the multiprocess executor;
+in a cluster configure a shared one, e.g. dagster-aws's s3_pickle_io_manager) and never lists or
+reads the images to find them. The scan itself reads only what the scan index does not know.
 """
 
 import os
@@ -29,12 +34,22 @@ def plan_shards(config: ShardedPrecomputeConfig):
 
 
 @dg.op
-def compute_shard(context: dg.OpExecutionContext, config: ShardedPrecomputeConfig, shard: int,
-                  images: ImageSource, store: ActivationStoreResource, compute: ComputeDevice) -> dict:
+def scan_manifest(context: dg.OpExecutionContext, images: ImageSource):
+    """The one scan of the run: the manifest every shard computes from."""
+    scan = images.scan()
+    manifest = images.manifest(scan)
+    context.add_output_metadata({"images": len(manifest), "ok": int((manifest["status"] == "ok").sum()),
+                                 "scan": dg.MetadataValue.json({k: v for k, v in scan.stats.items() if v is not None})})
+    return manifest
+
+
+@dg.op
+def compute_shard(context: dg.OpExecutionContext, config: ShardedPrecomputeConfig, shard: int, manifest,
+                  store: ActivationStoreResource, compute: ComputeDevice) -> dict:
     arch, xtra_cut = arch_and_cut(context)
     device = compute.setup()
     bb = recipe.load_backbone(arch, xtra_cut, config.weights, config.weights_path)
-    entry, stats, _ = recipe.precompute(images.manifest(), store.get(), bb, recipe.transform_for(bb.spec, config.size),
+    entry, stats, _ = recipe.precompute(manifest, store.get(), bb, recipe.transform_for(bb.spec, config.size),
                                         config.pooled, config.dtype, config.batch_size, config.chunk_rows,
                                         compute.num_workers, device, progress_logger(context, f"shard {shard}"),
                                         shard=(shard, config.shards))
@@ -76,4 +91,5 @@ def executor_from_env():
 @dg.job(partitions_def=arch_cut, executor_def=executor_from_env(),
         description="Fill one partition's activation entry in parallel shards; then materialize activations")
 def precompute_sharded():
-    summarize_shards(plan_shards().map(compute_shard).collect())
+    manifest = scan_manifest()
+    summarize_shards(plan_shards().map(lambda shard: compute_shard(shard, manifest)).collect())

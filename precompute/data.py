@@ -13,6 +13,12 @@ Status codes (``STATUSES``):
 - ``unreadable``    identified but fails to decode (truncated or corrupt), cannot be opened (permissions),
                     is not a regular file (a pipe, a device), or a folder that cannot be listed
 - ``too_large``     more pixels than ``PIL.Image.MAX_IMAGE_PIXELS`` (decompression-bomb guard; never decoded)
+- ``bad_shape``     one side more than ``MAX_ASPECT_RATIO`` times the other (e.g. 200000x2): resizing its shorter
+                    side to the network's would need gigabytes (never decoded)
+- ``duplicate``     a CSV row repeating the path and label of an earlier row: the image counts once, from the
+                    first row (the reason names its line); the same path under another label is ``conflicting_label``
+- ``failed``        not set here: an ``ok`` image that failed to decode or transform when its activations were
+                    computed (changed since the scan, out of memory); downstream stages leave it out
 - ``outside_root``  a symlink (file or folder) resolving outside the root (never read)
 - ``bad_name``      a file or folder name that is not valid UTF-8 (never read; path shown with \\xNN escapes)
 - ``unknown_label`` no class: empty CSV label, a file directly in a split folder, or a label not in ``classes``
@@ -37,7 +43,7 @@ import io
 import logging
 import os
 import stat
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -54,14 +60,30 @@ IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm",
      ".apng", ".avif", ".heic", ".heif"}  # phone formats: a row either way (not_image where PIL lacks the codec)
 )
-STATUSES = ("ok", "missing", "empty", "not_image", "unreadable", "too_large", "outside_root", "bad_name",
-            "unknown_label", "unknown_split", "empty_class", "unseen_class", "conflicting_label")
+STATUSES = ("ok", "missing", "empty", "not_image", "unreadable", "too_large", "bad_shape", "outside_root", "bad_name",
+            "unknown_label", "unknown_split", "empty_class", "unseen_class", "conflicting_label", "duplicate", "failed")
+# Transforms resize the shorter side to ``resize`` (256 for 224 px) and keep the aspect ratio, so a
+# 200000x2 image of 1 KB would become 25.6M x 256 pixels (20 GB as RGB bytes) before the crop.
+# Bounding the ratio bounds that resized image at MAX_ASPECT_RATIO * resize**2 pixels: 3.3M (10 MB)
+# at 256, 68M at 1170 (size 1024). Real photos and panoramas stay well under 50:1.
+MAX_ASPECT_RATIO = 50
 _HASH_BLOCK = 1 << 20
 _EXIF_ORIENTATION = 0x0112
 
 
 class ManifestError(ValueError):
     """The image source cannot be turned into a manifest; the message says how to fix it."""
+
+
+class ImageLoadError(RuntimeError):
+    """One image failed to decode or transform after the scan said ``ok``; names the file and why."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(path, reason)  # both in args: the error pickles across DataLoader workers
+        self.path, self.reason = path, reason
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
 
 
 # --------------------------------------------------------------------------- manifest
@@ -74,6 +96,9 @@ def build_manifest(
     valid_fraction: float = 0.2,
     classes: list[str] | tuple[str, ...] | None = None,
     label_delim: str | None = None,
+    *,
+    storage_options: dict | None = None,
+    scan=None,
 ) -> pd.DataFrame:
     """One row per image file under ``source``, sorted by (split, label, relpath).
 
@@ -96,7 +121,42 @@ def build_manifest(
     tags separated by it (``" "`` for fastai's planet CSV), ``classes`` then lists tags.
 
     Files without an image extension (and hidden files) are skipped and counted in the log.
+
+    ``source`` may also be an fsspec URL (``s3://bucket/prefix/`` or ``s3://bucket/labels.csv``), read
+    with ``storage_options`` (default ``$PRECOMPUTE_DATA_OPTIONS``): see ``precompute.sources``.
+    ``scan`` (a ``precompute.scan_index.Scan``) names the scan index, so unchanged files are not
+    read again, and receives the scan's counts in ``scan.stats``.
     """
+    from precompute import scan_index, sources  # they import this module
+
+    if sources.is_url(source):  # object storage: one listing, the same statuses (precompute/sources.py)
+        entries, extra, root = sources.remote_entries(source, root, splits, label_delim, storage_options)
+    else:
+        entries, extra, root = _local_entries(sources.local_path(source), root, splits, label_delim)
+
+    rows = scan_index.scan_rows(source, entries, root, splits,  # reads only what the scan index lacks
+                                lambda path, root, label, split: _inspect(path, root, label, split, splits), scan)
+    for row in rows + extra:
+        if not row["split"]:  # files never read (missing, outside the root, duplicates) split by their path instead
+            key = row["image_id"] or hashlib.sha256(row["relpath"].encode()).hexdigest()
+            row["split"] = _hash_split(key, splits, valid_fraction)
+    if classes is not None:
+        _mark_unknown_labels(rows, classes, label_delim)
+    _mark_conflicting_labels(rows)
+    _mark_unseen_classes(rows, splits[0], label_delim)
+
+    df = pd.DataFrame(rows + extra, columns=MANIFEST_COLUMNS)
+    df = df.astype({"width": "Int64", "height": "Int64"})
+    df = df.sort_values(["split", "label", "relpath"], kind="stable", ignore_index=True)
+    df.attrs["label_delim"] = label_delim or None  # pandas carries attrs through filters and pickling
+    bad = df[df.status != "ok"]
+    if len(bad):
+        log.warning("%d of %d manifest rows are not usable: %s", len(bad), len(df), bad.status.value_counts().to_dict())
+    return df
+
+
+def _local_entries(source, root, splits, label_delim):
+    """(entries, extra rows, root) of a local folder or CSV; what build_manifest lists before inspecting."""
     source = Path(source).expanduser()
     if not source.exists():
         raise ManifestError(f"image source {source} does not exist: pass a folder (<split>/<class>/<file>) or a .csv")
@@ -117,30 +177,12 @@ def build_manifest(
         entries, extra = _folder_entries(source, root, splits)
     elif source.suffix.lower() == ".csv":
         root = Path(root).expanduser().resolve() if root is not None else source.resolve().parent
-        entries = _csv_entries(source, root)
+        entries, extra = _csv_entries(source, root, label_delim)
         if label_delim:
             entries = [(path, _canonical_tags(label, label_delim), split) for path, label, split in entries]
     else:
         raise ManifestError(f"image source {source} is neither a folder nor a .csv file")
-
-    rows = [_inspect(path, root, label, split, splits) for path, label, split in entries]
-    for row in rows:
-        if not row["split"]:  # files never read (missing, outside the root) split by their path instead
-            key = row["image_id"] or hashlib.sha256(row["relpath"].encode()).hexdigest()
-            row["split"] = _hash_split(key, splits, valid_fraction)
-    if classes is not None:
-        _mark_unknown_labels(rows, classes, label_delim)
-    _mark_conflicting_labels(rows)
-    _mark_unseen_classes(rows, splits[0], label_delim)
-
-    df = pd.DataFrame(rows + extra, columns=MANIFEST_COLUMNS)
-    df = df.astype({"width": "Int64", "height": "Int64"})
-    df = df.sort_values(["split", "label", "relpath"], kind="stable", ignore_index=True)
-    df.attrs["label_delim"] = label_delim or None  # pandas carries attrs through filters and pickling
-    bad = df[df.status != "ok"]
-    if len(bad):
-        log.warning("%d of %d manifest rows are not usable: %s", len(bad), len(df), bad.status.value_counts().to_dict())
-    return df
+    return entries, extra, root
 
 
 def manifest_summary(manifest: pd.DataFrame, train_split: str = "train") -> dict:
@@ -198,6 +240,8 @@ def multi_hot(labels, classes, delim: str) -> np.ndarray:
 
 
 def _tags_of(labels, delim: str | None) -> set[str]:
+    if delim is None:  # one class per image: the labels themselves (no call per row at 100k rows)
+        return set(labels)
     return {t for label in labels for t in split_tags(label, delim)}
 
 
@@ -228,7 +272,9 @@ def _under_root(path: Path, root: Path) -> Path | None:
 
 
 def _is_image_name(name: str) -> bool:
-    return not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS
+    # Path(name).suffix's answer without a Path, 5x faster (called once per file of a scan)
+    dot = name.rfind(".")
+    return dot > 0 and not name.startswith(".") and name[dot:].lower() in IMAGE_EXTENSIONS
 
 
 def _is_utf8(text: str) -> bool:
@@ -295,9 +341,10 @@ def _folder_entries(source: Path, root: Path, splits) -> tuple[list[tuple[Path, 
             dirnames[:] = keep
             if not parts:
                 images_in_class.update({d: 0 for d in keep})
+            folder = dirpath + os.sep
             for name in sorted(filenames):
                 if _is_image_name(name):
-                    entries.append((here / name, label, split))
+                    entries.append((folder + name, label, split))  # a str: 5x cheaper than a Path
                     if label:
                         images_in_class[label] += 1
                 else:
@@ -346,7 +393,8 @@ def _read_csv(csv: Path) -> pd.DataFrame:
     return pd.DataFrame(records, columns=header, dtype=object)
 
 
-def _csv_entries(csv: Path, root: Path) -> list[tuple[Path, str, str]]:
+def _csv_entries(csv: Path, root: Path, delim: str | None = None) -> tuple[list[tuple[Path, str, str]], list[dict]]:
+    """(files to inspect, ``duplicate`` rows): a path listed again with the same label counts once."""
     table = _read_csv(csv)
     table.columns = [str(c).strip().lower() for c in table.columns]
     missing = {"path", "label"} - set(table.columns)
@@ -359,7 +407,8 @@ def _csv_entries(csv: Path, root: Path) -> list[tuple[Path, str, str]]:
         log.info("ignoring columns %s in %s", sorted(extra), csv)
     has_split = "split" in table.columns
 
-    entries, skipped = [], 0
+    entries, skipped, duplicates = [], 0, []
+    first_line: dict[tuple[Path, str], int] = {}  # (path, label) -> the line that lists it first
     for line, rec in enumerate(table.to_dict("records"), start=2):  # line 1 is the header
         raw = rec["path"].strip()
         if not raw:
@@ -371,15 +420,29 @@ def _csv_entries(csv: Path, root: Path) -> list[tuple[Path, str, str]]:
                 f"{csv} line {line}: path {raw!r} is outside the root {root}; "
                 "move the image under the root or pass root=... that contains it"
             )
-        if _is_image_name(path.name):
-            entries.append((path, rec["label"].strip(), rec["split"].strip() if has_split else ""))
-        else:
+        if not _is_image_name(path.name):
             skipped += 1
+            continue
+        label, split = rec["label"].strip(), rec["split"].strip() if has_split else ""
+        # Same path, other label: both are inspected and become conflicting_label (no copy can be right).
+        same = (path, label if delim is None else _canonical_tags(label, delim))
+        if same in first_line:
+            duplicates.append(dict(image_id="", path=_printable(str(path)),
+                                   relpath=_printable(path.relative_to(root).as_posix()), label=_printable(label),
+                                   split=split, width=None, height=None, status="duplicate",
+                                   reason=f"line {line} repeats line {first_line[same]} (same path and label): the "
+                                          "image counts once, from that line; remove this row"))
+            continue
+        first_line[same] = line
+        entries.append((path, label, split))
     if skipped:
         log.info("skipped %d CSV rows without an image extension in %s", skipped, csv)
+    if duplicates:
+        log.warning("%d CSV rows of %s repeat the path and label of an earlier row: each image counts once; "
+                    "remove the repeated rows (status 'duplicate')", len(duplicates), csv)
     if not entries:
         raise ManifestError(f"{csv} lists no image files; paths must end in one of {' '.join(sorted(IMAGE_EXTENSIONS))}")
-    return entries
+    return entries, duplicates
 
 
 def _mark_unknown_labels(rows: list[dict], classes, delim: str | None = None) -> None:
@@ -393,9 +456,10 @@ def _mark_unknown_labels(rows: list[dict], classes, delim: str | None = None) ->
 
 def _mark_conflicting_labels(rows: list[dict]) -> None:
     """Identical bytes under different labels: no copy can be right for both, so none is used."""
+    copies = Counter(row["image_id"] for row in rows if row["status"] == "ok")
     by_id: dict[str, list[dict]] = defaultdict(list)
-    for row in rows:
-        if row["status"] == "ok":
+    for row in rows:  # only ids with copies are grouped: one list per row would be 100k lists on a big scan
+        if row["status"] == "ok" and copies[row["image_id"]] > 1:
             by_id[row["image_id"]].append(row)
     leaked = 0
     for same in by_id.values():
@@ -417,7 +481,7 @@ def _mark_unseen_classes(rows: list[dict], train_split: str, delim: str | None =
     trained = _tags_of((r["label"] for r in rows if r["status"] == "ok" and r["split"] == train_split), delim)
     unseen: dict[str, int] = defaultdict(int)
     for row in rows:
-        if row["status"] != "ok" or row["split"] == train_split:
+        if row["status"] != "ok" or row["split"] == train_split or (delim is None and row["label"] in trained):
             continue
         for cls in (c for c in split_tags(row["label"], delim) if c not in trained):
             unseen[cls] += 1
@@ -465,6 +529,8 @@ def _inspect(path: Path, root: Path, label: str, split: str, splits) -> dict:
             limit = Image.MAX_IMAGE_PIXELS
             if limit and w * h > limit:  # PIL only warns up to 2x the limit; refuse before decoding
                 return fail("too_large", f"{w}x{h} pixels exceeds PIL.Image.MAX_IMAGE_PIXELS={limit}")
+            if problem := shape_problem(w, h):
+                return fail("bad_shape", problem)
             orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
             img.draft(img.mode, (1, 1))  # JPEG: decode at 1/8 scale; every byte is still read, so truncation shows
             img.load()
@@ -505,6 +571,16 @@ def scan_images(folder: str | Path) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
 
 
+def shape_problem(width: int, height: int) -> str | None:
+    """Why an image of this size cannot be resized for the network (see MAX_ASPECT_RATIO); None if it can."""
+    short, long = sorted((width, height))
+    if long <= MAX_ASPECT_RATIO * short:
+        return None
+    return (f"{width}x{height} pixels: aspect ratio {long / max(short, 1):.0f}:1 exceeds {MAX_ASPECT_RATIO}:1, and "
+            f"resizing its shorter side to 256 would make it {long * 256 // max(short, 1):,} pixels long; "
+            "crop or pad it to a saner shape")
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -529,6 +605,10 @@ def load_rgb(path: str | Path) -> Image.Image:
     hold arbitrary colour (commonly black) that dropping alpha would expose. 16-bit images are
     scaled to 8 bits (65535 -> 255) instead of being clipped. CMYK is converted by PIL.
     """
+    if isinstance(path, str) and "://" in path:  # an image in object storage (precompute/sources.py)
+        from precompute.sources import open_image
+
+        path = open_image(path)
     with Image.open(path) as img:
         img = ImageOps.exif_transpose(img)  # returns a loaded copy, independent of the file
     return to_rgb(img)
@@ -691,5 +771,12 @@ class ImageDataset(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        x = self.transform(load_rgb(self.paths[i]))
+        path = self.paths[i]
+        try:  # the file may have changed since the scan: fail naming it, never with a bare MemoryError
+            img = load_rgb(path)
+            if problem := shape_problem(*img.size):  # before the resize that would need the memory
+                raise ValueError(problem)
+            x = self.transform(img)
+        except Exception as e:  # noqa: BLE001 - decode errors are OSError, SyntaxError, ValueError, MemoryError ...
+            raise ImageLoadError(path, f"{type(e).__name__}: {e}") from e
         return x, (self.labels[i] if self.labels is not None else -1)

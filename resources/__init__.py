@@ -25,23 +25,50 @@ class ImageSource(dg.ConfigurableResource):
     scikit-learn's digits as an image folder under the project home. For a multi-label CSV
     (several tags per image in the label column) set PRECOMPUTE_LABEL_DELIM to the character
     between the tags (" " for fastai's planet CSV): the heads then use sigmoid outputs.
+
+    ``source`` may be an fsspec URL (``s3://bucket/images/`` or ``s3://bucket/labels.csv``) read
+    with ``storage_options_json`` (PRECOMPUTE_DATA_OPTIONS). ``scan_index`` is where the scan
+    index lives (default beside the activation store, see precompute/scan_index.py); with it a
+    manifest reads only new and changed files. ``full_rescan`` reads every file again.
     """
 
     source: str = DEMO_SOURCE
     root: Optional[str] = None  # for a CSV: folder its paths are relative to (default: the CSV's)
     label_delim: Optional[str] = None  # multi-label CSV: the character between an image's tags
+    storage_options_json: str = ""  # fsspec options of a URL source as JSON; "" = $PRECOMPUTE_DATA_OPTIONS
+    scan_index: Optional[str] = None  # folder or URL of the scan index; None: every scan reads every file
+    scan_index_options_json: str = "{}"  # fsspec options of the scan index location (those of the store)
+    full_rescan: bool = False  # ignore the scan index once: read every file and rewrite it
+    concurrency: int = 16  # remote objects read at once
+    timeout_s: float = 60.0  # per remote object
 
-    def resolve(self) -> Path:
+    def resolve(self) -> str | Path:
+        """The source as build_manifest takes it: a local Path, or a URL string."""
         if self.source == DEMO_SOURCE:
             from precompute.demo_data import write_digits_folder
 
             return write_digits_folder(project_home() / "data" / "digits")
-        return Path(self.source).expanduser()
+        from precompute.sources import is_url
 
-    def manifest(self):
+        return self.source if is_url(self.source) else Path(self.source).expanduser()
+
+    def storage_options(self) -> Optional[dict]:
+        return json.loads(self.storage_options_json) if self.storage_options_json.strip() else None
+
+    def scan(self, max_reads: Optional[int] = None):
+        """A ``precompute.scan_index.Scan`` with this source's index and limits (its ``stats`` fill in)."""
+        from precompute.scan_index import Scan, ScanIndex
+
+        options = json.loads(self.scan_index_options_json or "{}")
+        index = ScanIndex(self.scan_index, options) if self.scan_index else None
+        return Scan(index=index, full_rescan=self.full_rescan, max_reads=max_reads, concurrency=self.concurrency,
+                    timeout_s=self.timeout_s)
+
+    def manifest(self, scan=None):
         from precompute.data import build_manifest
 
-        return build_manifest(self.resolve(), root=self.root, label_delim=self.label_delim or None)
+        return build_manifest(self.resolve(), root=self.root, label_delim=self.label_delim or None,
+                              storage_options=self.storage_options(), scan=scan if scan is not None else self.scan())
 
 
 class ActivationStoreResource(dg.ConfigurableResource):
@@ -85,16 +112,33 @@ class ComputeDevice(dg.ConfigurableResource):
         return self.device
 
 
+def scan_index_location(store_root: str) -> Optional[str]:
+    """$PRECOMPUTE_SCAN_INDEX (a folder or URL; "off" for none), default <store>/_scan_index: the store is
+    what a team shares, so one machine's scan spares the others theirs (precompute/scan_index.py)."""
+    value = os.environ.get("PRECOMPUTE_SCAN_INDEX", "").strip()
+    if value.lower() in ("off", "none", "0"):
+        return None
+    return value or f"{str(store_root).rstrip('/')}/_scan_index"
+
+
 def default_resources() -> dict:
     """The embedded defaults: no server, everything under the project home; env vars override."""
     from precompute.tracking import default_tracking_uri
 
     home = project_home()
+    store_root = os.environ.get("PRECOMPUTE_STORE", str(home / "activations"))
     return {
         "images": ImageSource(source=os.environ.get("PRECOMPUTE_DATA", DEMO_SOURCE),
                               root=os.environ.get("PRECOMPUTE_DATA_ROOT"),
-                              label_delim=os.environ.get("PRECOMPUTE_LABEL_DELIM") or None),
-        "store": ActivationStoreResource(root=os.environ.get("PRECOMPUTE_STORE", str(home / "activations")),
+                              label_delim=os.environ.get("PRECOMPUTE_LABEL_DELIM") or None,
+                              storage_options_json=os.environ.get("PRECOMPUTE_DATA_OPTIONS", ""),
+                              scan_index=scan_index_location(store_root),
+                              scan_index_options_json=os.environ.get("PRECOMPUTE_SCAN_INDEX_OPTIONS",
+                                                                     os.environ.get("PRECOMPUTE_STORE_OPTIONS", "{}")),
+                              full_rescan=os.environ.get("PRECOMPUTE_FULL_RESCAN", "") in ("1", "true", "yes"),
+                              concurrency=int(os.environ.get("PRECOMPUTE_DATA_CONCURRENCY", "16")),
+                              timeout_s=float(os.environ.get("PRECOMPUTE_DATA_TIMEOUT_S", "60"))),
+        "store": ActivationStoreResource(root=store_root,
                                          storage_options_json=os.environ.get("PRECOMPUTE_STORE_OPTIONS", "{}"),
                                          compressor=os.environ.get("PRECOMPUTE_STORE_COMPRESSOR", "")),
         "tracking": MlflowTracking(tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", default_tracking_uri(home)),

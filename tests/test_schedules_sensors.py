@@ -192,13 +192,20 @@ def test_sensor_launches_only_when_the_folder_changes(instance, photos):
     assert len(changed.run_requests) == len(keys)
     cursor = changed.cursor
 
-    st = victim.stat()  # rewritten with the same size: the mtime alone tells
+    st = victim.stat()  # touched: the fingerprint moves, the content does not, so nothing runs
     os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     touched = tick(instance, photos, cursor)
-    assert len(touched.run_requests) == len(keys)
+    assert touched.run_requests == [] and "content" in touched.skip_message
+    assert touched.cursor != cursor  # the new fingerprint is remembered: the next tick skips at once
+    assert "unchanged" in tick(instance, photos, touched.cursor).skip_message
+
+    victim.write_bytes(spare_photo(7).read_bytes())  # rewritten in place with other bytes
+    rewritten = tick(instance, photos, touched.cursor)
+    assert len(rewritten.run_requests) == len(keys)
+    assert not {r.run_key for r in rewritten.run_requests} & {r.run_key for r in changed.run_requests}
 
     victim.unlink()  # a removed image changes the training set too
-    assert len(tick(instance, photos, touched.cursor).run_requests) == len(keys)
+    assert len(tick(instance, photos, rewritten.cursor).run_requests) == len(keys)
 
 
 def test_sensor_on_a_csv_source(instance, photos, tmp_path):
@@ -212,7 +219,9 @@ def test_sensor_on_a_csv_source(instance, photos, tmp_path):
     shutil.copy(spare_photo(), photos / "train" / "dogs" / "unlisted.jpg")  # not in the CSV: no run
     assert tick(instance, csv, first.cursor).run_requests == []
 
-    os.utime(photos / listed[0], ns=(0, 10**18))  # a listed image changed
+    os.utime(photos / listed[0], ns=(0, 10**18))  # a listed image touched: same bytes, no run
+    assert tick(instance, csv, first.cursor).run_requests == []
+    (photos / listed[0]).write_bytes(spare_photo(8).read_bytes())  # a listed image changed
     second = tick(instance, csv, first.cursor)
     assert second.run_requests
 

@@ -34,6 +34,10 @@ def test_two_shards_equal_one(tmp_path, tiny_tree, monkeypatch):
             steps = {e.step_key: e.pid for e in result.all_events if e.event_type_value == "STEP_START"}
             shard_results = dict(result.output_for_node("compute_shard"))
     assert len({pid for step, pid in steps.items() if step.startswith("compute_shard")}) == 2  # two processes
+    # one scan for the run: the shards get its manifest and cannot reach the image source themselves
+    assert [step for step in steps if "scan" in step] == ["scan_manifest"]
+    from pipelines.sharding import compute_shard
+    assert "images" not in compute_shard.required_resource_keys
     assert set(shard_results) == {"shard_0", "shard_1"}
     assert all(r["computed"] > 0 for r in shard_results.values())  # both shards did work
     manifest = build_manifest(tiny_tree)
@@ -53,5 +57,5 @@ def test_two_shards_equal_one(tmp_path, tiny_tree, monkeypatch):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     assert np.abs(got - want).mean() < 1e-6  # the bulk agrees far more tightly than the worst element
     # disjoint chunks: every committed chunk holds images of one shard only
-    for record in (sharded.index(refresh=True), sharded._records)[1]:
+    for record in (sharded.index(refresh=True), sharded.records)[1].values():  # chunk -> its commit record
         assert len({in_shard(i, 0, 2) for i in record["ids"]}) == 1
