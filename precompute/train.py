@@ -207,11 +207,12 @@ def tensor_batches(x: np.ndarray, y: np.ndarray, batch_size: int = 512):
 
 # -- the loop ---------------------------------------------------------------------------------------
 
-def loss_fn(multilabel: bool):
-    """Softmax cross-entropy for one class per image; sigmoid + BCE for several labels per image."""
+def loss_fn(multilabel: bool, label_smoothing: float = 0.0):
+    """Softmax cross-entropy for one class per image (optionally label-smoothed, for training);
+    sigmoid + BCE for several labels per image."""
     if multilabel:
         return lambda out, y: nn.functional.binary_cross_entropy_with_logits(out, y.float())
-    return lambda out, y: nn.functional.cross_entropy(out, y.long())
+    return lambda out, y: nn.functional.cross_entropy(out, y.long(), label_smoothing=label_smoothing)
 
 
 def _correct(out: torch.Tensor, y: torch.Tensor, multilabel: bool) -> float:
@@ -247,7 +248,7 @@ def fit(model: nn.Module, groups: Sequence[nn.Module], lrs: Sequence[float],
         train_batches: Callable[[torch.Generator], Iterable], valid_batches: Callable[[], Iterable],
         steps_per_epoch: int, schedule: Schedule = Schedule(), seed: int = 0, wd: float = 1e-2,
         device="cpu", multilabel: bool = False, freeze_bn_stats: bool = True,
-        on_epoch: EpochCallback | None = None) -> list[dict]:
+        on_epoch: EpochCallback | None = None, label_smoothing: float = 0.0) -> list[dict]:
     """Train ``model``; one row per epoch (losses, accuracy, seconds, and the lr of every step).
 
     ``freeze_bn_stats`` keeps every BatchNorm's running statistics fixed (Keras' advice for
@@ -260,7 +261,7 @@ def fit(model: nn.Module, groups: Sequence[nn.Module], lrs: Sequence[float],
     channels_last(model.to(device))  # before the optimizer: it holds the parameters it is given
     opt = _optimizer(groups, lrs, wd)
     sched = schedule.build(opt, steps_per_epoch)
-    criterion = loss_fn(multilabel)
+    criterion = loss_fn(multilabel, label_smoothing)  # validation loss stays the plain one
     history = []
     for epoch in range(schedule.total_epochs):
         t0 = time.perf_counter()
@@ -291,14 +292,14 @@ def fit(model: nn.Module, groups: Sequence[nn.Module], lrs: Sequence[float],
 def fit_head_on_cache(head: nn.Module, train: ArrayRows | StreamedRows, valid: ArrayRows | StreamedRows,
                       epochs: int = 3, lr: float = 1e-3, batch_size: int = 64, seed: int = 0, wd: float = 1e-2,
                       on_epoch: EpochCallback | None = None, schedule: Schedule | None = None,
-                      multilabel: bool = False) -> list[dict]:
+                      multilabel: bool = False, label_smoothing: float = 0.0) -> list[dict]:
     """Train the head on cached activations: no image is decoded, no body run."""
     if len(train) < 2:
         raise ConfigError(f"{len(train)} training rows: the head needs at least 2 training images")
     schedule = schedule or Schedule("one_cycle", epochs=epochs)
     return fit(head, [head], [lr], lambda gen: train.batches(batch_size, gen), lambda: valid.batches(512),
                train.n_batches(batch_size), schedule, seed, wd, "cpu", multilabel, freeze_bn_stats=False,
-               on_epoch=on_epoch)
+               on_epoch=on_epoch, label_smoothing=label_smoothing)
 
 
 # -- lr_find -------------------------------------------------------------------------------------

@@ -1,0 +1,115 @@
+"""head_sweep: many heads on one partition's cache (precompute.sweep), tracked and reusable.
+
+Each configuration is an MLflow child run (its params and per-epoch metrics) under one sweep run,
+itself under the pipeline run's parent. Unchanged cache (the activations' view key), grid, batch
+size and seed return the earlier sweep, kept beside the cache entry: nothing trains, no run starts.
+"""
+
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import dagster as dg
+
+from assets._util import png_markdown
+from assets.partitions import arch_and_cut, arch_cut
+from precompute import recipe, sweep
+from precompute.data import class_names
+from precompute.train import ConfigError
+from resources import ActivationStoreResource, ComputeDevice, MlflowTracking
+
+
+class HeadSweepConfig(dg.Config):
+    search: str = "grid"                              # grid | random
+    lr: list[float] = [1e-3, 3e-3, 1e-2]              # grid values; random: [lo, hi], log-uniform
+    ps: list[Optional[float]] = [None, 0.5]           # dropout per block; None: fastai's 0.25 ... 0.5
+    xtra_fc: list[list[int]] = [[512]]                # hidden layer sizes
+    epochs: list[int] = [3]
+    wd: list[float] = [1e-2]
+    label_smoothing: list[float] = [0.0]
+    n_random: int = 20                                # configurations drawn when search = random
+    batch_size: int = 64
+    seed: int = 0
+    reuse: bool = True                                # same cache, grid and seed: the earlier sweep
+
+    def configs(self) -> list[sweep.HeadConfig]:
+        space = dict(ps=self.ps, xtra_fc=[tuple(x) for x in self.xtra_fc], epochs=self.epochs, wd=self.wd,
+                     label_smoothing=self.label_smoothing)
+        if self.search == "grid":
+            return sweep.grid(lr=self.lr, **space)
+        if self.search == "random":
+            if len(self.lr) != 2:
+                raise ConfigError("search: random takes lr as a range [lo, hi]")
+            return sweep.random_search(self.n_random, self.seed, lr=(min(self.lr), max(self.lr)), **space)
+        raise ConfigError(f"search {self.search!r}: choose grid or random")
+
+
+def _metadata(summary: dict, fingerprint: str, reused: bool, tracking_uri: str) -> dict:
+    import pandas as pd
+
+    table = pd.DataFrame(summary["table"])
+    plot = sweep.plot_sweep(table, Path(tempfile.mkdtemp(prefix="head_sweep-")) / "head_sweep.png")
+    best = summary["table"][summary["best_index"]]
+    return {"reused": reused, "fingerprint": fingerprint, "n_configs": len(table),
+            "best_config": dg.MetadataValue.json(summary["best"]),
+            "best_valid_accuracy": float(best["valid_accuracy"]), "best_valid_loss": float(best["valid_loss"]),
+            "sweep_seconds": float(summary["seconds"]), "mlflow_run_id": summary.get("mlflow_run_id", ""),
+            "mlflow_tracking_uri": tracking_uri,
+            "table": dg.MetadataValue.md(sweep.markdown_table(table, summary["best_index"])),
+            "plot": dg.MetadataValue.md(png_markdown(plot, "head sweep: valid accuracy and loss vs lr"))}
+
+
+@dg.asset(group_name="recipe", partitions_def=arch_cut, code_version=sweep.SWEEP_CODE_VERSION,
+          tags={"precompute/cacheable": "true"})
+def head_sweep(context: dg.AssetExecutionContext, config: HeadSweepConfig, image_manifest, activations,
+               store: ActivationStoreResource, tracking: MlflowTracking, compute: ComputeDevice):
+    """Many heads on the cached activations in one process (same-shape heads batched together);
+    a table, a plot and the best configuration."""
+    image_manifest = recipe.without_failed(image_manifest, activations.get("failed_images"))
+    try:
+        configs = config.configs()
+    except ConfigError as exc:
+        raise dg.Failure(str(exc), allow_retries=False) from exc
+    compute.setup()
+    entry = recipe.open_entry(store.get(), activations)
+    fingerprint = sweep.sweep_fingerprint(activations["view_key"], configs, config.batch_size, config.seed)
+    found = sweep.load_sweep(entry, fingerprint) if config.reuse else None
+    if found is not None:
+        context.log.info(f"head_sweep reused: same activations ({activations['view_key']}), grid and seed as "
+                         f"MLflow run {found.get('mlflow_run_id')}; nothing trained")
+        return dg.Output(found, data_version=dg.DataVersion(fingerprint),
+                         metadata=_metadata(found, fingerprint, True, tracking.tracking_uri))
+    classes = class_names(image_manifest)
+    train = recipe.cached_rows(entry, image_manifest, classes, "train", recipe.DEFAULT_MEMORY_BUDGET)
+    valid = recipe.cached_rows(entry, image_manifest, classes, "valid", recipe.DEFAULT_MEMORY_BUDGET)
+    try:
+        result = sweep.head_sweep(train, valid, len(classes), configs, config.batch_size, config.seed)
+    except ConfigError as exc:
+        raise dg.Failure(str(exc), allow_retries=False) from exc
+    summary = sweep.summary(result)
+    arch, xtra_cut = arch_and_cut(context)
+    tracker = tracking.tracker()
+    tags = {"dagster.run_id": context.run.run_id, "dagster.partition": context.partition_key, "stage": "head_sweep",
+            "arch": arch, "mlflow.parentRunId": tracker.parent_run(context.run.run_id, context.partition_key)}
+    params = {"arch": arch, "cut": xtra_cut, "n_configs": len(configs), "fingerprint": fingerprint,
+              "view_key": activations["view_key"], **config.model_dump(exclude={"reuse"})}
+    with tracker.run(f"head_sweep {arch} cut={xtra_cut}", params, tags) as parent:
+        children = []
+        for i, (cfg, history) in enumerate(zip(configs, result.histories)):
+            child_tags = {**tags, "stage": "head_sweep.config", "mlflow.parentRunId": parent.run_id}
+            with tracker.run(f"head_sweep config {i}", {"config": i, **cfg.as_dict(), "seed": config.seed,
+                                                        "batch_size": config.batch_size}, child_tags) as child:
+                child.history(history)
+            children.append(child.run_id)
+        best = summary["table"][summary["best_index"]]
+        parent.metrics({"best_valid_accuracy": best["valid_accuracy"], "best_valid_loss": best["valid_loss"],
+                        "best_config": summary["best_index"], "seconds": result.seconds})
+        parent.json(summary["table"], "sweep_table.json")
+        parent.params({f"best.{k}": v for k, v in summary["best"].items()})
+    summary.update(mlflow_run_id=parent.run_id, child_run_ids=children, fingerprint=fingerprint,
+                   view_key=activations["view_key"], classes=list(classes))
+    sweep.save_sweep(entry, fingerprint, summary)
+    context.log.info(f"head_sweep: {len(configs)} configurations in {result.seconds:.1f}s; best config "
+                     f"{summary['best_index']} {summary['best']} valid_accuracy {best['valid_accuracy']:.4f}")
+    return dg.Output(summary, data_version=dg.DataVersion(fingerprint),
+                     metadata=_metadata(summary, fingerprint, False, tracking.tracking_uri))
