@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	mkdir -p $(DAGSTER_HOME)
+	mkdir -p "$(DAGSTER_HOME)"
 	$(PY) -m pipelines.demo
 
 test: $(STAMP)

@@ -29,6 +29,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable, Iterator
 
+import google_crc32c
 import numpy as np
 import zarr
 import zarr.codecs
@@ -492,8 +493,6 @@ class Entry:
 
 
 def _crc(data: bytes) -> int:
-    import google_crc32c
-
     return google_crc32c.value(data)
 
 
