@@ -1,6 +1,6 @@
 import dagster as dg
 
-from precompute.data import manifest_summary
+from precompute.manifest import manifest_summary
 from precompute.scan_index import manifest_digest
 
 from resources import ImageSource

@@ -14,7 +14,7 @@ import dagster as dg
 from assets._util import png_markdown
 from assets.partitions import arch_and_cut, arch_cut
 from precompute import recipe, sweep
-from precompute.data import class_names
+from precompute.labels import class_names
 from precompute.train import ConfigError
 from resources import ActivationStoreResource, ComputeDevice, MlflowTracking
 

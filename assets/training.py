@@ -17,8 +17,8 @@ from assets._util import png_markdown
 from assets.partitions import arch_and_cut, arch_cut
 from precompute import evaluate, recipe
 from precompute.archs import get_arch
-from precompute.data import TransformSpec, train_transform
 from precompute.train import ConfigError, Schedule
+from precompute.transforms import TransformSpec, train_transform
 from precompute.validate import validate_run
 from resources import ActivationStoreResource, ComputeDevice, MlflowTracking
 
@@ -216,7 +216,7 @@ def _augmented_samples(record: dict, image_manifest, config: ImageStageConfig) -
     """What the model sees: 8 augmented training images, as Markdown."""
     import torch
 
-    from precompute.data import load_rgb
+    from precompute.images import load_rgb
 
     ts = TransformSpec(**record["transform"])
     if config.size:

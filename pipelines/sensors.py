@@ -35,7 +35,7 @@ import dagster as dg
 from assets.partitions import arch_cut
 from pipelines.schedules import RECIPE_JOB
 from precompute import sources
-from precompute.data import ManifestError, _is_image_name
+from precompute.manifest import ManifestError, _is_image_name
 from precompute.scan_index import ScanBudgetExceeded, manifest_digest
 from resources import ImageSource
 

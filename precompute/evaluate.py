@@ -109,7 +109,7 @@ def top_losses(probs: np.ndarray, targets: np.ndarray, k: int = 8) -> np.ndarray
 
 
 def plot_image_grid(paths: Sequence[str], captions: Sequence[str], path: Path, cols: int = 4) -> Path:
-    from precompute.data import load_rgb
+    from precompute.images import load_rgb
 
     rows = max(1, -(-len(paths) // cols))
     fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.2 * rows), squeeze=False)

@@ -15,9 +15,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from precompute.archs import as_channels_last, channels_last
-from precompute.data import ImageDataset, ImageLoadError
 from precompute.heads import concat_pool
+from precompute.images import ImageLoadError
 from precompute.store import Entry
+from precompute.transforms import ImageDataset
 
 log = logging.getLogger(__name__)
 

@@ -34,12 +34,13 @@ from torch import nn
 from precompute import recipe
 from precompute.archs import body_output_shape, describe_groups, layer_groups
 from precompute.archs import freeze_to as freeze_groups
-from precompute.data import (AUGMENTATION_PRESETS, TransformSpec, build_manifest, class_names, eval_transform,
-                             is_multilabel, ok_rows, train_transform)
 from precompute.heads import build_head
+from precompute.labels import class_names, is_multilabel
+from precompute.manifest import build_manifest, ok_rows
 from precompute.store import ActivationStore, Entry
 from precompute.train import (ConfigError, LearningRates, Schedule, StreamedRows, fit_head_on_cache, group_lrs,
                               lr_find, predict_proba, tensor_batches)
+from precompute.transforms import AUGMENTATION_PRESETS, TransformSpec, eval_transform, train_transform
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def augmentation_args(aug_tfms: AugTfms) -> dict | None:
     if isinstance(aug_tfms, str):
         if aug_tfms not in AUGMENTATION_PRESETS:
             raise ConfigError(f"aug_tfms={aug_tfms!r}: choose a preset ({', '.join(sorted(AUGMENTATION_PRESETS))}), "
-                              "a dict of precompute.data.train_transform's arguments, or None")
+                              "a dict of precompute.transforms.train_transform's arguments, or None")
         return {"preset": aug_tfms}
     if isinstance(aug_tfms, dict):
         unknown = set(aug_tfms) - _AUG_ARGS
@@ -185,7 +186,7 @@ class Interpretation:
         return fig
 
     def plot_top_losses(self, k: int = 8, cols: int = 4) -> Figure:
-        from precompute.data import load_rgb
+        from precompute.images import load_rgb
 
         table = self.top_losses(k)
         rows = max(1, -(-len(table) // cols))
@@ -253,7 +254,7 @@ class Learner:
 
         ``data``: an image folder (``train/<class>/*``, ``valid/<class>/*``), a CSV of
         ``path,label[,split]`` (``label_delim`` for several tags per image), or a manifest from
-        ``precompute.data.build_manifest``. ``size``: image side (default: the arch's). ``store``:
+        ``precompute.manifest.build_manifest``. ``size``: image side (default: the arch's). ``store``:
         a path, an fsspec URL or an ``ActivationStore``; default ``default_store()``.
         ``xtra_cut``, ``ps``, ``xtra_fc`` (default ``[512]``), ``custom_head``: as fastai's.
         ``weights='random'`` skips the pretrained weights; ``weights_path`` names a file.
@@ -269,7 +270,7 @@ class Learner:
         missing = {"image_id", "path", "label", "split", "status"} - set(manifest.columns)
         if missing:
             raise ConfigError(f"data is a DataFrame without the manifest columns {sorted(missing)}: "
-                              "pass a folder, a CSV, or precompute.data.build_manifest(...)")
+                              "pass a folder, a CSV, or precompute.manifest.build_manifest(...)")
         if not isinstance(store, ActivationStore):
             store = ActivationStore(str(store) if store is not None else default_store())
         bb = recipe.load_backbone(arch, xtra_cut, weights, weights_path)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from precompute.data import scan_images
+from precompute.manifest import scan_images
 from precompute.recipe import checked_record, predict_paths
 
 MODEL_ARTIFACT_DIR = "model"

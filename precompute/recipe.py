@@ -18,14 +18,15 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from precompute.archs import ArchSpec, body_output_shape, cut_body, describe_groups, freeze_to, get_arch, layer_groups
-from precompute.data import (ImageDataset, TransformSpec, class_names, eval_transform, is_multilabel, label_delim,
-                             multi_hot, ok_rows, split_tags, train_transform)
 from precompute.features import PrecomputeStats, compute_activations
 from precompute.heads import UnknownHead, build_head, check_head_config
+from precompute.labels import class_names, is_multilabel, label_delim, multi_hot, split_tags
+from precompute.manifest import ok_rows
 from precompute.store import ActivationStore, CacheCorruption, CacheKey, Entry, ResultCache, VerifyReport, view_key
 from precompute.train import (ArrayRows, EpochCallback, LearningRates, Schedule, StreamedRows, check_precompute_augment,
                               differential_lrs, fit, fit_head_on_cache, group_lrs, lr_find, predict_proba,
                               tensor_batches)
+from precompute.transforms import ImageDataset, TransformSpec, eval_transform, train_transform
 from precompute.weights import load_weights
 
 # Cached rows up to this size (as float32) are loaded once; larger sets are streamed per chunk.

@@ -9,7 +9,7 @@ its path relative to the root), a signature and what checking the file found:
 A scan stats (locally) or lists (remotely) every file, which it must do anyway to find them. A
 file whose signature matches its entry is not opened: its row is rebuilt from the entry, with the
 label and split of this scan. Any other file is hashed and decoded exactly as without an index
-(``data._inspect``) and its result recorded. Only results that depend on the bytes alone are
+(``manifest._inspect``) and its result recorded. Only results that depend on the bytes alone are
 recorded (``ok``, ``not_image``, ``too_large``, ``bad_shape``, a decode failure; a file refused
 only for its label or split is checked once more without them, to learn its own result): a
 missing file, a permission error or a network timeout is looked at again next time. A file
@@ -38,8 +38,8 @@ Safety:
   never a wrong row, because an entry is only used when its signature still matches;
 - ``full_rescan`` ignores the entries (every file is read again) and rewrites them;
 - the index names a fingerprint of the checks (the code of ``_inspect`` and what it calls, the
-  module's constants, PIL's version and pixel limit): when the checks change, old entries are not
-  trusted and the next scan is a full one.
+  constants of their modules, ``precompute.manifest`` and ``precompute.images``, PIL's version and
+  pixel limit): when the checks change, old entries are not trusted and the next scan is a full one.
 """
 
 from __future__ import annotations
@@ -72,7 +72,8 @@ INDEX_DIR = "_scan_index"
 _FIELDS = ("rel", "size", "mtime_ns", "ctime_ns", "ino", "token", "image_id", "status", "reason", "width", "height")
 _BYTES_STATUSES = frozenset({"ok", "not_image", "too_large", "bad_shape", "unreadable"})  # results of the bytes alone
 _LABEL_STATUSES = ("unknown_label", "unknown_split")  # set by _inspect for the row, not the bytes
-_CHECK_FUNCTIONS = ("_inspect", "_sha256", "shape_problem", "to_rgb")  # data.py's checks, by name
+_CHECK_FUNCTIONS = (("precompute.manifest", "_inspect"), ("precompute.manifest", "_sha256"),  # the checks:
+                    ("precompute.images", "shape_problem"), ("precompute.images", "to_rgb"))  # (module, name)
 _TRANSIENT = ("PermissionError", "FileNotFoundError", "TimeoutError", "OSError: [Errno", "ConnectionError")
 
 try:  # pyarrow comes with mlflow; the JSON format is the fallback
@@ -99,17 +100,18 @@ def checks_fingerprint() -> str:
     from PIL import Image
 
     if _checks is None:
+        import importlib
         import inspect
 
         import PIL
 
-        from precompute import data
-
-        consts = {k: sorted(v) if isinstance(v, frozenset) else v for k, v in vars(data).items()
+        modules = [importlib.import_module(m) for m in dict.fromkeys(m for m, _ in _CHECK_FUNCTIONS)]
+        consts = {k: sorted(v) if isinstance(v, frozenset) else v
+                  for module in modules for k, v in vars(module).items()
                   if k.isupper() and isinstance(v, (int, float, str, tuple, frozenset))}
         # unwrap: a wrapper (a test's spy, a profiler) around a check is not another check
-        code = [inspect.getsource(inspect.unwrap(f)) for f in (getattr(data, n, None) for n in _CHECK_FUNCTIONS)
-                if f is not None]
+        code = [inspect.getsource(inspect.unwrap(f))
+                for f in (getattr(importlib.import_module(m), n, None) for m, n in _CHECK_FUNCTIONS) if f is not None]
         parts = [INDEX_FORMAT, PIL.__version__, consts, code]
         _checks = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return f"{_checks}-{Image.MAX_IMAGE_PIXELS}"  # the pixel limit may be changed at run time
@@ -433,7 +435,7 @@ def _budget(scan: Scan, to_read: int, files: int) -> None:
 
 
 def _scan_local(source, entries, root: Path, splits, inspect, scan: Scan):
-    from precompute.data import _is_inside, _printable
+    from precompute.manifest import _is_inside, _printable
 
     root_s = str(root)
     prefix = root_s if root_s.endswith("/") else root_s + "/"

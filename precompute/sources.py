@@ -176,7 +176,8 @@ def remote_entries(source: str, root: str | None, splits, label_delim: str | Non
 
     Entries are ``(fs path, label, split)``, multi-label tags already canonical as for a local CSV.
     """
-    from precompute.data import ManifestError, _canonical_tags
+    from precompute.labels import _canonical_tags
+    from precompute.manifest import ManifestError
 
     if label_delim is not None and (not label_delim or label_delim.isalnum()):
         raise ManifestError(f"label_delim {label_delim!r}: give the character between an image's tags, e.g. ' ' or ';'")
@@ -215,8 +216,8 @@ def remote_entries(source: str, root: str | None, splits, label_delim: str | Non
 
 
 def _remote_folder_entries(source: str, path: str, top: RemoteRoot, splits):
-    """The folder layout over a listing: what ``data._folder_entries`` does over a directory walk."""
-    from precompute.data import IMAGE_EXTENSIONS, ManifestError, _is_image_name, log
+    """The folder layout over a listing: what ``manifest._folder_entries`` does over a directory walk."""
+    from precompute.manifest import IMAGE_EXTENSIONS, ManifestError, _is_image_name, log
 
     prefix = path + "/"
     present = {s for s in splits if any(k.startswith(f"{prefix}{s}/") for k in top.infos)}
@@ -263,7 +264,7 @@ def _remote_folder_entries(source: str, path: str, top: RemoteRoot, splits):
 
 
 class _Blob:
-    """What ``data._read_csv`` needs of a CSV file: its bytes, and a name for messages."""
+    """What ``manifest._read_csv`` needs of a CSV file: its bytes, and a name for messages."""
 
     def __init__(self, name: str, data: bytes):
         self.name, self.data = name, data
@@ -276,12 +277,12 @@ class _Blob:
 
 
 def _remote_csv_entries(source: str, data: bytes, top: RemoteRoot, label_delim: str | None):
-    """The CSV's rows through ``data._csv_entries`` itself, over the bucket as a lexical POSIX tree.
+    """The CSV's rows through ``manifest._csv_entries`` itself, over the bucket as a lexical POSIX tree.
 
     Keys have no symlinks, so the lexical root check is the whole check: ``..`` or an absolute path
     leaving the root refuses the CSV exactly as for local files.
     """
-    from precompute.data import ManifestError, _csv_entries
+    from precompute.manifest import ManifestError, _csv_entries
 
     root = PurePosixPath("/" + top.base)
     try:
@@ -302,7 +303,7 @@ def fetch_and_inspect(top: RemoteRoot, todo: list, inspect, concurrency: int = C
 
     At most ``concurrency`` objects are in flight; one that takes longer than ``timeout_s`` (fetch
     and check) becomes an ``unreadable`` row and is abandoned. Each object is written to a private
-    temporary file and checked there by ``inspect(path, root, label, split)`` (``data._inspect``),
+    temporary file and checked there by ``inspect(path, root, label, split)`` (``manifest._inspect``),
     so a remote image gets exactly the status and reason a local copy would. ``bytes_row`` is the
     row itself, or for a row whose status is in ``relabel`` (refused for its label), the object checked
     again without one: what its bytes alone give, for the scan index.

@@ -260,7 +260,7 @@ def check_head(ps=None, xtra_fc=None) -> None:
 
 
 def check_augmentation(preset: str | None = None, max_zoom: float | None = None) -> None:
-    from precompute.data import AUGMENTATION_PRESETS
+    from precompute.transforms import AUGMENTATION_PRESETS
 
     if preset is not None and preset not in AUGMENTATION_PRESETS:
         raise ConfigError(f"augmentation {preset!r}: choose one of {', '.join(sorted(AUGMENTATION_PRESETS))}")
@@ -285,7 +285,7 @@ def check_custom_head(dotted: str) -> None:
 
 def check_manifest(manifest, train_split: str = "train", valid_split: str = "valid", require_valid: bool = True) -> None:
     """Enough usable images to train and to measure: 2+ classes with training images, 1+ validation image."""
-    from precompute.data import ok_rows
+    from precompute.manifest import ok_rows
 
     ok = ok_rows(manifest)
     train, valid = ok[ok["split"] == train_split], ok[ok["split"] == valid_split]

@@ -65,7 +65,7 @@ class ImageSource(dg.ConfigurableResource):
                     timeout_s=self.timeout_s)
 
     def manifest(self, scan=None):
-        from precompute.data import build_manifest
+        from precompute.manifest import build_manifest
 
         return build_manifest(self.resolve(), root=self.root, label_delim=self.label_delim or None,
                               storage_options=self.storage_options(), scan=scan if scan is not None else self.scan())

@@ -27,7 +27,6 @@ from precompute.features import compute_activations
 from precompute.store import ActivationStore, CacheCorruption
 from tests._precompute_worker import TRANSFORM, SlowBody, make_key, manifest_of, write_images
 from tests.test_pipeline import env  # noqa: F401 - fixture: a Dagster instance, MLflow and a store
-from tests.test_store_s3 import bucket, endpoint  # noqa: F401 - fixtures: moto's S3 server, a fresh bucket
 
 PROJECT = Path(__file__).resolve().parents[1]
 N, CHUNK = 24, 8  # three chunks of eight rows

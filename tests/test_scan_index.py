@@ -27,7 +27,7 @@ from PIL import Image
 
 from assets.manifest import image_manifest
 from pipelines.sensors import new_images_sensor
-from precompute import data
+from precompute import manifest
 from precompute.data import build_manifest
 from precompute.scan_index import Scan, ScanBudgetExceeded, ScanIndex, _decode, manifest_digest
 from resources import ImageSource
@@ -63,7 +63,7 @@ def age(*paths: Path, seconds: int = 60) -> None:
 
 
 class Reads(list):
-    """Names of the files data._inspect checks (hashes and decodes), in order, unless paused."""
+    """Names of the files manifest._inspect checks (hashes and decodes), in order, unless paused."""
 
     paused = False
     delay = 0.0  # seconds per file: lets two scans interleave
@@ -76,7 +76,7 @@ _reads: Reads | None = None
 def reads(monkeypatch):
     global _reads
     seen = _reads = Reads()
-    real = data._inspect
+    real = manifest._inspect
 
     @functools.wraps(real)
     def spy(path, *args, **kwargs):
@@ -85,7 +85,7 @@ def reads(monkeypatch):
         time.sleep(seen.delay)
         return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(data, "_inspect", spy)
+    monkeypatch.setattr(manifest, "_inspect", spy)
     yield seen
     _reads = None
 
@@ -241,17 +241,17 @@ def test_a_scan_killed_mid_way_resumes_and_equals_a_clean_scan(tmp_path, reads):
     location = tmp_path / "index"
     script = textwrap.dedent("""
         import functools, sys, time
-        from precompute import data, scan_index
-        real = data._inspect
+        from precompute import manifest, scan_index
+        real = manifest._inspect
 
         @functools.wraps(real)
         def slow(*args, **kwargs):
             time.sleep(0.15)
             return real(*args, **kwargs)
 
-        data._inspect = slow
+        manifest._inspect = slow
         index = scan_index.ScanIndex(sys.argv[2], save_every_n=4)
-        data.build_manifest(sys.argv[1], scan=scan_index.Scan(index=index))
+        manifest.build_manifest(sys.argv[1], scan=scan_index.Scan(index=index))
         print("finished", flush=True)
     """)
     proc = subprocess.Popen([sys.executable, "-c", script, str(root), str(location)], cwd=PROJECT,

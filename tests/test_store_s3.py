@@ -9,7 +9,6 @@ inside this process's s3fs can hide what it wrote.
 from __future__ import annotations
 
 import json
-import uuid
 
 import numpy as np
 import pytest
@@ -22,35 +21,6 @@ from precompute.store import ActivationStore
 
 boto3 = pytest.importorskip("boto3")
 pytest.importorskip("s3fs")
-moto_server = pytest.importorskip("moto.server")
-
-
-@pytest.fixture(scope="module")
-def endpoint():
-    with pytest.MonkeyPatch.context() as mp:
-        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_CONFIG_FILE",
-                     "AWS_SHARED_CREDENTIALS_FILE"):
-            mp.delenv(name, raising=False)
-        mp.setenv("AWS_ACCESS_KEY_ID", "testing")
-        mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        server.start()
-        try:
-            host, port = server.get_host_and_port()
-            yield f"http://{host}:{port}"
-        finally:
-            server.stop()
-
-
-@pytest.fixture
-def bucket(endpoint):
-    """A fresh bucket per test: (name, boto3 client, storage_options for the store)."""
-    name = f"acts-{uuid.uuid4().hex[:12]}"
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                          aws_access_key_id="testing", aws_secret_access_key="testing")
-    client.create_bucket(Bucket=name)
-    return name, client, {"endpoint_url": endpoint, "key": "testing", "secret": "testing"}
 
 
 def keys_under(client, bucket: str, prefix: str) -> list[str]:

@@ -1,0 +1,72 @@
+"""Decoding: an image file as 8-bit RGB, and the shapes the network cannot take.
+
+``load_rgb`` is what every stage reads images with; the manifest scan (``precompute.manifest``)
+decodes each file the same way (``to_rgb``) and refuses shapes ``shape_problem`` names, so an
+``ok`` row is an image that loads. ``ImageLoadError`` names a file that failed later anyway.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# Transforms resize the shorter side to ``resize`` (256 for 224 px) and keep the aspect ratio, so a
+# 200000x2 image of 1 KB would become 25.6M x 256 pixels (20 GB as RGB bytes) before the crop.
+# Bounding the ratio bounds that resized image at MAX_ASPECT_RATIO * resize**2 pixels: 3.3M (10 MB)
+# at 256, 68M at 1170 (size 1024). Real photos and panoramas stay well under 50:1.
+MAX_ASPECT_RATIO = 50
+
+
+class ImageLoadError(RuntimeError):
+    """One image failed to decode or transform after the scan said ``ok``; names the file and why."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(path, reason)  # both in args: the error pickles across DataLoader workers
+        self.path, self.reason = path, reason
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+
+def shape_problem(width: int, height: int) -> str | None:
+    """Why an image of this size cannot be resized for the network (see MAX_ASPECT_RATIO); None if it can."""
+    short, long = sorted((width, height))
+    if long <= MAX_ASPECT_RATIO * short:
+        return None
+    return (f"{width}x{height} pixels: aspect ratio {long / max(short, 1):.0f}:1 exceeds {MAX_ASPECT_RATIO}:1, and "
+            f"resizing its shorter side to 256 would make it {long * 256 // max(short, 1):,} pixels long; "
+            "crop or pad it to a saner shape")
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Decode an image as 8-bit RGB in its EXIF orientation.
+
+    Alpha (RGBA, LA, transparent palettes) is composited onto white: transparent pixels often
+    hold arbitrary colour (commonly black) that dropping alpha would expose. 16-bit images are
+    scaled to 8 bits (65535 -> 255) instead of being clipped. CMYK is converted by PIL.
+    """
+    if isinstance(path, str) and "://" in path:  # an image in object storage (precompute/sources.py)
+        from precompute.sources import open_image
+
+        path = open_image(path)
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img)  # returns a loaded copy, independent of the file
+    return to_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode.startswith("I;16") or mode == "I":
+        arr = np.asarray(img, dtype=np.float64) / 257.0  # 16-bit range onto 8-bit, rounding
+        return Image.fromarray(np.clip(arr, 0, 255).round().astype(np.uint8), "L").convert("RGB")
+    if mode == "P" and "transparency" in img.info:
+        img, mode = img.convert("RGBA"), "RGBA"
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")

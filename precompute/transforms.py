@@ -1,0 +1,169 @@
+"""Transforms and the dataset: the pixels the network sees.
+
+``TransformSpec`` is everything that determines them (part of the activation cache's key):
+``eval_transform`` is the deterministic transform whose outputs the cache stores,
+``train_transform`` the random augmentation of fastai 0.7's presets (``AUGMENTATION_PRESETS``).
+``ImageDataset`` pairs a manifest's usable rows, decoded by ``load_rgb``, with a transform.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from torchvision.transforms import InterpolationMode, v2
+
+from precompute.images import ImageLoadError, load_rgb, shape_problem
+from precompute.labels import class_names, is_multilabel, label_delim, multi_hot
+from precompute.manifest import ok_rows
+
+_INTERPOLATIONS = {m.value: m for m in InterpolationMode}
+
+
+@dataclass(frozen=True)
+class TransformSpec:
+    """Everything that determines the pixels fed to the network (part of the cache key)."""
+
+    size: int = 224
+    resize: int | None = None  # shorter side before the crop; None -> int(size * 256 / 224), 256 for 224
+    crop: str = "center"  # "center" | "none" (squish the whole image to size x size)
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    interpolation: str = "bilinear"
+
+    def __post_init__(self):
+        # Lists from configs become tuples so the spec stays hashable and its key stable.
+        object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
+        object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+        if self.crop not in ("center", "none"):
+            raise ValueError(f"crop must be 'center' or 'none', got {self.crop!r}")
+        if self.interpolation not in _INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {sorted(_INTERPOLATIONS)}, got {self.interpolation!r}")
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ValueError(f"mean and std need 3 values (RGB), got {self.mean} and {self.std}")
+        if self.size <= 0 or (self.resize is not None and self.resize < self.size):
+            raise ValueError(f"need 0 < size <= resize, got size={self.size} resize={self.resize}")
+
+    @property
+    def resize_to(self) -> int:
+        # torchvision's 256/224 ratio; fastai's 1.14 gives int(224 * 1.14) == 255 in floating point
+        return self.resize if self.resize is not None else int(self.size * 256 / 224)
+
+    @property
+    def interpolation_mode(self) -> InterpolationMode:
+        return _INTERPOLATIONS[self.interpolation]
+
+    def key(self) -> dict:
+        """JSON-able dict of every field; resize is resolved so equivalent specs share a key."""
+        d = asdict(self)
+        d.update(resize=self.resize_to, mean=list(self.mean), std=list(self.std))
+        return d
+
+    @classmethod
+    def for_arch(cls, spec, size: int | None = None, **overrides) -> "TransformSpec":
+        """Normalization and input size from an arch record (``mean``, ``std``, ``input_size``).
+
+        ``input_size`` may be an int or a timm-style ``(C, H, W)`` tuple (square assumed).
+        """
+        default = spec.input_size if isinstance(spec.input_size, int) else spec.input_size[-1]
+        fields = dict(size=size or default, mean=tuple(spec.mean), std=tuple(spec.std))
+        return cls(**{**fields, **overrides})
+
+
+def _to_normalized_tensor(ts: TransformSpec) -> list:
+    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(ts.mean), list(ts.std))]
+
+
+def eval_transform(ts: TransformSpec) -> v2.Compose:
+    """Deterministic: the transform whose outputs the activation cache stores."""
+    if ts.crop == "none":
+        geometry = [v2.Resize((ts.size, ts.size), interpolation=ts.interpolation_mode, antialias=True)]
+    else:
+        geometry = [v2.Resize(ts.resize_to, interpolation=ts.interpolation_mode, antialias=True), v2.CenterCrop(ts.size)]
+    return v2.Compose(geometry + _to_normalized_tensor(ts))
+
+
+AUGMENTATION_PRESETS = {
+    # fastai 0.7: transforms_side_on (photos of things seen from the side) ...
+    "side_on": dict(flip=True, vflip=False, rot90=False, rotate=10, lighting=0.05),
+    # ... transforms_top_down (satellite, microscopy: any orientation is valid) ...
+    "top_down": dict(flip=True, vflip=True, rot90=True, rotate=10, lighting=0.05),
+    # ... and no geometry but the zoom, for glyphs such as digits where a flip is another glyph.
+    "basic": dict(flip=False, vflip=False, rot90=False, rotate=5, lighting=0.05),
+}
+
+
+def train_transform(
+    ts: TransformSpec, flip: bool = True, rotate: float = 10, lighting: float = 0.05, max_zoom: float = 1.1,
+    vflip: bool = False, rot90: bool = False, preset: str | None = None,
+) -> v2.Compose:
+    """Random augmentation as fastai 0.7's presets; ``preset`` fills the arguments it names.
+
+    A zoom of up to ``max_zoom`` keeps at least ``1/max_zoom**2`` of the area.
+    """
+    if preset is not None:
+        if preset not in AUGMENTATION_PRESETS:
+            raise ValueError(f"augmentation preset {preset!r}: choose one of {sorted(AUGMENTATION_PRESETS)}")
+        p = AUGMENTATION_PRESETS[preset]
+        flip, vflip, rot90, rotate, lighting = p["flip"], p["vflip"], p["rot90"], p["rotate"], p["lighting"]
+    if max_zoom < 1:
+        raise ValueError(f"max_zoom must be >= 1 (1 = no zoom), got {max_zoom}")
+    steps = [v2.RandomResizedCrop(ts.size, scale=(1 / max_zoom**2, 1.0), interpolation=ts.interpolation_mode, antialias=True)]
+    if flip:
+        steps.append(v2.RandomHorizontalFlip())
+    if vflip:
+        steps.append(v2.RandomVerticalFlip())
+    if rot90:
+        steps.append(v2.RandomChoice([v2.RandomRotation((a, a)) for a in (0, 90, 180, 270)]))
+    if rotate:
+        steps.append(v2.RandomRotation(rotate, interpolation=ts.interpolation_mode))
+    if lighting:
+        steps.append(v2.ColorJitter(brightness=lighting, contrast=lighting))
+    return v2.Compose(steps + _to_normalized_tensor(ts))
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """(transformed image, label) pairs; label is -1 when unlabeled.
+
+    ``labels`` are class indices, or a 2-d multi-hot array (one float32 vector per image) for
+    multi-label targets.
+    """
+
+    def __init__(self, paths, labels, transform):
+        self.paths = [str(p) for p in paths]
+        if labels is not None and len(labels) != len(self.paths):
+            raise ValueError(f"{len(self.paths)} paths but {len(labels)} labels")
+        if labels is not None and np.ndim(labels) == 2:
+            self.labels = torch.as_tensor(np.asarray(labels, dtype=np.float32))
+        else:
+            self.labels = None if labels is None else [int(x) for x in labels]
+        self.transform = transform
+
+    @classmethod
+    def from_manifest(cls, manifest: pd.DataFrame, split: str, transform, classes: list[str] | None = None):
+        """Usable rows of ``split``, labels indexed into ``classes`` (default: ``class_names``)."""
+        rows = ok_rows(manifest, split)
+        classes = classes or class_names(manifest)
+        if is_multilabel(manifest):
+            return cls(rows["path"].tolist(), multi_hot(rows["label"], classes, label_delim(manifest)), transform)
+        index = {c: i for i, c in enumerate(classes)}
+        unknown = set(rows["label"]) - index.keys()
+        if unknown:
+            raise ValueError(f"labels {sorted(unknown)} in split {split!r} are not in classes; pass the full class list")
+        return cls(rows["path"].tolist(), [index[x] for x in rows["label"]], transform)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        path = self.paths[i]
+        try:  # the file may have changed since the scan: fail naming it, never with a bare MemoryError
+            img = load_rgb(path)
+            if problem := shape_problem(*img.size):  # before the resize that would need the memory
+                raise ValueError(problem)
+            x = self.transform(img)
+        except Exception as e:  # noqa: BLE001 - decode errors are OSError, SyntaxError, ValueError, MemoryError ...
+            raise ImageLoadError(path, f"{type(e).__name__}: {e}") from e
+        return x, (self.labels[i] if self.labels is not None else -1)
