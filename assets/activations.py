@@ -69,9 +69,8 @@ def activations(context: dg.AssetExecutionContext, config: ActivationsConfig, im
         image_manifest, act_store, bb, ts, config.pooled, config.dtype, config.batch_size,
         config.chunk_rows, compute.num_workers, device,
         on_progress=progress_logger(context))
-    ref = {"store": act_store.root, "entry": entry.rel, "key": entry.key.parts(), "view_key": view,
-           "weights": config.weights, "weights_path": config.weights_path,
-           "failed_images": [list(f) for f in stats.failed]}  # no rows: later stages leave them out
+    ref = recipe.ActivationsRef.of(entry, view, config.weights, config.weights_path,
+                                   stats.failed)  # failed: no rows, later stages leave them out
     on_disk, raw = entry.nbytes_on_disk(), entry.raw_nbytes()
     context.log.info(f"activations {entry.rel}: {stats.computed} computed, {stats.reused} reused, "
                      f"{stats.images_per_s:.1f} img/s, {on_disk / 2**20:.1f} MiB on disk")

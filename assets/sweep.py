@@ -65,17 +65,18 @@ def head_sweep(context: dg.AssetExecutionContext, config: HeadSweepConfig, image
                store: ActivationStoreResource, tracking: MlflowTracking, compute: ComputeDevice):
     """Many heads on the cached activations in one process (same-shape heads batched together);
     a table, a plot and the best configuration."""
-    image_manifest = recipe.without_failed(image_manifest, activations.get("failed_images"))
+    activations = recipe.ActivationsRef.coerce(activations)
+    image_manifest = recipe.without_failed(image_manifest, activations.failed_images)
     try:
         configs = config.configs()
     except ConfigError as exc:
         raise dg.Failure(str(exc), allow_retries=False) from exc
     compute.setup()
     entry = recipe.open_entry(store.get(), activations)
-    fingerprint = sweep.sweep_fingerprint(activations["view_key"], configs, config.batch_size, config.seed)
+    fingerprint = sweep.sweep_fingerprint(activations.view_key, configs, config.batch_size, config.seed)
     found = sweep.load_sweep(entry, fingerprint) if config.reuse else None
     if found is not None:
-        context.log.info(f"head_sweep reused: same activations ({activations['view_key']}), grid and seed as "
+        context.log.info(f"head_sweep reused: same activations ({activations.view_key}), grid and seed as "
                          f"MLflow run {found.get('mlflow_run_id')}; nothing trained")
         return dg.Output(found, data_version=dg.DataVersion(fingerprint),
                          metadata=_metadata(found, fingerprint, True, tracking.tracking_uri))
@@ -89,10 +90,10 @@ def head_sweep(context: dg.AssetExecutionContext, config: HeadSweepConfig, image
     summary = sweep.summary(result)
     arch, xtra_cut = arch_and_cut(context)
     tracker = tracking.tracker()
-    tags = {"dagster.run_id": context.run.run_id, "dagster.partition": context.partition_key, "stage": "head_sweep",
-            "arch": arch, "mlflow.parentRunId": tracker.parent_run(context.run.run_id, context.partition_key)}
+    tags = tracker.stage_tags(context.run.run_id, context.partition_key, "head_sweep",
+                              {"dagster.partition": context.partition_key, "arch": arch})
     params = {"arch": arch, "cut": xtra_cut, "n_configs": len(configs), "fingerprint": fingerprint,
-              "view_key": activations["view_key"], **config.model_dump(exclude={"reuse"})}
+              "view_key": activations.view_key, **config.model_dump(exclude={"reuse"})}
     with tracker.run(f"head_sweep {arch} cut={xtra_cut}", params, tags) as parent:
         children = []
         for i, (cfg, history) in enumerate(zip(configs, result.histories)):
@@ -107,7 +108,7 @@ def head_sweep(context: dg.AssetExecutionContext, config: HeadSweepConfig, image
         parent.json(summary["table"], "sweep_table.json")
         parent.params({f"best.{k}": v for k, v in summary["best"].items()})
     summary.update(mlflow_run_id=parent.run_id, child_run_ids=children, fingerprint=fingerprint,
-                   view_key=activations["view_key"], classes=list(classes))
+                   view_key=activations.view_key, classes=list(classes))
     sweep.save_sweep(entry, fingerprint, summary)
     context.log.info(f"head_sweep: {len(configs)} configurations in {result.seconds:.1f}s; best config "
                      f"{summary['best_index']} {summary['best']} valid_accuracy {best['valid_accuracy']:.4f}")

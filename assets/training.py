@@ -101,29 +101,40 @@ def _mlflow_run(context, tracking: MlflowTracking, stage: str, params: dict):
     arch, xtra_cut = arch_and_cut(context)
     spec = get_arch(arch)
     tracker = tracking.tracker()
-    tags = {"dagster.run_id": context.run.run_id, "dagster.partition": context.partition_key,
-            "stage": stage, "arch": arch,
-            "mlflow.parentRunId": tracker.parent_run(context.run.run_id, context.partition_key)}
+    tags = tracker.stage_tags(context.run.run_id, context.partition_key, stage,
+                              {"dagster.partition": context.partition_key, "arch": arch})
     with tracker.run(f"{stage} {arch} cut={xtra_cut}",
                      {"arch": arch, "cut": xtra_cut, "lr_cut": spec.lr_cut, **params}, tags) as run:
         yield run
 
 
-def _finish(run, record: dict, tracking: MlflowTracking, data_version: Optional[str] = None,
-            extra: Optional[dict] = None):
+def _log_stage(run, record: dict) -> None:
+    """Inside the stage's MLflow run: its layer groups, its run id on the record, and for a
+    multi-label record each label's threshold."""
     run.layer_groups(record["groups"])
-    last = record["history"][-1] if record["history"] else {}
     record["mlflow_run_id"] = run.run_id
-    metadata = {"mlflow_run_id": run.run_id, "mlflow_tracking_uri": tracking.tracking_uri,
-                "valid_accuracy": float(last.get("valid_accuracy", float("nan"))),
-                "valid_loss": float(last.get("valid_loss", float("nan"))),
-                "layer_groups": dg.MetadataValue.json(record["groups"]), **(extra or {})}
     if record.get("thresholds") is not None:  # multi-label: each label's threshold, as predict will use it
         thresholds = dict(zip(record["classes"], record["thresholds"]))
         run.metrics({"threshold." + re.sub(r"[^\w\-. /]", "_", c): t for c, t in thresholds.items()})
-        metadata["thresholds"] = dg.MetadataValue.json(thresholds)
+
+
+def _stage_output(record: dict, tracking: MlflowTracking, data_version: Optional[str] = None,
+                  extra: Optional[dict] = None, thresholds: bool = True):
+    last = record["history"][-1] if record["history"] else {}
+    metadata = {"mlflow_run_id": record["mlflow_run_id"], "mlflow_tracking_uri": tracking.tracking_uri,
+                "valid_accuracy": float(last.get("valid_accuracy", float("nan"))),
+                "valid_loss": float(last.get("valid_loss", float("nan"))),
+                "layer_groups": dg.MetadataValue.json(record["groups"]), **(extra or {})}
+    if thresholds and record.get("thresholds") is not None:
+        metadata["thresholds"] = dg.MetadataValue.json(dict(zip(record["classes"], record["thresholds"])))
     return dg.Output(record, metadata=metadata,
                      data_version=dg.DataVersion(data_version) if data_version else None)
+
+
+def _finish(run, record: dict, tracking: MlflowTracking, data_version: Optional[str] = None,
+            extra: Optional[dict] = None):
+    _log_stage(run, record)
+    return _stage_output(record, tracking, data_version, extra)
 
 
 def _epoch_logger(context, run, stage: str):
@@ -158,12 +169,12 @@ def _lr_find_output(context, tracking: MlflowTracking, stage: str, result: dict,
 def lr_find_head(context: dg.AssetExecutionContext, config: LrFindConfig, image_manifest, activations,
                  store: ActivationStoreResource, tracking: MlflowTracking, compute: ComputeDevice):
     """lr_find for a new head on the cached activations: loss vs learning rate, and a suggestion."""
-    image_manifest = recipe.without_failed(image_manifest, activations.get("failed_images"))  # no rows for them
+    activations = recipe.ActivationsRef.coerce(activations)
+    image_manifest = recipe.without_failed(image_manifest, activations.failed_images)  # no rows for them
     compute.setup()
     entry = recipe.open_entry(store.get(), activations)
-    bb = recipe.load_backbone(activations["key"]["arch"], activations["key"]["xtra_cut"],
-                              activations["weights"], activations["weights_path"])
-    ts = TransformSpec(**activations["key"]["transform"])
+    bb = activations.backbone()
+    ts = activations.transform()
     result = recipe.lr_find_on_cache(entry, image_manifest, bb, ts, HeadOnCacheConfig().head_config(),
                                      config.batch_size, config.seed, config.num_it)
     return _lr_find_output(context, tracking, "lr_find_head", result, config.model_dump())
@@ -173,7 +184,8 @@ def lr_find_head(context: dg.AssetExecutionContext, config: LrFindConfig, image_
 def head_on_cache(context: dg.AssetExecutionContext, config: HeadOnCacheConfig, image_manifest, activations,
                   lr_find_head, store: ActivationStoreResource, tracking: MlflowTracking, compute: ComputeDevice):
     """A new head trained on the cached activations only (fastai precompute=True)."""
-    image_manifest = recipe.without_failed(image_manifest, activations.get("failed_images"))  # no rows for them
+    activations = recipe.ActivationsRef.coerce(activations)
+    image_manifest = recipe.without_failed(image_manifest, activations.failed_images)  # no rows for them
     schedule = _checked(config, precompute=config.precompute, augment=config.augment, lr=config.lr,
                         batch_size=config.batch_size, custom_head=config.custom_head, ps=config.ps,
                         xtra_fc=config.xtra_fc, tracking_uri=tracking.tracking_uri, manifest=image_manifest)
@@ -186,30 +198,29 @@ def head_on_cache(context: dg.AssetExecutionContext, config: HeadOnCacheConfig, 
           else config.lr)
     # Dagster reruns an asset whenever asked; a head is a pure function of its rows, config and seed,
     # so an identical request returns the earlier result instead of training again.
-    fingerprint = recipe.head_fingerprint(activations["view_key"], {**config.model_dump(exclude={"reuse"}), "lr": lr})
-    record = recipe.load_head_result(entry, fingerprint) if config.reuse else None
-    if record is not None:
-        context.log.info(f"head_on_cache reused: same activations ({activations['view_key']}), config and "
+    fingerprint = recipe.head_fingerprint(activations.view_key, {**config.model_dump(exclude={"reuse"}), "lr": lr})
+
+    def train() -> dict:
+        bb = activations.backbone()
+        recipe.check_same_weights(bb, entry)
+        ts = activations.transform()
+        params = {**config.model_dump(), "lr": lr, "size": ts.size, "entry_key": entry.key.digest(),
+                  "view_key": activations.view_key, "pooled": entry.key.pooled, "fingerprint": fingerprint}
+        with _mlflow_run(context, tracking, "head_on_cache", params) as run:
+            record = recipe.train_head_on_cache(entry, image_manifest, bb, ts, config.head_config(), lr=lr,
+                                                batch_size=config.batch_size, seed=config.seed, schedule=schedule,
+                                                on_epoch=_epoch_logger(context, run, "head_on_cache"))
+            _log_stage(run, record)
+        return record
+
+    record, reused = recipe.head_on_cache_cached(entry, fingerprint, train, reuse=config.reuse)
+    if reused:
+        context.log.info(f"head_on_cache reused: same activations ({activations.view_key}), config and "
                          f"seed as MLflow run {record['mlflow_run_id']}; nothing trained")
-        last = record["history"][-1]
-        return dg.Output(record, data_version=dg.DataVersion(fingerprint), metadata={
-            "reused": True, "fingerprint": fingerprint, "mlflow_run_id": record["mlflow_run_id"],
-            "mlflow_tracking_uri": tracking.tracking_uri, "valid_accuracy": float(last["valid_accuracy"]),
-            "valid_loss": float(last["valid_loss"]), "layer_groups": dg.MetadataValue.json(record["groups"])})
-    bb = recipe.load_backbone(activations["key"]["arch"], activations["key"]["xtra_cut"],
-                              activations["weights"], activations["weights_path"])
-    recipe.check_same_weights(bb, entry)
-    ts = TransformSpec(**activations["key"]["transform"])
-    params = {**config.model_dump(), "lr": lr, "size": ts.size, "entry_key": entry.key.digest(),
-              "view_key": activations["view_key"], "pooled": entry.key.pooled, "fingerprint": fingerprint}
-    with _mlflow_run(context, tracking, "head_on_cache", params) as run:
-        record = recipe.train_head_on_cache(entry, image_manifest, bb, ts, config.head_config(), lr=lr,
-                                            batch_size=config.batch_size, seed=config.seed, schedule=schedule,
-                                            on_epoch=_epoch_logger(context, run, "head_on_cache"))
-        output = _finish(run, record, tracking, data_version=fingerprint,
-                         extra={"reused": False, "fingerprint": fingerprint, "streamed": record["streamed"]})
-    recipe.save_head_result(entry, fingerprint, record)
-    return output
+        return _stage_output(record, tracking, fingerprint, {"reused": True, "fingerprint": fingerprint},
+                             thresholds=False)
+    return _stage_output(record, tracking, fingerprint,
+                         {"reused": False, "fingerprint": fingerprint, "streamed": record["streamed"]})
 
 
 def _augmented_samples(record: dict, image_manifest, config: ImageStageConfig) -> str:

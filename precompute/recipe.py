@@ -8,7 +8,7 @@ pickle, log and reload without this module's classes.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
@@ -108,9 +108,57 @@ def repair_entry(entry: Entry, manifest: pd.DataFrame, writable: bool = True) ->
     return report
 
 
-def open_entry(store: ActivationStore, ref: dict) -> Entry:
+@dataclass(frozen=True)
+class ActivationsRef:
+    """What the activations stage hands on: where its entry is, the rows' view key, the body's
+    weights, and the images that failed at precompute (no rows: later stages leave them out)."""
+    store: str
+    entry: str
+    key: dict                              # CacheKey.parts()
+    view_key: str
+    weights: str = "pretrained"
+    weights_path: str | None = None
+    failed_images: tuple = field(default_factory=tuple)  # (image_id, path, reason) per failed image
+
+    def __post_init__(self):
+        object.__setattr__(self, "failed_images", tuple(tuple(f) for f in self.failed_images or ()))
+
+    @classmethod
+    def of(cls, entry: Entry, view: str, weights: str = "pretrained", weights_path: str | None = None,
+           failed=()) -> "ActivationsRef":
+        return cls(store=entry.store.root, entry=entry.rel, key=entry.key.parts(), view_key=view,
+                   weights=weights, weights_path=weights_path, failed_images=failed)
+
+    def to_dict(self) -> dict:
+        return {"store": self.store, "entry": self.entry, "key": self.key, "view_key": self.view_key,
+                "weights": self.weights, "weights_path": self.weights_path,
+                "failed_images": [list(f) for f in self.failed_images]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ActivationsRef":
+        return cls(store=d["store"], entry=d["entry"], key=d["key"], view_key=d["view_key"],
+                   weights=d.get("weights", "pretrained"), weights_path=d.get("weights_path"),
+                   failed_images=d.get("failed_images") or ())
+
+    @classmethod
+    def coerce(cls, ref: "ActivationsRef | dict") -> "ActivationsRef":
+        """The typed ref; a plain dict (as materializations before the dataclass stored it) is read too."""
+        return ref if isinstance(ref, cls) else cls.from_dict(ref)
+
+    def cache_key(self) -> CacheKey:
+        return CacheKey(**self.key)
+
+    def transform(self) -> TransformSpec:
+        return TransformSpec(**self.key["transform"])
+
+    def backbone(self) -> Backbone:
+        """The frozen body the rows were computed with (its weights as configured then)."""
+        return load_backbone(self.key["arch"], self.key["xtra_cut"], self.weights, self.weights_path)
+
+
+def open_entry(store: ActivationStore, ref: ActivationsRef | dict) -> Entry:
     """The entry an activations result points at (its key.json is put right if it was damaged)."""
-    return store.entry(CacheKey(**ref["key"]))
+    return store.entry(ActivationsRef.coerce(ref).cache_key())
 
 
 def check_same_weights(bb: Backbone, entry: Entry) -> None:
@@ -292,6 +340,19 @@ def load_head_result(entry: Entry, fingerprint: str) -> dict | None:
     return checked_record(record, f"cached head result head-{fingerprint}.pt in {entry.rel}")
 
 
+def head_on_cache_cached(entry: Entry, fingerprint: str, train: Callable[[], dict],
+                         reuse: bool = True) -> tuple[dict, bool]:
+    """The head for ``fingerprint`` (head_fingerprint: rows, config, seed): the one saved beside the
+    entry when ``reuse`` and one is there, else ``train()``'s, saved for the next identical request.
+    Returns (record, reused)."""
+    record = load_head_result(entry, fingerprint) if reuse else None
+    if record is not None:
+        return record, True
+    record = train()
+    save_head_result(entry, fingerprint, record)
+    return record, False
+
+
 def checked_record(record, source: str) -> dict:
     """A stage record read from a file or a shared cache is data: its head must be one the code
     registers or the operator allows (precompute.heads), checked before anything is built or imported."""
@@ -425,3 +486,67 @@ def evaluate_on_cache(record: dict, entry: Entry, manifest: pd.DataFrame) -> tup
     _, model, _ = rebuild(record, ts.size)
     x, y = cached_split(entry, manifest, record["classes"], "valid")
     return predict_proba(model[1], tensor_batches(x, y), multilabel=bool(record.get("multilabel")))
+
+
+def evaluate_stages(records: dict[str, dict], entry: Entry | None, manifest: pd.DataFrame, num_workers: int = 0,
+                    device="cpu", tta: int = 0, augmentation: dict | None = None) -> tuple[dict[str, dict], tuple]:
+    """Every stage on the validation split, with TTA when ``tta`` > 0; the stage named head_on_cache is
+    also scored on the cache (``entry``): the same numbers, a check that the cache is not stale.
+    Returns (metrics per stage, (probs, targets, tta_probs) of the last stage)."""
+    from precompute import evaluate  # matplotlib comes with it: only when needed
+
+    n_classes = len(list(records.values())[-1]["classes"])
+    stages, final = {}, None
+    for name, record in records.items():
+        probs, y, tta_probs = evaluate_on_images(record, manifest, num_workers, device, tta, augmentation)
+        if name == "head_on_cache" and entry is not None:
+            cache_probs, _ = evaluate_on_cache(record, entry, manifest)
+            stages[name + " (on cache)"] = evaluate.stage_metrics(cache_probs, y, n_classes, record.get("thresholds"))
+        m = evaluate.stage_metrics(probs, y, n_classes, record.get("thresholds"))
+        if tta_probs is not None:
+            t = evaluate.stage_metrics(tta_probs, y, n_classes, record.get("thresholds"))
+            m.update(tta_accuracy=t["accuracy"], tta_loss=t["loss"])
+        stages[name] = m
+        final = (probs, y, tta_probs)
+    return stages, final
+
+
+def write_report(folder, title: str, records: dict[str, dict], stages: dict[str, dict], final: tuple,
+                 manifest: pd.DataFrame, details: dict, top_losses: int = 8) -> str:
+    """The report of an evaluation in ``folder``: the last stage's confusion matrix and worst mistakes,
+    every stage's learning curves, and report.md (returned) with the metrics of ``stages``."""
+    from pathlib import Path
+
+    from precompute import evaluate
+
+    folder = Path(folder)
+    last = list(records.values())[-1]
+    classes, thresholds, multilabel = last["classes"], last.get("thresholds"), bool(last.get("multilabel"))
+    probs, y, _ = final
+    if multilabel:
+        preds = evaluate.multilabel_predictions(probs, thresholds)
+        evaluate.plot_label_confusion(y, preds, classes, folder / "confusion_matrix.png")
+        tags = evaluate.predicted_tags(probs, classes, thresholds)
+
+        def caption(i: int) -> str:
+            true = [c for c, on in zip(classes, y[i] > 0.5) if on]
+            return f"true {' '.join(true) or '-'} / pred {' '.join(tags[i]) or '-'}"
+    else:
+        preds = probs.argmax(1)
+        evaluate.plot_confusion(y, preds, classes, folder / "confusion_matrix.png")
+
+        def caption(i: int) -> str:
+            return f"true {classes[y[i]]} / pred {classes[preds[i]]} ({probs[i, preds[i]]:.2f})"
+    evaluate.plot_learning_curves({r["stage"]: r["history"] for r in records.values()}, folder / "learning_curves.png")
+    valid = labelled_split(manifest, classes, "valid")
+    worst = evaluate.top_losses(probs, y, top_losses)
+    evaluate.plot_image_grid([valid["path"].iloc[i] for i in worst], [caption(i) for i in worst],
+                             folder / "top_losses.png")
+    md = evaluate.render_report(
+        title, stages, classes, details,
+        {"Confusion matrix (finetuned)": "confusion_matrix.png", "Top losses (finetuned)": "top_losses.png",
+         "Learning curves": "learning_curves.png"},
+        evaluate.per_class(probs, y, classes, thresholds),
+        () if multilabel else evaluate.most_confused(y, preds, classes), multilabel)
+    (folder / "report.md").write_text(md)
+    return md

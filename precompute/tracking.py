@@ -24,6 +24,16 @@ def default_tracking_uri(home: Path) -> str:
     return f"sqlite:///{Path(home).resolve() / 'mlflow.db'}"
 
 
+def stage_metrics(stages: dict[str, dict]) -> dict[str, float]:
+    """Each evaluated stage's metrics under one flat MLflow name ("head_on_cache_on_cache.accuracy" for
+    the stage "head_on_cache (on cache)"); the image counts (n) are left out."""
+    out = {}
+    for name, m in stages.items():
+        key = name.replace(" ", "_").replace("(", "").replace(")", "")
+        out.update({f"{key}.{k}": v for k, v in m.items() if k != "n"})
+    return out
+
+
 class Tracker:
     def __init__(self, tracking_uri: str, experiment: str = "precompute-pipeline",
                  artifact_root: str | None = None):
@@ -62,6 +72,12 @@ class Tracker:
                                                 "pipeline.run_id": group_id, "pipeline.partition": partition})
         self.client.set_terminated(run.info.run_id, "FINISHED")
         return run.info.run_id
+
+    def stage_tags(self, run_id: str, partition: str, stage: str, extra: dict | None = None) -> dict:
+        """Tags of one stage's run: the orchestrator's run id, the stage, ``extra``, and as parent the
+        run that groups every stage of that pipeline run and partition."""
+        return {"dagster.run_id": run_id, **(extra or {}), "stage": stage,
+                "mlflow.parentRunId": self.parent_run(run_id, partition)}
 
     @contextmanager
     def run(self, name: str, params: dict | None = None, tags: dict | None = None) -> Iterator["RunLogger"]:

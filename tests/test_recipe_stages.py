@@ -151,3 +151,36 @@ def test_progressive_resizing_continues_from_the_same_weights(trained):
     # lr 0 changes nothing: the weights carried over are the previous stage's
     assert all(torch.equal(head["state_dict"][k], v) for k, v in bigger["state_dict"].items()
                if "running" not in k and "num_batches" not in k)
+
+
+def test_activations_ref_round_trips_and_opens_its_entry(trained):
+    import pickle
+
+    root, _, _, bb, ts, entry, _ = trained
+    ref = recipe.ActivationsRef.of(entry, "view-1", failed=[["img-9", "a/b.jpg", "truncated"]])
+    assert ref.failed_images == (("img-9", "a/b.jpg", "truncated"),)
+    d = ref.to_dict()
+    assert d["failed_images"] == [["img-9", "a/b.jpg", "truncated"]] and d["key"] == entry.key.parts()
+    assert recipe.ActivationsRef.from_dict(d) == ref == pickle.loads(pickle.dumps(ref))
+    assert recipe.ActivationsRef.coerce(d) == ref and recipe.ActivationsRef.coerce(ref) is ref
+    with pytest.raises(Exception):
+        ref.view_key = "other"  # frozen
+    store = ActivationStore(str(root / "store"))
+    assert recipe.open_entry(store, ref).rel == entry.rel == recipe.open_entry(store, d).rel
+    assert ref.transform().key() == ts.key() and ref.backbone().weights_id == bb.weights_id
+
+
+def test_head_on_cache_cached_trains_once_per_fingerprint(trained):
+    _, _, _, _, _, entry, head = trained
+    calls = []
+
+    def train():
+        calls.append(1)
+        return {**head, "mlflow_run_id": "run-1"}
+
+    record, reused = recipe.head_on_cache_cached(entry, "fp-test-cached", train)
+    assert not reused and len(calls) == 1
+    again, reused = recipe.head_on_cache_cached(entry, "fp-test-cached", train)
+    assert reused and len(calls) == 1 and again["mlflow_run_id"] == "run-1"
+    _, reused = recipe.head_on_cache_cached(entry, "fp-test-cached", train, reuse=False)
+    assert not reused and len(calls) == 2
