@@ -47,11 +47,19 @@ def _efficientnet_lite(m: nn.Module) -> list[nn.Module]:
     return [m.conv_stem, m.bn1, *m.blocks, m.conv_head, m.bn2]
 
 
-def _tv(name, children, cut, lr_cut, post=None) -> ArchSpec:
-    # IMAGENET1K_V1 everywhere: the fastai-era weights, all trained for resize 256 / crop 224.
+def _inception_v3(m: nn.Module) -> list[nn.Module]:
+    # Forward order without AuxLogits (a side branch off Mixed_6e, only used in training) and
+    # without avgpool/dropout/fc: 18 children, Conv2d_1a_3x3 .. Mixed_7c.
+    return [c for n, c in m.named_children() if n not in ("AuxLogits", "avgpool", "dropout", "fc")]
+
+
+def _tv(name, children, cut, lr_cut, post=None, *, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        input_size=224, **kwargs) -> ArchSpec:
+    # IMAGENET1K_V1 everywhere: the fastai-era weights, trained for resize 256 / crop 224
+    # (inception_v3: 342 / 299).
     weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1
-    return ArchSpec(name, "torchvision", partial(torchvision.models.get_model, name, weights=None),
-                    children, cut, lr_cut, IMAGENET_MEAN, IMAGENET_STD, str(weights), post=post)
+    return ArchSpec(name, "torchvision", partial(torchvision.models.get_model, name, weights=None, **kwargs),
+                    children, cut, lr_cut, mean, std, str(weights), input_size=input_size, post=post)
 
 
 def _timm_lite0() -> nn.Module:
@@ -69,13 +77,30 @@ _ARCH_LIST = [
     _tv("resnet152", _all_children, 8, 6),
     _tv("resnext50_32x4d", _all_children, 8, 6),
     _tv("wide_resnet50_2", _all_children, 8, 6),
+    # fastai's resnext101 [8, 6] was a converted 32x4d model with the same 8-child stem+stages
+    # layout; torchvision ships the 32x8d one.
+    _tv("resnext101_32x8d", _all_children, 8, 6),
     # VGG: fastai [0, 22] = all of .features, split at child 22 (fastai's number, kept as is).
     _tv("vgg16_bn", _features, 44, 22),
     _tv("vgg19_bn", _features, 53, 22),
     # DenseNet: fastai [0, 7] = all of .features (12 children), group 1 from transition2;
     # torchvision applies F.relu after .features, so the body does too.
     _tv("densenet121", _features, 12, 7, post=nn.ReLU),
+    _tv("densenet161", _features, 12, 7, post=nn.ReLU),
     _tv("densenet169", _features, 12, 7, post=nn.ReLU),
+    _tv("densenet201", _features, 12, 7, post=nn.ReLU),
+    # Inception v3 (fastai had only inception_4, Cadene's v4: [19, 8], later [-1, 9], on its
+    # .features, a different net). Body = the 18 children up to Mixed_7c, cut before avgpool/
+    # dropout/fc; group 1 from Mixed_6a, the reduction into the 17x17 (stride 16) stage, the
+    # same place resnet's lr_cut puts it (layer3). 299 px input (the body needs >= 75 px).
+    # Built with aux_logits (the default) so the checkpoint loads strictly; the children skip
+    # AuxLogits. transform_input stays False: torchvision sets it only for these Google weights,
+    # to turn ImageNet-normalised input into (x - 0.5) / 0.5, which is what mean = std = 0.5
+    # give directly (the body never runs the model's forward, where transform_input lives).
+    # init_weights=False: PyTorch's default init, as torchvision builds it for loading (and no
+    # FutureWarning).
+    _tv("inception_v3", _inception_v3, 18, 10, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+        input_size=299, init_weights=False),
     # No fastai numbers for these; split ~60% in at a stage boundary so group 1 holds the deep,
     # most task-specific stages (as resnet's layer3+):
     _tv("mobilenet_v3_large", _features, 17, 11),  # from the 112-channel stage (11/17)

@@ -9,7 +9,12 @@ from precompute.archs import (ARCHS, DEFAULT_ARCH, body_output_shape, cut_body, 
                               get_arch, layer_groups, max_xtra_cut, set_frozen_bn_eval, unfreeze)
 
 
-SIZE = 64  # small inputs keep 15 backbones fast on 2 CPU cores; every arch reaches >= 2x2 at stride 32
+SIZE = 64  # small inputs keep 19 backbones fast on 2 CPU cores; every arch reaches >= 2x2 at stride 32
+MIN_SIZE = {"inception_v3": 107}  # its unpadded stem needs >= 75 px; 107 reaches 2x2 at Mixed_7c
+
+
+def size(name: str) -> int:
+    return max(SIZE, MIN_SIZE.get(name, 0))
 
 
 @cache
@@ -20,7 +25,7 @@ def model(name: str) -> nn.Module:
 
 @cache
 def out_shape(name: str, xtra_cut: int = 0) -> tuple[int, int, int]:
-    return body_output_shape(cut_body(model(name), ARCHS[name], xtra_cut), SIZE)
+    return body_output_shape(cut_body(model(name), ARCHS[name], xtra_cut), size(name))
 
 
 def head_for(name: str, xtra_cut: int = 0) -> nn.Module:
@@ -40,7 +45,7 @@ def test_cut_body_children_and_shapes(name):
     assert len(body0) == spec.cut + post
     assert len(body1) == spec.cut - 1
     assert all(a is b for a, b in zip(body1, spec.children(m)))  # shares the model's modules, in order
-    x = torch.randn(1, 3, SIZE, SIZE)
+    x = torch.randn(1, 3, size(name), size(name))
     with torch.no_grad():
         y0, y1 = body0(x), body1(x)
     s0, s1 = out_shape(name), out_shape(name, 1)
@@ -58,6 +63,26 @@ def test_resnet34_matches_fastai_model_meta():
     assert body_output_shape(body, 224) == (512, 7, 7)
     groups = layer_groups(body, head_for("resnet34"), spec)
     assert groups[1][0] is m.layer3
+
+
+@pytest.mark.parametrize("name", ["resnext101_32x8d", "densenet161", "densenet201", "inception_v3"])
+def test_fastai_model_meta_additions(name):
+    spec, m = get_arch(name), model(name)
+    body = cut_body(m, spec)
+    names = [n for n, _ in body.named_children()]
+    groups = layer_groups(body, nn.Identity(), spec)
+    if name.startswith("resnext"):  # fastai model_meta[resnext101] = [8, 6]
+        assert (spec.cut, spec.lr_cut) == (8, 6) and names[-1] == "layer4" and groups[1][0] is m.layer3
+    elif name.startswith("densenet"):  # fastai model_meta[dn161/dn201] = [0, 7] on .features
+        assert (spec.cut, spec.lr_cut) == (12, 7) and names[-2:] == ["features_norm5", "post"]
+        assert groups[1][0] is m.features.transition2
+    else:  # no fastai row: cut before avgpool/dropout/fc, group 1 from the 17x17 stage
+        assert (spec.cut, spec.lr_cut, spec.input_size) == (18, 10, 299)
+        assert spec.mean == spec.std == (0.5, 0.5, 0.5) and not m.transform_input
+        assert names[0] == "Conv2d_1a_3x3" and names[-1] == "Mixed_7c" and "AuxLogits" not in names
+        assert groups[1][0] is m.Mixed_6a
+        assert body_output_shape(body, 299) == (2048, 8, 8)
+        assert hasattr(m, "AuxLogits")  # kept in the model so the torchvision checkpoint loads strictly
 
 
 def test_default_arch_is_lite0_split_inside_blocks():
@@ -111,7 +136,8 @@ def test_freeze_unfreeze_and_frozen_bn_stays_eval(name):
             frozen = [b for g in groups if not describe_groups([g])[0]["trainable"] for b in bns(g)]
             live = bns(groups[1]) if n == -2 else []
             before = [b.running_mean.clone() for b in frozen + live]
-            net(torch.randn(2, 3, SIZE, SIZE))
+            with torch.no_grad():  # BatchNorm statistics update without autograd; much faster on CPU
+                net(torch.randn(2, 3, size(name), size(name)))
             assert all(not b.training for b in frozen) and all(b.training for b in live)
             after = [b.running_mean for b in frozen + live]
             assert all(torch.equal(a, b) for a, b in zip(before[:len(frozen)], after[:len(frozen)]))
