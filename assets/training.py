@@ -165,6 +165,14 @@ def _lr_find_output(context, tracking: MlflowTracking, stage: str, result: dict,
                                        "plot": dg.MetadataValue.md(png_markdown(plot, "loss vs learning rate"))})
 
 
+def _configured_head(context) -> dict:
+    """The head head_on_cache will train (ps, xtra_fc, custom_head): its config in this run's run
+    config (``ops: head_on_cache: config:``), else head_on_cache's defaults."""
+    ops = (context.run.run_config or {}).get("ops") or {}
+    configured = (ops.get("head_on_cache") or {}).get("config") or {}
+    return HeadOnCacheConfig(**configured).head_config()
+
+
 @dg.asset(group_name="recipe", partitions_def=arch_cut, code_version="1")
 def lr_find_head(context: dg.AssetExecutionContext, config: LrFindConfig, image_manifest, activations,
                  store: ActivationStoreResource, tracking: MlflowTracking, compute: ComputeDevice):
@@ -175,9 +183,11 @@ def lr_find_head(context: dg.AssetExecutionContext, config: LrFindConfig, image_
     entry = recipe.open_entry(store.get(), activations)
     bb = activations.backbone()
     ts = activations.transform()
-    result = recipe.lr_find_on_cache(entry, image_manifest, bb, ts, HeadOnCacheConfig().head_config(),
+    head_config = _configured_head(context)
+    result = recipe.lr_find_on_cache(entry, image_manifest, bb, ts, head_config,
                                      config.batch_size, config.seed, config.num_it)
-    return _lr_find_output(context, tracking, "lr_find_head", result, config.model_dump())
+    return _lr_find_output(context, tracking, "lr_find_head", result,
+                           {**config.model_dump(), **{f"head.{k}": v for k, v in head_config.items()}})
 
 
 @dg.asset(group_name="recipe", partitions_def=arch_cut, code_version="1", tags={"precompute/cacheable": "true"})

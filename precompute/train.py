@@ -9,6 +9,7 @@ with warm restarts (fastai 0.7's ``cycle_len``/``cycle_mult``) after a short war
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import random
 import time
@@ -23,6 +24,7 @@ from torch.optim import lr_scheduler
 from precompute.archs import as_channels_last, channels_last, set_frozen_bn_eval
 
 EpochCallback = Callable[[dict], None]
+log = logging.getLogger(__name__)
 LearningRates = float | Sequence[float] | slice | str
 
 
@@ -128,6 +130,10 @@ class Schedule:
             return lr_scheduler.SequentialLR(
                 opt, [lr_scheduler.ConstantLR(opt, factor=0.01, total_iters=warm), cosine], milestones=[warm])
         if steps < 4:  # one-cycle needs a warm-up and an annealing step at least
+            log.warning("one_cycle over %d step(s) (%d per epoch x %d epoch(s)) is too short for a warm-up "
+                        "and an annealing phase (needs at least 4): running a constant learning rate "
+                        "instead (lr %s for every step)", steps, steps_per_epoch, self.total_epochs,
+                        ", ".join(f"{g['lr']:.3g}" for g in opt.param_groups))
             return lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
         return lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=steps,
                                        pct_start=max(self.pct_start, 2 / steps))
@@ -236,12 +242,17 @@ def evaluate_batches(model: nn.Module, batches: Iterable, device="cpu", multilab
 
 
 def _train_mode(model: nn.Module, groups: Sequence[nn.Module], freeze_bn_stats: bool) -> None:
+    """Train mode, except BatchNorm whose statistics stay fixed: always those of frozen groups
+    (fastai), and with ``freeze_bn_stats`` also those of the body's trainable groups. The head (the
+    last group) is new and trained: its BatchNorm keeps learning its statistics."""
     model.train()
     set_frozen_bn_eval(groups)
     if freeze_bn_stats:
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
+        head = {id(m) for m in groups[-1].modules()} if groups else set()
+        for g in groups[:-1]:
+            for m in g.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in head:
+                    m.eval()
 
 
 def fit(model: nn.Module, groups: Sequence[nn.Module], lrs: Sequence[float],
@@ -251,10 +262,12 @@ def fit(model: nn.Module, groups: Sequence[nn.Module], lrs: Sequence[float],
         on_epoch: EpochCallback | None = None, label_smoothing: float = 0.0) -> list[dict]:
     """Train ``model``; one row per epoch (losses, accuracy, seconds, and the lr of every step).
 
-    ``freeze_bn_stats`` keeps every BatchNorm's running statistics fixed (Keras' advice for
-    fine-tuning): with small batches, batch statistics of a pretrained body differ so much from
-    its running ones (relative change ~1.0 on EfficientNet-Lite0) that the head's inputs shift
-    and accuracy collapses. BN scale and shift still train where their group is trainable.
+    Frozen groups' BatchNorm always keeps its running statistics (fastai). ``freeze_bn_stats``
+    also keeps those of the body's trainable groups fixed (Keras' advice for fine-tuning): with
+    small batches, batch statistics of a pretrained body differ so much from its running ones
+    (relative change ~1.0 on EfficientNet-Lite0) that the head's inputs shift and accuracy
+    collapses. The head's (last group's) BatchNorm is new and keeps updating its statistics. BN
+    scale and shift still train where their group is trainable.
     """
     seed_everything(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -304,16 +317,27 @@ def fit_head_on_cache(head: nn.Module, train: ArrayRows | StreamedRows, valid: A
 
 # -- lr_find -------------------------------------------------------------------------------------
 
+LR_FIND_MIN_IT = 10  # fastai 0.7: the best loss counts (and divergence can stop the sweep) from iteration 10
+
 def lr_find(model: nn.Module, groups: Sequence[nn.Module], lrs: Sequence[float],
             train_batches: Callable[[torch.Generator], Iterable], start: float = 1e-7, end: float = 10.0,
             num_it: int = 100, seed: int = 0, device="cpu", multilabel: bool = False,
-            freeze_bn_stats: bool = True) -> dict:
+            freeze_bn_stats: bool = True, min_it: int = LR_FIND_MIN_IT) -> dict:
     """fastai's lr_find: raise the rate exponentially each step, record the smoothed loss.
+
+    The loss is smoothed as fastai does: an exponential moving average (beta 0.98) with bias
+    correction. The sweep stops when the loss is no longer finite, or when the smoothed loss
+    exceeds 4x the best one seen after the first ``min_it`` iterations (fastai 0.7 counts the best
+    from iteration 10 on): on a trained model the first, near-zero losses are noise, and a rise
+    over them is no divergence.
 
     ``lrs`` gives the groups' rates relative to the last group's (frozen groups 0). The model is
     restored afterwards. The suggestion is the rate at the steepest fall of the smoothed loss
-    before it blows up, a common choice (fastai v2's ``steep``); None when the loss never fell.
+    before its minimum, a common choice (fastai v2's ``steep``); always a rate of the sweep
+    (within [start, end]); None when the loss never fell.
     """
+    if not 0 < start < end:
+        raise ConfigError(f"lr_find sweep {start}..{end}: needs 0 < start < end")
     seed_everything(seed)
     gen = torch.Generator().manual_seed(seed)
     saved = copy.deepcopy(model.state_dict())
@@ -324,11 +348,13 @@ def lr_find(model: nn.Module, groups: Sequence[nn.Module], lrs: Sequence[float],
     criterion = loss_fn(multilabel)
     rates, losses, avg, best = [], [], 0.0, math.inf
     _train_mode(model, groups, freeze_bn_stats)
-    step = 0
+    step, stopped = 0, None
     while step < num_it:
+        seen = 0
         for x, y in train_batches(gen):
             if len(x) < 2:
                 continue
+            seen += 1
             loss = criterion(model(as_channels_last(x.to(device))), y.to(device))
             opt.zero_grad()
             loss.backward()
@@ -337,23 +363,32 @@ def lr_find(model: nn.Module, groups: Sequence[nn.Module], lrs: Sequence[float],
             smoothed = avg / (1 - 0.98 ** (step + 1))
             rates.append(opt.param_groups[-1]["lr"])
             losses.append(smoothed)
-            best = min(best, smoothed)
+            if step >= min_it:
+                best = min(best, smoothed)
             sched.step()
             step += 1
-            if step >= num_it or smoothed > 4 * best or not math.isfinite(smoothed):
-                step = num_it
+            if not math.isfinite(smoothed):
+                stopped = f"the loss is no longer finite at lr {rates[-1]:.2e}"
+            elif smoothed > 4 * best:
+                stopped = f"the smoothed loss passed 4x its best at lr {rates[-1]:.2e}"
+            if step >= num_it or stopped:
                 break
+        if stopped or not seen:
+            break
     model.load_state_dict(saved)
-    best_at = int(np.argmin(losses)) if losses else 0
+    if stopped:
+        log.info("lr_find stopped after %d of %d iterations: %s", step, num_it, stopped)
+    finite = [i for i, v in enumerate(losses) if math.isfinite(v)]
+    best_at = min(finite, key=lambda i: losses[i]) if finite else 0
     skip = min(10, best_at // 2)  # fastai skips the first points: the smoothed loss is still noise there
     if best_at - skip >= 2:
         grads = np.gradient(np.asarray(losses[skip:best_at + 1]), np.log10(rates[skip:best_at + 1]))
         suggestion = float(rates[skip + int(np.argmin(grads))])
-    elif best_at > 0:  # too few points to differentiate: a tenth of the best rate, the older rule
-        suggestion = float(rates[best_at]) / 10
+    elif best_at > 0:  # too few points to differentiate: a tenth of the best rate, the older rule ...
+        suggestion = max(float(rates[best_at]) / 10, float(rates[0]))  # ... kept inside the sweep
     else:  # the loss never fell (e.g. an already converged model): no rate to suggest
         suggestion = None
-    return {"lrs": rates, "losses": losses, "suggestion": suggestion,
+    return {"lrs": rates, "losses": losses, "suggestion": suggestion, "iterations": len(losses),
             "min_loss_lr": float(rates[best_at]) if losses else float(start)}
 
 
