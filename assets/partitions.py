@@ -6,6 +6,20 @@ Where they come from, the later one winning per key:
    $PRECOMPUTE_CONFIG, keys `archs: [...]` and `cuts: [...]` (other keys are left to others);
 3. the environment, comma-separated: $PRECOMPUTE_ARCHS / $PRECOMPUTE_CUTS.
 
+The same file holds the recipe's run config, the one the daily schedule, the new-images sensor and
+`make demo` launch with (nothing in it: the config defaults):
+
+    run_config:              # a Dagster run config, for every partition
+      ops:
+        activations: {config: {size: 128}}
+        head_on_cache: {config: {epochs: 3}}
+    partition_run_config:    # optional, per "arch|cut" or per arch, merged over run_config
+      resnet34:
+        ops: {activations: {config: {weights_path: /models/resnet34.pth}}}
+
+It is checked when the definitions load: here its shape, in pipelines/definitions.py every
+partition's config against the recipe job's config schema.
+
 The cut is relative to the arch's table cut: 0 = fastai's cut, 1 = one child earlier (xtra_cut).
 Every arch x cut pair is a partition, so each cut must lie in 0..max_xtra_cut of every configured
 arch. An unknown arch or a cut out of range fails when the definitions load, with a message naming
@@ -49,12 +63,7 @@ def partition_config(environ: Optional[Mapping[str, str]] = None) -> tuple[list[
     values, origin = dict(DEFAULTS), {key: "the defaults" for key in DEFAULTS}
     path = config_file(env)
     if path is not None:
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise PartitionConfigError(f"{path} is not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise PartitionConfigError(f"{path} must be a mapping with keys `archs: [...]` and `cuts: [...]`")
+        data = _load_file(path)
         for key in DEFAULTS:
             if key in data:
                 values[key], origin[key] = data[key], str(path)
@@ -79,6 +88,73 @@ def partition_config(environ: Optional[Mapping[str, str]] = None) -> tuple[list[
                     f"for it, and 0..{shared} for all configured archs ({', '.join(archs)})")
         cuts.append(str(cut))
     return archs, list(dict.fromkeys(cuts))
+
+
+RUN_CONFIG_KEYS = ("ops", "resources", "execution", "loggers")
+
+
+def _load_file(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise PartitionConfigError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise PartitionConfigError(f"{path} must be a mapping with keys `archs: [...]` and `cuts: [...]`")
+    return data
+
+
+def _check_run_config(value, where: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise PartitionConfigError(f"{where} must be a Dagster run config mapping such as "
+                                   f"{{ops: {{activations: {{config: {{size: 128}}}}}}}}, not {value!r}")
+    bad = [k for k in value if k not in RUN_CONFIG_KEYS]
+    if bad:
+        raise PartitionConfigError(f"{where} has unknown top-level key(s) {', '.join(map(repr, bad))}; a run config "
+                                   f"holds {', '.join(RUN_CONFIG_KEYS)} (op settings go under ops: <op>: config:)")
+    for key, sub in value.items():
+        if sub is not None and not isinstance(sub, dict):
+            raise PartitionConfigError(f"{where}.{key} must be a mapping, not {sub!r}")
+    return value
+
+
+def merge_config(base: dict, over: dict) -> dict:
+    """``base`` with ``over`` merged in, mapping by mapping; ``over`` wins on a conflict."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = merge_config(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def run_configs(environ: Optional[Mapping[str, str]] = None, archs: Optional[list[str]] = None,
+                cuts: Optional[list[str]] = None) -> dict[str, dict]:
+    """{partition key: run config} from the config file's `run_config` and `partition_run_config`.
+
+    Without a config file (or without those keys) every partition gets ``{}``: the config defaults.
+    """
+    env = os.environ if environ is None else environ
+    if archs is None or cuts is None:
+        archs, cuts = partition_config(env)
+    keys = [f"{a}|{c}" for a in archs for c in cuts]
+    path = config_file(env)
+    data = _load_file(path) if path is not None else {}
+    common = _check_run_config(data.get("run_config"), f"run_config in {path}")
+    per = data.get("partition_run_config") or {}
+    if not isinstance(per, dict):
+        raise PartitionConfigError(f"partition_run_config in {path} must map an \"arch|cut\" key or an arch "
+                                   f"to a run config, not {per!r}")
+    for name, value in per.items():
+        if name not in keys and name not in archs:
+            raise PartitionConfigError(f"partition_run_config in {path} names {name!r}, which is neither a configured "
+                                       f"partition ({', '.join(keys)}) nor a configured arch ({', '.join(archs)})")
+        _check_run_config(value, f"partition_run_config[{name!r}] in {path}")
+    out = {}
+    for key in keys:
+        arch = key.split("|")[0]
+        cfg = merge_config(common, per.get(arch) or {})
+        out[key] = merge_config(cfg, per.get(key) or {})
+    return out
 
 
 def _as_list(value, key: str, origin: str) -> list[str]:
@@ -107,6 +183,13 @@ arch_cut = dg.MultiPartitionsDefinition({
     "cut": dg.StaticPartitionsDefinition(CUTS),
 })
 DEFAULT_PARTITION = f"{ARCHS[0]}|{CUTS[0]}"
+RUN_CONFIGS = run_configs(archs=ARCHS, cuts=CUTS)
+
+
+def run_config_for(partition: str) -> dict:
+    """The configured run config of a partition (``{}``: the defaults); a copy, safe to change."""
+    import copy
+    return copy.deepcopy(RUN_CONFIGS.get(str(partition), {}))
 
 
 def arch_and_cut(context: dg.AssetExecutionContext | dg.OpExecutionContext) -> tuple[str, int]:

@@ -3,7 +3,7 @@
 import dagster as dg
 
 from assets import RECIPE_ASSETS, SWEEP_ASSETS
-from assets.partitions import arch_cut
+from assets.partitions import RUN_CONFIGS, PartitionConfigError, arch_cut, config_file
 from pipelines.housekeeping import cache_housekeeping
 from pipelines.schedules import SCHEDULES
 from pipelines.sharding import precompute_sharded
@@ -16,3 +16,20 @@ recipe_job = dg.define_asset_job(
 
 defs = dg.Definitions(assets=RECIPE_ASSETS + SWEEP_ASSETS, jobs=[recipe_job, cache_housekeeping, precompute_sharded], schedules=SCHEDULES,
                       sensors=SENSORS, resources=default_resources())
+
+
+def _check_run_configs() -> None:
+    """Every partition's run config from precompute.yaml against the recipe job's schema, at load."""
+    job = defs.resolve_job_def("recipe")
+    for partition, run_config in RUN_CONFIGS.items():
+        if not run_config:
+            continue
+        try:
+            dg.validate_run_config(job, run_config)
+        except dg.DagsterInvalidConfigError as e:
+            problems = "; ".join(err.message for err in e.errors) or str(e)
+            raise PartitionConfigError(f"the run config for partition {partition} (run_config / partition_run_config "
+                                       f"in {config_file()}) does not fit the recipe job: {problems}") from None
+
+
+_check_run_configs()

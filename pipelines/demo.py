@@ -12,11 +12,12 @@ os.makedirs(os.environ["DAGSTER_HOME"], exist_ok=True)
 
 import dagster as dg  # noqa: E402
 
-from assets.partitions import DEFAULT_PARTITION  # noqa: E402
+from assets.partitions import DEFAULT_PARTITION, merge_config, run_config_for  # noqa: E402
 from pipelines.definitions import defs  # noqa: E402
 
 # Digits are 8x8 upscaled: 64 px loses nothing and keeps the demo at a few minutes on two cores.
-# A flipped digit is another glyph, so no flips.
+# A flipped digit is another glyph, so no flips. The run config in precompute.yaml (run_config,
+# partition_run_config) is merged over these: what the user configured wins, key by key.
 DEMO_RUN_CONFIG = {"ops": {
     "activations": {"config": {"size": int(os.environ.get("PRECOMPUTE_DEMO_SIZE", "64"))}},
     "head_on_cache": {"config": {"epochs": 5}},
@@ -30,7 +31,8 @@ def main() -> int:
     partition = os.environ.get("PRECOMPUTE_PARTITION", DEFAULT_PARTITION)
     t0 = time.time()
     result = defs.resolve_job_def("recipe").execute_in_process(
-        run_config=DEMO_RUN_CONFIG, partition_key=partition, instance=dg.DagsterInstance.get())
+        run_config=merge_config(DEMO_RUN_CONFIG, run_config_for(partition)), partition_key=partition,
+        instance=dg.DagsterInstance.get())
     if not result.success:
         print("demo failed; see the log above", file=sys.stderr)
         return 1

@@ -8,7 +8,8 @@ Each tick looks in two steps, the cheap one first:
 2. When the fingerprint moved, the content: a manifest scan through the scan index (the one the
    runs use, beside the store) reads only the files whose signature changed, and the manifest's
    digest, which is the ``image_manifest`` asset's data version, decides. A new, removed or
-   replaced image (or a changed label) launches one recipe run per configured arch|cut partition; a
+   replaced image (or a changed label) launches one recipe run per configured arch|cut partition
+   (with its run config from precompute.yaml; a partition whose weights are not available is skipped); a
    file that was only touched or copied over with the same bytes launches nothing. The scan also
    brings the index up to date, so the run it launches reads nothing again. When more files
    changed than ``$PRECOMPUTE_SENSOR_READ_BUDGET`` (default 2,000: a tick must stay well inside
@@ -32,8 +33,7 @@ from typing import Optional
 
 import dagster as dg
 
-from assets.partitions import arch_cut
-from pipelines.schedules import RECIPE_JOB
+from pipelines.schedules import RECIPE_JOB, recipe_requests, runnable_partitions
 from precompute import sources
 from precompute.manifest import ManifestError, _is_image_name
 from precompute.scan_index import ScanBudgetExceeded, manifest_digest
@@ -167,13 +167,14 @@ def new_images_sensor(context: dg.SensorEvaluationContext, images: ImageSource):
     change = f"{before[:12]}-{(digest or fingerprint)[:12]}-{fingerprint[:8]}"
     context.log.info(f"{n} image files in {source}: {how}; manifest {digest and digest[:12]} "
                      f"(was {last.get('digest')})")
-    return dg.SensorResult(
-        run_requests=[dg.RunRequest(run_key=f"{change}:{partition}", partition_key=partition,
-                                    tags={"precompute/trigger": "new_images_sensor",
-                                          "precompute/source_fingerprint": fingerprint[:12],
-                                          "precompute/manifest_digest": (digest or "")[:12]})
-                      for partition in arch_cut.get_partition_keys()],
-        cursor=cursor)
+    requests = recipe_requests(change, {"precompute/trigger": "new_images_sensor",
+                                        "precompute/source_fingerprint": fingerprint[:12],
+                                        "precompute/manifest_digest": (digest or "")[:12]}, context.log)
+    if not requests:
+        return dg.SensorResult(skip_reason="images changed, but no configured partition has its weights available "
+                                           "here: " + "; ".join(f"{p}: {why}" for p, why in runnable_partitions()[1].items()),
+                               cursor=cursor)
+    return dg.SensorResult(run_requests=requests, cursor=cursor)
 
 
 SENSORS = [new_images_sensor]

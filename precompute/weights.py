@@ -100,6 +100,45 @@ def resolve_weights_file(spec: ArchSpec, weights: str = "pretrained", weights_pa
     raise WeightsUnavailable(f"no offline pretrained weights known for {spec.name}; pass weights_path=...")
 
 
+def weights_unavailable_reason(arch: ArchSpec | str, weights: str = "pretrained",
+                               weights_path: str | None = None) -> str | None:
+    """Why a load of ``arch`` must fail on this machine, or None when it can run. Downloads nothing.
+
+    Available: random weights, an existing ``weights_path``, the lite0 package installed, a
+    torchvision checkpoint in the torch hub cache, or one that may be downloaded
+    ($PRECOMPUTE_ALLOW_DOWNLOAD=1). Only looks at files; a file's content is checked by the load.
+    """
+    if isinstance(arch, str):
+        from precompute.archs import ARCHS
+        if arch not in ARCHS:
+            return f"unknown arch {arch!r}"
+        arch = ARCHS[arch]
+    spec = arch
+    if weights_path is not None:
+        return None if Path(weights_path).is_file() else f"weights_path {weights_path} is not a file"
+    if weights == "random":
+        return None
+    if spec.source == "torchvision":
+        import torchvision
+
+        enum = torchvision.models.get_weight(spec.weights)
+        target = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(enum.url)
+        if target.is_file() or os.environ.get(ALLOW_DOWNLOAD_ENV) == "1":
+            return None
+        return (f"{spec.weights} is not in the torch hub cache ({target}) and downloads are off "
+                f"(set {ALLOW_DOWNLOAD_ENV}=1, place the file there, or set weights_path in the run config)")
+    try:
+        resolve_weights_file(spec, weights, weights_path)
+    except (WeightsUnavailable, ValueError) as e:
+        return str(e).splitlines()[0]
+    return None
+
+
+def weights_available(arch: ArchSpec | str, weights: str = "pretrained", weights_path: str | None = None) -> bool:
+    """True when a load of ``arch``'s weights can succeed here without a forbidden download."""
+    return weights_unavailable_reason(arch, weights, weights_path) is None
+
+
 # torch.save writes a zip archive (PK..) or, in the legacy format, a pickle (protocol byte 0x80).
 _TORCH_FILE_MAGIC = (b"PK\x03\x04", b"\x80")
 

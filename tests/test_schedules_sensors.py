@@ -12,10 +12,11 @@ import dagster as dg
 import pytest
 
 from assets import partitions
-from assets.partitions import PartitionConfigError, arch_cut, partition_config
+from assets.partitions import PartitionConfigError, arch_cut, partition_config, run_configs
 from pipelines.definitions import defs
-from pipelines.schedules import daily_recipe_refresh, weekly_cache_housekeeping
+from pipelines.schedules import daily_recipe_refresh, runnable_partitions, weekly_cache_housekeeping
 from pipelines.sensors import new_images_sensor, source_fingerprint
+from precompute.weights import weights_available
 from resources import ImageSource
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -75,25 +76,66 @@ def test_missing_config_file_named_by_env_fails(tmp_path):
 
 
 def _load_definitions(config: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("PRECOMPUTE_ARCHS", "PRECOMPUTE_CUTS")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PRECOMPUTE_ARCHS", "PRECOMPUTE_CUTS", "PRECOMPUTE_ALLOW_DOWNLOAD")}
     env["PRECOMPUTE_CONFIG"] = str(config)
     code = ("import json; from pipelines.definitions import defs; from pipelines.schedules import daily_recipe_refresh;"
             "import dagster as dg;"
             "keys = defs.resolve_job_def('recipe').partitions_def.get_partition_keys();"
             "data = daily_recipe_refresh.evaluate_tick(dg.build_schedule_context(repository_def=defs.get_repository_def()));"
-            "print(json.dumps({'keys': keys, 'scheduled': [r.partition_key for r in data.run_requests]}))")
+            "print(json.dumps({'keys': keys, 'scheduled': [r.partition_key for r in data.run_requests],"
+            "'configs': {r.partition_key: r.run_config for r in data.run_requests}}))")
     return subprocess.run([sys.executable, "-c", code], cwd=PROJECT, env=env, capture_output=True, text=True,
                           timeout=240)
 
 
 def test_adding_an_arch_to_the_config_adds_its_partitions(tmp_path):
     cfg = tmp_path / "precompute.yaml"
-    cfg.write_text("archs: [tf_efficientnet_lite0, resnet18]\ncuts: [0, 2]\n")
+    weights = tmp_path / "resnet18.pth"
+    weights.write_bytes(b"PK\x03\x04 a state dict")  # only its presence is checked before a run
+    cfg.write_text("archs: [tf_efficientnet_lite0, resnet18]\ncuts: [0, 2]\n"
+                   "run_config:\n  ops:\n    activations: {config: {size: 96}}\n    head_on_cache: {config: {epochs: 2}}\n"
+                   f"partition_run_config:\n  resnet18:\n    ops: {{activations: {{config: {{weights_path: '{weights}'}}}}}}\n"
+                   "  tf_efficientnet_lite0|2:\n    ops: {activations: {config: {size: 64}}}\n")
     proc = _load_definitions(cfg)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     expected = {"tf_efficientnet_lite0|0", "tf_efficientnet_lite0|2", "resnet18|0", "resnet18|2"}
     assert set(out["keys"]) == expected and set(out["scheduled"]) == expected
+    configs = out["configs"]  # the tick's run requests carry the configured run config, per partition
+    assert configs["tf_efficientnet_lite0|0"] == {"ops": {"activations": {"config": {"size": 96}},
+                                                          "head_on_cache": {"config": {"epochs": 2}}}}
+    assert configs["tf_efficientnet_lite0|2"]["ops"]["activations"]["config"] == {"size": 64}
+    assert configs["resnet18|0"]["ops"]["activations"]["config"] == {"size": 96, "weights_path": str(weights)}
+    assert configs["resnet18|2"]["ops"]["head_on_cache"]["config"] == {"epochs": 2}
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("run_config:\n  ops:\n    head_on_cache: {config: {epoch: 3}}\n", ["partition", "epoch", "recipe job"]),
+    ("run_config: [1, 2]\n", ["run_config", "must be a Dagster run config mapping"]),
+    ("run_config:\n  activations: {config: {size: 64}}\n", ["unknown top-level key", "'activations'", "ops"]),
+    ("partition_run_config:\n  resnet99: {ops: {}}\n", ["'resnet99'", "configured partition", "tf_efficientnet_lite0|0"]),
+])
+def test_bad_run_config_names_the_problem(tmp_path, text, expected):
+    cfg = tmp_path / "precompute.yaml"
+    cfg.write_text("archs: [tf_efficientnet_lite0]\ncuts: [0]\n" + text)
+    if "epoch:" in text:  # a key the op's config does not have: caught against the job's schema at load
+        proc = _load_definitions(cfg)
+        assert proc.returncode != 0
+        message = proc.stderr
+        assert "PartitionConfigError" in message
+    else:
+        with pytest.raises(PartitionConfigError) as e:
+            run_configs({"PRECOMPUTE_CONFIG": str(cfg)})
+        message = str(e.value)
+    for part in expected:
+        assert part in message, message[-2000:]
+
+
+def test_no_config_file_means_empty_run_configs(no_config):
+    configs = run_configs(no_config)
+    assert list(configs) == [f"{a}|{c}" for a in ("tf_efficientnet_lite0", "resnet34") for c in ("0", "1")]
+    assert all(v == {} for v in configs.values())
 
 
 def test_bad_config_fails_at_definitions_load(tmp_path):
@@ -122,7 +164,7 @@ def test_schedules_are_registered_and_stopped():
 def test_daily_schedule_requests_one_run_per_partition():
     when = datetime(2024, 5, 1, 2, 0, tzinfo=timezone.utc)
     data = daily_recipe_refresh.evaluate_tick(dg.build_schedule_context(scheduled_execution_time=when, repository_def=REPO))
-    keys = arch_cut.get_partition_keys()
+    keys = runnable_partitions()[0]
     assert len(keys) >= 2
     assert sorted(r.partition_key for r in data.run_requests) == sorted(keys)
     assert {r.run_key for r in data.run_requests} == {f"2024-05-01:{k}" for k in keys}
@@ -165,7 +207,7 @@ def spare_photo(n: int = 5) -> Path:
 
 
 def test_sensor_launches_only_when_the_folder_changes(instance, photos):
-    keys = sorted(arch_cut.get_partition_keys())
+    keys = sorted(runnable_partitions()[0])
     first = tick(instance, photos, None)
     assert sorted(r.partition_key for r in first.run_requests) == keys
     assert all(r.job_name in (None, "recipe") for r in first.run_requests)
@@ -213,7 +255,7 @@ def test_sensor_on_a_csv_source(instance, photos, tmp_path):
     csv = photos / "labels.csv"
     csv.write_text("path,label\n" + "".join(f"{p},{p.split('/')[1]}\n" for p in listed))
     first = tick(instance, csv, None)
-    assert len(first.run_requests) == len(arch_cut.get_partition_keys())
+    assert len(first.run_requests) == len(runnable_partitions()[0])
     assert source_fingerprint(csv)[1] == 3
 
     shutil.copy(spare_photo(), photos / "train" / "dogs" / "unlisted.jpg")  # not in the CSV: no run
@@ -233,3 +275,55 @@ def test_sensor_on_a_csv_source(instance, photos, tmp_path):
 def test_sensor_skips_a_missing_source(instance, tmp_path):
     data = tick(instance, tmp_path / "gone", None)
     assert data.run_requests == [] and "does not exist" in data.skip_message and data.cursor is None
+
+
+# --------------------------------------------------------------------------- what a tick launches
+
+
+@pytest.fixture
+def default_partitions(monkeypatch):
+    """The default partitions (lite0 and resnet34, cuts 0 and 1), downloads off, no run config."""
+    monkeypatch.delenv("PRECOMPUTE_ALLOW_DOWNLOAD", raising=False)
+    keys = ["tf_efficientnet_lite0|0", "tf_efficientnet_lite0|1", "resnet34|0", "resnet34|1"]
+    monkeypatch.setattr(arch_cut, "get_partition_keys", lambda *a, **k: keys)
+    monkeypatch.setattr(partitions, "RUN_CONFIGS", {k: {} for k in keys})
+    return keys
+
+
+def test_switched_on_schedule_never_launches_a_partition_that_must_fail(default_partitions, monkeypatch, tmp_path):
+    if weights_available("resnet34"):
+        pytest.skip("resnet34 weights are on this machine: nothing to skip")
+    assert weights_available("tf_efficientnet_lite0")
+    when = datetime(2024, 5, 1, 2, 0, tzinfo=timezone.utc)
+    ctx = dg.build_schedule_context(scheduled_execution_time=when, repository_def=REPO)
+    requested = [r.partition_key for r in daily_recipe_refresh.evaluate_tick(ctx).run_requests]
+    assert requested == ["tf_efficientnet_lite0|0", "tf_efficientnet_lite0|1"]
+    runnable, skipped = runnable_partitions()
+    assert set(skipped) == {"resnet34|0", "resnet34|1"} and "torch hub cache" in skipped["resnet34|0"]
+
+    # weights at a configured path, or downloads switched on, make the partition runnable again
+    weights = tmp_path / "resnet34.pth"
+    weights.write_bytes(b"PK\x03\x04")
+    monkeypatch.setitem(partitions.RUN_CONFIGS, "resnet34|1",
+                        {"ops": {"activations": {"config": {"weights_path": str(weights)}}}})
+    data = daily_recipe_refresh.evaluate_tick(dg.build_schedule_context(scheduled_execution_time=when, repository_def=REPO))
+    by_key = {r.partition_key: r.run_config for r in data.run_requests}
+    assert set(by_key) == {"tf_efficientnet_lite0|0", "tf_efficientnet_lite0|1", "resnet34|1"}
+    assert by_key["resnet34|1"]["ops"]["activations"]["config"]["weights_path"] == str(weights)
+    monkeypatch.setenv("PRECOMPUTE_ALLOW_DOWNLOAD", "1")
+    assert runnable_partitions()[0] == default_partitions
+
+
+def test_sensor_tick_carries_the_run_config_and_skips_unavailable_weights(default_partitions, monkeypatch,
+                                                                           instance, photos):
+    cfg = {"ops": {"activations": {"config": {"size": 96}}, "finetuned": {"config": {"epochs": 1}}}}
+    for key in default_partitions:
+        monkeypatch.setitem(partitions.RUN_CONFIGS, key, cfg)
+    ctx = dg.build_sensor_context(instance=instance, cursor=None, repository_def=REPO,
+                                  resources={"images": ImageSource(source=str(photos))})
+    data = new_images_sensor.evaluate_tick(ctx)
+    assert data.run_requests and all(r.run_config == cfg for r in data.run_requests)
+    keys = {r.partition_key for r in data.run_requests}
+    assert {"tf_efficientnet_lite0|0", "tf_efficientnet_lite0|1"} <= keys
+    if not weights_available("resnet34"):
+        assert not any(k.startswith("resnet34") for k in keys)
