@@ -8,6 +8,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from precompute import sweep
+from tests.test_pipeline import env  # noqa: F401 - fixture: a Dagster instance, MLflow and a store
 from precompute.train import ArrayRows, ConfigError
 
 PARTITION = "tf_efficientnet_lite0|0"
@@ -77,60 +78,49 @@ def test_configs_are_checked_and_searched():
                          ArrayRows(np.zeros((2, 6), np.float32), np.zeros((2, 2), np.float32)), 2, [sweep.HeadConfig()])
 
 
-def test_head_sweep_asset_tracks_children_and_reuses(tmp_path, tiny_tree, monkeypatch):
+def test_head_sweep_asset_tracks_children_and_reuses(env):
     from assets import activations, head_sweep, image_manifest
-    from resources import ActivationStoreResource, ComputeDevice, ImageSource, MlflowTracking
 
-    monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    resources = {"images": ImageSource(source=str(tiny_tree)),
-                 "store": ActivationStoreResource(root=str(tmp_path / "store")),
-                 "tracking": MlflowTracking(tracking_uri=uri, artifact_root=str(tmp_path / "artifacts")),
-                 "compute": ComputeDevice(device="auto")}
-    (tmp_path / "dagster_home").mkdir()
-    instance = dg.DagsterInstance.local_temp(str(tmp_path / "dagster_home"))
+    resources, instance, uri, _ = env
     grid = {"lr": [1e-3, 1e-2], "ps": [None, 0.0], "xtra_fc": [[16], []], "epochs": [2], "batch_size": 8}
     run_config = {"ops": {"activations": {"config": {"size": 64, "chunk_rows": 8}},
                           "head_sweep": {"config": grid}}}
-    try:
-        result = dg.materialize([image_manifest, activations, head_sweep], partition_key=PARTITION,
-                                resources=resources, instance=instance, run_config=run_config)
-        assert result.success
-        out = result.output_for_node("head_sweep")
-        assert len(out["table"]) == 8 and out["best"] == out["configs"][out["best_index"]]
-        accs = [r["valid_accuracy"] for r in out["table"]]
-        assert accs[out["best_index"]] == max(accs)
-        meta = instance.get_latest_materialization_event(head_sweep.key).asset_materialization.metadata
-        assert meta["reused"].value is False and meta["n_configs"].value == 8
-        assert "(best)" in meta["table"].value and "data:image/png;base64," in meta["plot"].value
+    result = dg.materialize([image_manifest, activations, head_sweep], partition_key=PARTITION,
+                            resources=resources, instance=instance, run_config=run_config)
+    assert result.success
+    out = result.output_for_node("head_sweep")
+    assert len(out["table"]) == 8 and out["best"] == out["configs"][out["best_index"]]
+    accs = [r["valid_accuracy"] for r in out["table"]]
+    assert accs[out["best_index"]] == max(accs)
+    meta = instance.get_latest_materialization_event(head_sweep.key).asset_materialization.metadata
+    assert meta["reused"].value is False and meta["n_configs"].value == 8
+    assert "(best)" in meta["table"].value and "data:image/png;base64," in meta["plot"].value
 
-        client = MlflowClient(uri)
-        exp = client.get_experiment_by_name("precompute-pipeline").experiment_id
-        parent = client.get_run(out["mlflow_run_id"])
-        children = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-        assert len(children) == 8 and {c.info.run_id for c in children} == set(out["child_run_ids"])
-        child = client.get_run(out["child_run_ids"][out["best_index"]])
-        assert child.data.params["lr"] == str(out["best"]["lr"]) and child.data.tags["stage"] == "head_sweep.config"
-        assert len(client.get_metric_history(child.info.run_id, "valid_accuracy")) == 2  # one per epoch
-        assert float(parent.data.metrics["best_valid_accuracy"]) == pytest.approx(max(accs))
-        n_runs = len(client.search_runs([exp], ""))
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("precompute-pipeline").experiment_id
+    parent = client.get_run(out["mlflow_run_id"])
+    children = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert len(children) == 8 and {c.info.run_id for c in children} == set(out["child_run_ids"])
+    child = client.get_run(out["child_run_ids"][out["best_index"]])
+    assert child.data.params["lr"] == str(out["best"]["lr"]) and child.data.tags["stage"] == "head_sweep.config"
+    assert len(client.get_metric_history(child.info.run_id, "valid_accuracy")) == 2  # one per epoch
+    assert float(parent.data.metrics["best_valid_accuracy"]) == pytest.approx(max(accs))
+    n_runs = len(client.search_runs([exp], ""))
 
-        # the same cache, grid and seed: the earlier sweep, no training, no new MLflow run
-        again = dg.materialize([image_manifest, activations, head_sweep], partition_key=PARTITION,
-                               resources=resources, instance=instance, selection=[head_sweep],
-                               run_config={"ops": {"head_sweep": {"config": grid}}})
-        assert again.success
-        meta = instance.get_latest_materialization_event(head_sweep.key).asset_materialization.metadata
-        assert meta["reused"].value is True and meta["mlflow_run_id"].value == out["mlflow_run_id"]
-        assert again.output_for_node("head_sweep")["table"] == out["table"]
-        assert len(client.search_runs([exp], "")) == n_runs
+    # the same cache, grid and seed: the earlier sweep, no training, no new MLflow run
+    again = dg.materialize([image_manifest, activations, head_sweep], partition_key=PARTITION,
+                           resources=resources, instance=instance, selection=[head_sweep],
+                           run_config={"ops": {"head_sweep": {"config": grid}}})
+    assert again.success
+    meta = instance.get_latest_materialization_event(head_sweep.key).asset_materialization.metadata
+    assert meta["reused"].value is True and meta["mlflow_run_id"].value == out["mlflow_run_id"]
+    assert again.output_for_node("head_sweep")["table"] == out["table"]
+    assert len(client.search_runs([exp], "")) == n_runs
 
-        # a new seed is a new sweep
-        seeded = {"ops": {"head_sweep": {"config": {**grid, "seed": 1}}}}
-        assert dg.materialize([image_manifest, activations, head_sweep], partition_key=PARTITION, resources=resources,
-                              instance=instance, run_config=seeded, selection=[head_sweep]).success
-        meta = instance.get_latest_materialization_event(head_sweep.key).asset_materialization.metadata
-        # a new pipeline parent run (new Dagster run), the sweep run and its 8 children
-        assert meta["reused"].value is False and len(client.search_runs([exp], "")) == n_runs + 10
-    finally:
-        instance.dispose()
+    # a new seed is a new sweep
+    seeded = {"ops": {"head_sweep": {"config": {**grid, "seed": 1}}}}
+    assert dg.materialize([image_manifest, activations, head_sweep], partition_key=PARTITION, resources=resources,
+                          instance=instance, run_config=seeded, selection=[head_sweep]).success
+    meta = instance.get_latest_materialization_event(head_sweep.key).asset_materialization.metadata
+    # a new pipeline parent run (new Dagster run), the sweep run and its 8 children
+    assert meta["reused"].value is False and len(client.search_runs([exp], "")) == n_runs + 10
