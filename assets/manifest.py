@@ -1,7 +1,6 @@
 import dagster as dg
 
-from precompute.manifest import manifest_summary
-from precompute.scan_index import manifest_digest
+from precompute.manifest import manifest_report
 
 from resources import ImageSource
 
@@ -15,21 +14,7 @@ def image_manifest(context: dg.AssetExecutionContext, images: ImageSource):
     """
     scan = images.scan()
     manifest = images.manifest(scan)
-    context.log.info(f"scan: {scan.stats.get('read', 0)} files read, {scan.stats.get('reused', 0)} unchanged "
-                     f"(scan index {scan.stats.get('index') or 'off'}) in {scan.stats.get('seconds', 0):.1f}s")
-    bad = manifest[manifest["status"] != "ok"]
-    for row in bad.itertuples():
-        context.log.warning(f"skipped {row.relpath}: {row.status} ({row.reason})")
-    counts = manifest.groupby(["split", "label", "status"]).size().rename("images").reset_index()
-    version = manifest_digest(manifest)
-    return dg.Output(manifest, data_version=dg.DataVersion(version), metadata={
-        "source": str(images.resolve()),
-        "images": len(manifest),
-        "ok": int((manifest["status"] == "ok").sum()),
-        "manifest_digest": version,
-        "scan": dg.MetadataValue.json({k: v for k, v in scan.stats.items() if v is not None}),
-        "not_usable": dg.MetadataValue.md(bad[["relpath", "status", "reason"]].to_markdown(index=False)
-                                          if len(bad) else "none"),
-        "counts": dg.MetadataValue.md(counts.to_markdown(index=False)),
-        "summary": dg.MetadataValue.json(manifest_summary(manifest)),
-    })
+    version, metadata = manifest_report(manifest, scan.stats, str(images.resolve()), context.log)
+    md = {k: dg.MetadataValue.md(metadata.pop(k)) for k in ("not_usable", "counts")}
+    json = {k: dg.MetadataValue.json(metadata.pop(k)) for k in ("scan", "summary")}
+    return dg.Output(manifest, data_version=dg.DataVersion(version), metadata={**metadata, **md, **json})

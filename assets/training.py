@@ -4,7 +4,6 @@ lr_find runs as its own assets (on the cache for the head; on images for the unf
 a stage uses the suggested rate when its config says ``lr_from_finder: true``.
 """
 
-import re
 import tempfile
 import uuid
 from contextlib import contextmanager
@@ -13,13 +12,12 @@ from typing import Optional
 
 import dagster as dg
 
-from assets._util import png_markdown
+from assets._util import as_metadata, png_markdown
 from assets.partitions import arch_and_cut, arch_cut
 from precompute import evaluate, recipe
 from precompute.archs import get_arch
-from precompute.train import ConfigError, Schedule
-from precompute.transforms import TransformSpec, train_transform
-from precompute.validate import validate_run
+from precompute.train import ConfigError, FitOptions, Schedule
+from precompute.validate import N_LAYER_GROUPS, validate_run
 from resources import ActivationStoreResource, ComputeDevice, MlflowTracking
 
 NOT_CACHEABLE = {"precompute/cacheable": "false"}
@@ -33,9 +31,19 @@ class ScheduleConfig(dg.Config):
     cycle_mult: int = 1                  # ... each next one this many times longer
     lr_from_finder: bool = False         # use the lr_find asset's suggestion instead of lr
     seed: int = 0
+    optimizer: str = "adamw"             # adamw | sgd (with momentum, as fastai 0.7)
+    momentum: float = 0.9                # sgd's momentum
+    weight_decay: float = 1e-2
+    label_smoothing: float = 0.0         # one class per image: softened targets in the training loss
+    early_stopping_patience: Optional[int] = None  # stop after this many epochs without a lower valid loss;
+                                                   # the best epoch's weights are kept
 
     def to_schedule(self) -> Schedule:
         return Schedule(self.schedule, self.epochs, self.cycles, self.cycle_len, self.cycle_mult)
+
+    def fit_options(self) -> FitOptions:
+        return FitOptions(self.optimizer, self.momentum, self.weight_decay, self.label_smoothing,
+                          self.early_stopping_patience)
 
 
 class HeadOnCacheConfig(ScheduleConfig):
@@ -49,9 +57,15 @@ class HeadOnCacheConfig(ScheduleConfig):
     precompute: bool = True
     augment: bool = False
     reuse: bool = True                   # return the earlier head when rows, config and seed are unchanged
+    from_sweep: bool = False             # train the best head of this partition's latest head_sweep instead
 
     def head_config(self) -> dict:
         return {"ps": self.ps, "xtra_fc": self.xtra_fc, "custom": self.custom_head}
+
+    def stage(self, finder: Optional[dict] = None) -> recipe.HeadStage:
+        lr = float(finder["suggestion"]) if self.lr_from_finder and finder and finder["suggestion"] is not None else self.lr
+        return recipe.HeadStage(self.head_config(), self.to_schedule(), lr, self.batch_size, self.seed,
+                                self.precompute, self.augment, self.fit_options())
 
 
 class ImageStageConfig(ScheduleConfig):
@@ -76,6 +90,12 @@ class ImageStageConfig(ScheduleConfig):
             return float(finder["suggestion"])
         return self.lrs or self.lr_range or self.lr
 
+    def stage(self, name: str, freeze_to: int, finder: Optional[dict] = None) -> recipe.ImageStage:
+        """The stage this config describes; ``freeze_to`` as fastai's (-1: the head trains, 0: every group)."""
+        return recipe.ImageStage(name, freeze_to, self.to_schedule(), self.learning_rates(finder), self.lr_spread,
+                                 self.batch_size, self.augment, self.precompute, self.augmentation_args(),
+                                 self.freeze_bn_stats, self.train_bn, self.size, self.seed, self.fit_options())
+
 
 class FinetuneConfig(ImageStageConfig):
     lr: float = 3e-4                     # the head's rate; the body groups get lr/3 and lr/9
@@ -87,67 +107,61 @@ class LrFindConfig(dg.Config):
     seed: int = 0
 
 
-def _checked(config: ScheduleConfig, **values) -> Schedule:
-    """Reject a bad configuration before any work (precompute.validate); no retry: it cannot pass."""
+def _checked(build, **values):
+    """Reject a bad configuration before any work (precompute.validate, then the stage's own
+    constructor ``build``); no retry: it cannot pass."""
     try:
         validate_run(**values)
-        return config.to_schedule()
+        return build()
     except ConfigError as exc:
         raise dg.Failure(str(exc), allow_retries=False) from exc
 
 
 @contextmanager
 def _mlflow_run(context, tracking: MlflowTracking, stage: str, params: dict):
+    """The stage's MLflow run, with what re-executes it (``precompute rerun <run id>``): the Dagster
+    run config, job, asset selection and partition, the git commit, and the image manifest as a
+    dataset input (source: the image source; digest: the activations' view key for this partition)."""
+    from precompute.tracking import JOB_TAG, PARTITION_TAG, SELECTION_TAG, git_commit
+
     arch, xtra_cut = arch_and_cut(context)
     spec = get_arch(arch)
     tracker = tracking.tracker()
-    tags = tracker.stage_tags(context.run.run_id, context.partition_key, stage,
-                              {"dagster.partition": context.partition_key, "arch": arch})
+    dagster_run, instance = context.run, context.instance
+    keys = dagster_run.asset_selection or context.job_def.asset_layer.selected_asset_keys  # None: the whole job
+    selection = ",".join(sorted(k.to_user_string() for k in keys))
+    tags = tracker.stage_tags(dagster_run.run_id, context.partition_key, stage,
+                              {PARTITION_TAG: context.partition_key, JOB_TAG: dagster_run.job_name,
+                               SELECTION_TAG: selection, "arch": arch})
+    manifest_key = dg.AssetKey("image_manifest")
+    import logging
+
+    quiet = logging.root.manager.disable
+    logging.disable(logging.DEBUG)  # the loader's own console logs each load at DEBUG, whatever the run's level
+    try:  # the manifest this step read, once more from the IO manager (not there for in-memory outputs)
+        manifest = context.load_asset_value(manifest_key)
+    except Exception:  # noqa: BLE001 - the dataset is then logged by source and digest alone
+        manifest = None
+    finally:
+        logging.disable(quiet)
+    scan = instance.get_latest_materialization_event(manifest_key)
+    source = scan.asset_materialization.metadata.get("source") if scan else None
+    acts = instance.fetch_materializations(dg.AssetRecordsFilter(
+        asset_key=dg.AssetKey("activations"), asset_partitions=[context.partition_key]), limit=1).records
+    view = acts[0].asset_materialization.metadata.get("view_key") if acts else None
     with tracker.run(f"{stage} {arch} cut={xtra_cut}",
                      {"arch": arch, "cut": xtra_cut, "lr_cut": spec.lr_cut, **params}, tags) as run:
+        run.provenance(dagster_run.run_config, manifest, source and str(source.value), view and str(view.value),
+                       git_commit())
         yield run
 
 
-def _log_stage(run, record: dict) -> None:
-    """Inside the stage's MLflow run: its layer groups, its run id on the record, and for a
-    multi-label record each label's threshold."""
-    run.layer_groups(record["groups"])
-    record["mlflow_run_id"] = run.run_id
-    if record.get("thresholds") is not None:  # multi-label: each label's threshold, as predict will use it
-        thresholds = dict(zip(record["classes"], record["thresholds"]))
-        run.metrics({"threshold." + re.sub(r"[^\w\-. /]", "_", c): t for c, t in thresholds.items()})
-
-
-def _stage_output(record: dict, tracking: MlflowTracking, data_version: Optional[str] = None,
+def _stage_output(record: recipe.StageRecord, tracking: MlflowTracking, data_version: Optional[str] = None,
                   extra: Optional[dict] = None, thresholds: bool = True):
-    last = record["history"][-1] if record["history"] else {}
-    metadata = {"mlflow_run_id": record["mlflow_run_id"], "mlflow_tracking_uri": tracking.tracking_uri,
-                "valid_accuracy": float(last.get("valid_accuracy", float("nan"))),
-                "valid_loss": float(last.get("valid_loss", float("nan"))),
-                "layer_groups": dg.MetadataValue.json(record["groups"]), **(extra or {})}
-    if thresholds and record.get("thresholds") is not None:
-        metadata["thresholds"] = dg.MetadataValue.json(dict(zip(record["classes"], record["thresholds"])))
-    return dg.Output(record, metadata=metadata,
+    metadata = {**recipe.stage_metadata(record, thresholds), "mlflow_tracking_uri": tracking.tracking_uri,
+                **(extra or {})}
+    return dg.Output(record, metadata=as_metadata(metadata),
                      data_version=dg.DataVersion(data_version) if data_version else None)
-
-
-def _finish(run, record: dict, tracking: MlflowTracking, data_version: Optional[str] = None,
-            extra: Optional[dict] = None):
-    _log_stage(run, record)
-    return _stage_output(record, tracking, data_version, extra)
-
-
-def _epoch_logger(context, run, stage: str):
-    step = [0]
-
-    def on_epoch(row: dict) -> None:
-        run.metrics({k: v for k, v in row.items() if k not in ("epoch", "lr_steps")}, step=row["epoch"])
-        run.series("lr_step", row["lr_steps"], start=step[0])  # the schedule as it ran, per batch
-        step[0] += len(row["lr_steps"])
-        context.log.info(f"{stage} epoch {row['epoch']}: train_loss {row['train_loss']:.4f} "
-                         f"valid_loss {row['valid_loss']:.4f} valid_accuracy {row['valid_accuracy']:.4f} "
-                         f"({row['seconds']:.1f}s)")
-    return on_epoch
 
 
 def _lr_find_output(context, tracking: MlflowTracking, stage: str, result: dict, params: dict):
@@ -177,15 +191,10 @@ def _configured_head(context) -> dict:
 def lr_find_head(context: dg.AssetExecutionContext, config: LrFindConfig, image_manifest, activations,
                  store: ActivationStoreResource, tracking: MlflowTracking, compute: ComputeDevice):
     """lr_find for a new head on the cached activations: loss vs learning rate, and a suggestion."""
-    activations = recipe.ActivationsRef.coerce(activations)
-    image_manifest = recipe.without_failed(image_manifest, activations.failed_images)  # no rows for them
     compute.setup()
-    entry = recipe.open_entry(store.get(), activations)
-    bb = activations.backbone()
-    ts = activations.transform()
     head_config = _configured_head(context)
-    result = recipe.lr_find_on_cache(entry, image_manifest, bb, ts, head_config,
-                                     config.batch_size, config.seed, config.num_it)
+    result = recipe.lr_find_on_ref(activations, image_manifest, store.get(), head_config, config.batch_size,
+                                   config.seed, config.num_it)
     return _lr_find_output(context, tracking, "lr_find_head", result,
                            {**config.model_dump(), **{f"head.{k}": v for k, v in head_config.items()}})
 
@@ -194,91 +203,49 @@ def lr_find_head(context: dg.AssetExecutionContext, config: LrFindConfig, image_
 def head_on_cache(context: dg.AssetExecutionContext, config: HeadOnCacheConfig, image_manifest, activations,
                   lr_find_head, store: ActivationStoreResource, tracking: MlflowTracking, compute: ComputeDevice):
     """A new head trained on the cached activations only (fastai precompute=True)."""
-    activations = recipe.ActivationsRef.coerce(activations)
-    image_manifest = recipe.without_failed(image_manifest, activations.failed_images)  # no rows for them
-    schedule = _checked(config, precompute=config.precompute, augment=config.augment, lr=config.lr,
-                        batch_size=config.batch_size, custom_head=config.custom_head, ps=config.ps,
-                        xtra_fc=config.xtra_fc, tracking_uri=tracking.tracking_uri, manifest=image_manifest)
-    if not config.precompute:
-        raise dg.Failure("head_on_cache trains on the cache: set precompute=True, or use head_augmented "
-                         "to train the head on images", allow_retries=False)
+    if config.from_sweep:
+        from assets.sweep import best_of_sweep
+
+        config = config.model_copy(update=best_of_sweep(context, activations, store))
+    stage = _checked(lambda: config.stage(lr_find_head), precompute=config.precompute, augment=config.augment,
+                     lr=config.lr, batch_size=config.batch_size, custom_head=config.custom_head, ps=config.ps,
+                     xtra_fc=config.xtra_fc, tracking_uri=tracking.tracking_uri, manifest=image_manifest)
     compute.setup()
-    entry = recipe.open_entry(store.get(), activations)
-    lr = (float(lr_find_head["suggestion"]) if config.lr_from_finder and lr_find_head["suggestion"] is not None
-          else config.lr)
-    # Dagster reruns an asset whenever asked; a head is a pure function of its rows, config and seed,
-    # so an identical request returns the earlier result instead of training again.
-    fingerprint = recipe.head_fingerprint(activations.view_key, {**config.model_dump(exclude={"reuse"}), "lr": lr})
-
-    def train() -> dict:
-        bb = activations.backbone()
-        recipe.check_same_weights(bb, entry)
-        ts = activations.transform()
-        params = {**config.model_dump(), "lr": lr, "size": ts.size, "entry_key": entry.key.digest(),
-                  "view_key": activations.view_key, "pooled": entry.key.pooled, "fingerprint": fingerprint}
-        with _mlflow_run(context, tracking, "head_on_cache", params) as run:
-            record = recipe.train_head_on_cache(entry, image_manifest, bb, ts, config.head_config(), lr=lr,
-                                                batch_size=config.batch_size, seed=config.seed, schedule=schedule,
-                                                on_epoch=_epoch_logger(context, run, "head_on_cache"))
-            _log_stage(run, record)
-        return record
-
-    record, reused = recipe.head_on_cache_cached(entry, fingerprint, train, reuse=config.reuse)
-    if reused:
-        context.log.info(f"head_on_cache reused: same activations ({activations.view_key}), config and "
-                         f"seed as MLflow run {record['mlflow_run_id']}; nothing trained")
-        return _stage_output(record, tracking, fingerprint, {"reused": True, "fingerprint": fingerprint},
-                             thresholds=False)
-    return _stage_output(record, tracking, fingerprint,
-                         {"reused": False, "fingerprint": fingerprint, "streamed": record["streamed"]})
+    record, reused, fingerprint = recipe.train_head_stage(
+        activations, image_manifest, store.get(), stage,
+        lambda params: _mlflow_run(context, tracking, "head_on_cache", params),
+        config.model_dump(exclude={"reuse"}), config.reuse, context.log)
+    extra = {"reused": reused, "fingerprint": fingerprint, **({} if reused else {"streamed": record.streamed})}
+    return _stage_output(record, tracking, fingerprint, extra, thresholds=not reused)
 
 
-def _augmented_samples(record: dict, image_manifest, config: ImageStageConfig) -> str:
-    """What the model sees: 8 augmented training images, as Markdown."""
-    import torch
-
-    from precompute.images import load_rgb
-
-    ts = TransformSpec(**record["transform"])
-    if config.size:
-        ts = TransformSpec(**{**ts.key(), "size": config.size, "resize": None})
-    rows = recipe.labelled_split(image_manifest, record["classes"], "train").head(8)
-    torch.manual_seed(config.seed)
-    tf = train_transform(ts, **config.augmentation_args())
-    path = Path(tempfile.mkdtemp(prefix="augment-")) / "augmented.png"
-    evaluate.plot_tensor_grid([tf(load_rgb(p)) for p in rows["path"]], path, ts.mean, ts.std)
-    return png_markdown(path, f"augmentation {config.augmentation}")
-
-
-def _image_stage(context, config: ImageStageConfig, image_manifest, previous: dict, stage: str, freeze: int,
-                 tracking: MlflowTracking, compute: ComputeDevice, finder: Optional[dict] = None):
-    image_manifest = recipe.without_failed(image_manifest, previous.get("failed_images"))  # as the stages before
-    arch, xtra_cut = arch_and_cut(context)
-    lr = config.learning_rates(finder)
-    schedule = _checked(config, arch=arch, xtra_cut=xtra_cut, size=config.size, lr=lr, frozen=freeze,
-                        precompute=config.precompute, augment=config.augment, batch_size=config.batch_size,
-                        augmentation=config.augmentation, max_zoom=config.max_zoom,
-                        tracking_uri=tracking.tracking_uri)
+def _image_stage(context, config: ImageStageConfig, image_manifest, previous, stage: recipe.ImageStage,
+                 tracking: MlflowTracking, compute: ComputeDevice, export: bool = False):
     device = compute.setup()
-    with _mlflow_run(context, tracking, stage, {**config.model_dump(), "lr_used": lr}) as run:
-        record = recipe.train_on_images(
-            previous, image_manifest, stage, schedule, lr, freeze=freeze, augment=config.augment,
-            batch_size=config.batch_size, seed=config.seed, num_workers=compute.num_workers, device=device,
-            on_epoch=_epoch_logger(context, run, stage), freeze_bn_stats=config.freeze_bn_stats,
-            augmentation=config.augmentation_args(), lr_spread=config.lr_spread, size=config.size,
-            train_bn=config.train_bn)
-        extra = {"augmented_samples": dg.MetadataValue.md(_augmented_samples(previous, image_manifest, config))}
-        if stage == "finetuned":
-            run.artifact(recipe.save_model(record, context.run.run_id), "model")
-            run.pytorch_model(record, "network")
-        return _finish(run, record, tracking, data_version=uuid.uuid4().hex, extra=extra)
+    record = recipe.run_image_stage(previous, image_manifest, stage,
+                                    lambda params: _mlflow_run(context, tracking, stage.name, params),
+                                    config.model_dump(), export, compute.num_workers, device, context.log)
+    samples = recipe.augmented_samples(previous, image_manifest, stage,
+                                       Path(tempfile.mkdtemp(prefix="augment-")) / "augmented.png")
+    extra = {"augmented_samples": dg.MetadataValue.md(png_markdown(samples, f"augmentation {config.augmentation}"))}
+    return _stage_output(record, tracking, uuid.uuid4().hex, extra)
+
+
+def _checked_image_stage(context, config: ImageStageConfig, name: str, freeze_to: int, tracking: MlflowTracking,
+                         finder: Optional[dict] = None) -> recipe.ImageStage:
+    arch, xtra_cut = arch_and_cut(context)
+    return _checked(lambda: config.stage(name, freeze_to, finder), arch=arch, xtra_cut=xtra_cut, size=config.size,
+                    lr=config.learning_rates(finder), frozen=freeze_to % N_LAYER_GROUPS, precompute=config.precompute,
+                    augment=config.augment, batch_size=config.batch_size, augmentation=config.augmentation,
+                    max_zoom=config.max_zoom, tracking_uri=tracking.tracking_uri)
 
 
 @dg.asset(group_name="recipe", partitions_def=arch_cut, tags=NOT_CACHEABLE)
 def head_augmented(context: dg.AssetExecutionContext, config: ImageStageConfig, image_manifest, head_on_cache,
                    tracking: MlflowTracking, compute: ComputeDevice):
     """The head trained further on freshly augmented images; the body stays frozen. Never cached."""
-    return _image_stage(context, config, image_manifest, head_on_cache, "head_augmented", 2, tracking, compute)
+    stage = _checked_image_stage(context, config, "head_augmented", -1, tracking)  # fastai's freeze_to(-1)
+    return _image_stage(context, config, image_manifest, head_on_cache, stage, tracking, compute)
 
 
 class LrFindImagesConfig(LrFindConfig):
@@ -292,7 +259,6 @@ class LrFindImagesConfig(LrFindConfig):
 def lr_find_unfrozen(context: dg.AssetExecutionContext, config: LrFindImagesConfig, image_manifest, head_augmented,
                      tracking: MlflowTracking, compute: ComputeDevice):
     """lr_find for the unfrozen network on augmented images (fastai: lr_find again after unfreeze)."""
-    image_manifest = recipe.without_failed(image_manifest, head_augmented.get("failed_images"))
     device = compute.setup()
     result = recipe.lr_find_on_images(head_augmented, image_manifest, 0, config.lr_spread, config.batch_size,
                                       config.seed, config.num_it, {"preset": config.augmentation},
@@ -304,5 +270,5 @@ def lr_find_unfrozen(context: dg.AssetExecutionContext, config: LrFindImagesConf
 def finetuned(context: dg.AssetExecutionContext, config: FinetuneConfig, image_manifest, head_augmented,
               lr_find_unfrozen, tracking: MlflowTracking, compute: ComputeDevice):
     """Every layer group unfrozen, earlier groups at lower learning rates, on augmented images."""
-    return _image_stage(context, config, image_manifest, head_augmented, "finetuned", 0, tracking, compute,
-                        finder=lr_find_unfrozen)
+    stage = _checked_image_stage(context, config, "finetuned", 0, tracking, finder=lr_find_unfrozen)  # unfreeze()
+    return _image_stage(context, config, image_manifest, head_augmented, stage, tracking, compute, export=True)

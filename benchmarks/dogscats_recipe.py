@@ -47,7 +47,7 @@ def main() -> int:
     assert result.success
     recipe_s = time.time() - t0
     stages = result.output_for_node("evaluation_report")["stages"]
-    run_id = result.output_for_node("finetuned")["mlflow_run_id"]
+    run_id = result.output_for_node("finetuned").mlflow_run_id
     record = load_model(run_id, defs.resources["tracking"].tracking_uri)
     t1 = time.time()
     table = predict_folder(record, DATA / "valid")

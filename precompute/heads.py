@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -122,6 +123,51 @@ def load_factory(name: str) -> HeadFactory:
     if not module or not attr:
         raise ValueError(f"custom head {name!r} must look like 'package.module:function'")
     return getattr(importlib.import_module(module), attr)
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """What a new head is: fastai's (``ps`` dropout per linear block, ``xtra_fc`` hidden sizes) or
+    a ``custom`` one by name. Checked when made, before anything is built: a ConfigError says what
+    to change (and a custom name is refused before anything is imported)."""
+
+    ps: float | Sequence[float] | None = None
+    xtra_fc: Sequence[int] | None = (512,)
+    custom: str | None = None
+
+    def __post_init__(self):
+        from precompute.train import ConfigError
+
+        if self.custom is not None:
+            self._check_custom(ConfigError)
+            return
+        sizes = list(self.xtra_fc if self.xtra_fc is not None else [512])
+        if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in sizes):
+            raise ConfigError(f"xtra_fc {sizes}: hidden layer sizes must be integers >= 1 (or [] for none)")
+        if self.ps is None:
+            return
+        drops = [self.ps] if isinstance(self.ps, (int, float)) else list(self.ps)
+        if not isinstance(self.ps, (int, float)) and len(drops) != len(sizes) + 1:
+            raise ConfigError(f"ps has {len(drops)} dropout values for {len(sizes) + 1} linear blocks (xtra_fc={sizes} "
+                              f"plus the output): give {len(sizes) + 1} values, one number, or none for fastai's defaults")
+        if any(not 0 <= p < 1 for p in drops):
+            raise ConfigError(f"ps {self.ps}: dropout probabilities must be in [0, 1)")
+
+    def _check_custom(self, ConfigError) -> None:
+        try:
+            factory = load_factory(self.custom)
+        except UnknownHead as e:  # never imported: the message says how to register or allow it
+            raise ConfigError(str(e)) from None
+        except (ValueError, ImportError, AttributeError) as e:
+            raise ConfigError(f"custom_head {self.custom!r} cannot be loaded ({type(e).__name__}: {e}): give "
+                              "'package.module:function' importable here, the function taking (in_features, n_classes)") from None
+        if not callable(factory):
+            raise ConfigError(f"custom_head {self.custom!r} is not callable: name a function (in_features, n_classes) "
+                              "-> nn.Module")
+
+    def as_dict(self) -> dict:
+        """As stage records keep it (``build_head(in_channels, n_classes, **as_dict())``)."""
+        return {"ps": self.ps, "xtra_fc": None if self.xtra_fc is None else list(self.xtra_fc), "custom": self.custom}
 
 
 def build_head(in_channels: int, n_classes: int, ps=None, xtra_fc: Sequence[int] = (512,),

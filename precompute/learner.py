@@ -9,8 +9,8 @@
     learn.fit(slice(1e-5, 3e-4), 3, cycle_len=1, cycle_mult=2)  # lower rates for earlier groups
     probs, y = learn.tta()
 
-Between calls the Learner keeps the current stage record (the dict ``precompute.recipe``'s stage
-functions return and take), so each step continues from the last one and ``export`` writes the
+Between calls the Learner keeps the current stage record (the ``StageRecord`` ``precompute.recipe``'s
+stage functions return and take), so each step continues from the last one and ``export`` writes the
 file ``precompute predict --model`` reads. The pretrained backbone stays as loaded: it is what
 computes the cache, and a body trained on images is never fed back into it.
 """
@@ -34,11 +34,12 @@ from torch import nn
 from precompute import recipe
 from precompute.archs import body_output_shape, describe_groups, layer_groups
 from precompute.archs import freeze_to as freeze_groups
-from precompute.heads import build_head
-from precompute.labels import class_names, is_multilabel
+from precompute.heads import HeadConfig, build_head
 from precompute.manifest import build_manifest, ok_rows
+from precompute.records import StageRecord
 from precompute.store import ActivationStore, Entry
-from precompute.train import (ConfigError, LearningRates, Schedule, StreamedRows, fit_head_on_cache, group_lrs,
+from precompute.task import Task
+from precompute.train import (ConfigError, FitOptions, LearningRates, Schedule, StreamedRows, fit_head_on_cache, group_lrs,
                               lr_find, predict_proba, tensor_batches)
 from precompute.transforms import AUGMENTATION_PRESETS, TransformSpec, eval_transform, train_transform
 
@@ -221,18 +222,18 @@ class Learner:
         self.head_config = head_config
         self.bs, self.seed, self.device, self.num_workers = bs, seed, device, num_workers
         self.pooled, self.dtype, self.verbose = pooled, dtype, verbose
-        self.classes: list[str] = class_names(manifest)
-        if len(self.classes) < 2 and not is_multilabel(manifest):
+        self.task = Task.from_manifest(manifest)  # one class or several labels per image: loss, decoding, metrics
+        self.classes: list[str] = list(self.task.classes)
+        if len(self.classes) < 2 and not self.task.multilabel:
             raise ConfigError(f"{len(self.classes)} class(es) among the usable images: a classifier needs 2 or more")
-        self.multilabel = is_multilabel(manifest)
         self._in_channels = body_output_shape(backbone.body, transform.size)[0]
         head = recipe._new_head(backbone, transform, len(self.classes), head_config, seed)
         self._groups = layer_groups(backbone.body, head, backbone.spec, backbone.xtra_cut)  # for summary()
         # Before any fit the record is the pretrained body with a new head, so every stage continues one.
-        self.record: dict = recipe._stage_record("pretrained", backbone.spec, backbone.xtra_cut, self.classes,
-                                                 head_config, transform, backbone.weights_id,
-                                                 nn.Sequential(backbone.body, head), [], None, self._groups,
-                                                 seed=seed, **recipe._label_info(manifest))
+        self.record: StageRecord = recipe._stage_record("pretrained", backbone.spec, backbone.xtra_cut, self.task,
+                                                        head_config, transform, backbone.weights_id,
+                                                        nn.Sequential(backbone.body, head), [], None, self._groups,
+                                                        seed=seed)
         self.history: list[dict] = []  # every epoch of every fit, with its stage
         self.precompute_stats = None  # recipe.precompute's PrecomputeStats, once the cache was filled
         self.view_key: str | None = None
@@ -241,6 +242,8 @@ class Learner:
         self._precompute = False
         self._aug: dict | None = None
         self._fits = 0
+        # optimizer (AdamW, or SGD with momentum), weight decay, label smoothing, early stopping: every fit
+        self.fit_options = FitOptions()
 
     @classmethod
     def pretrained(cls, arch: str, data: str | os.PathLike | pd.DataFrame, precompute: bool = True,
@@ -273,9 +276,8 @@ class Learner:
                               "pass a folder, a CSV, or precompute.manifest.build_manifest(...)")
         if not isinstance(store, ActivationStore):
             store = ActivationStore(str(store) if store is not None else default_store())
+        head_config = HeadConfig(ps, [512] if xtra_fc is None else [int(n) for n in xtra_fc], custom_head).as_dict()
         bb = recipe.load_backbone(arch, xtra_cut, weights, weights_path)
-        head_config = {"ps": ps, "xtra_fc": [512] if xtra_fc is None else [int(n) for n in xtra_fc],
-                       "custom": custom_head}
         learn = cls(bb, manifest, store, recipe.transform_for(bb.spec, size), head_config, bs=bs, seed=seed,
                     device=device, num_workers=num_workers, pooled=pooled, dtype=dtype, verbose=verbose)
         learn.precompute = precompute
@@ -287,6 +289,10 @@ class Learner:
     @property
     def n_groups(self) -> int:
         return len(self._groups)
+
+    @property
+    def multilabel(self) -> bool:
+        return self.task.multilabel
 
     @property
     def frozen(self) -> int:
@@ -405,10 +411,11 @@ class Learner:
         else:
             body_trains = self._frozen < self.n_groups - 1
             stage = "finetuned" if body_trains else "head_augmented" if self._aug else "head_on_images"
-            record = recipe.train_on_images(self.record, self.manifest, stage, schedule, lrs, freeze=self._frozen,
-                                            augment=self._aug is not None, precompute=False, batch_size=self.bs,
-                                            seed=seed, num_workers=self.num_workers, device=self.device,
-                                            on_epoch=self._on_epoch(stage), augmentation=self._aug)
+            spec = recipe.ImageStage(stage, self._frozen, schedule, lrs, batch_size=self.bs,
+                                     augment=self._aug is not None, augmentation=self._aug, seed=seed,
+                                     options=self.fit_options)
+            record = recipe.train_image_stage(self.record, self.manifest, spec, self.num_workers, self.device,
+                                              self._on_epoch(stage))
         self.record = record
         self._fits += 1
 
@@ -422,25 +429,24 @@ class Learner:
                       f"{row['valid_accuracy']:>9.4f} {row['seconds']:>5.1f}s")
         return on_epoch
 
-    def _fit_on_cache(self, lr: float, schedule: Schedule, seed: int) -> dict:
+    def _fit_on_cache(self, lr: float, schedule: Schedule, seed: int) -> StageRecord:
         """The head (as the last stage left it) trained on cached rows; no image decoded, no body run."""
         entry = self._cache()
-        train = recipe.cached_rows(entry, self.manifest, self.classes, "train", recipe.DEFAULT_MEMORY_BUDGET)
-        valid = recipe.cached_rows(entry, self.manifest, self.classes, "valid", recipe.DEFAULT_MEMORY_BUDGET)
+        train = recipe.cached_rows(entry, self.manifest, self.task, "train", recipe.DEFAULT_MEMORY_BUDGET)
+        valid = recipe.cached_rows(entry, self.manifest, self.task, "valid", recipe.DEFAULT_MEMORY_BUDGET)
         head = self._head()
         history = fit_head_on_cache(head, train, valid, lr=lr, batch_size=self.bs, seed=seed, schedule=schedule,
-                                    on_epoch=self._on_epoch("head_on_cache"), multilabel=self.multilabel)
+                                    on_epoch=self._on_epoch("head_on_cache"), task=self.task,
+                                    options=self.fit_options)
         bb = self.backbone
         groups = layer_groups(bb.body, head, bb.spec, bb.xtra_cut)
         freeze_groups(groups, self.n_groups - 1)
-        record = recipe._stage_record("head_on_cache", bb.spec, bb.xtra_cut, self.classes, self.head_config,
+        record = recipe._stage_record("head_on_cache", bb.spec, bb.xtra_cut, self.task, self.head_config,
                                       self.transform, bb.weights_id, nn.Sequential(bb.body, head), history,
                                       [0.0] * (self.n_groups - 1) + [lr], groups, seed=seed,
-                                      schedule=schedule.as_dict(), lr=lr, streamed=isinstance(train, StreamedRows),
-                                      **recipe._label_info(self.manifest))
-        if self.multilabel:
-            recipe._with_thresholds(record, *predict_proba(head, valid.batches(512), multilabel=True))
-        return record
+                                      schedule=schedule, lr=lr, streamed=isinstance(train, StreamedRows),
+                                      fit_options=self.fit_options)
+        return recipe._tuned(record, head, valid.batches(512))
 
     def lr_find(self, start_lr: float = 1e-7, end_lr: float = 10.0, num_it: int = 100,
                 lr: LearningRates = 1.0) -> LRFinder:
@@ -449,42 +455,40 @@ class Learner:
         its ratios). The model is left as it was."""
         ratios = self.lrs_for(lr)
         if self._precompute:
-            train = recipe.cached_rows(self._cache(), self.manifest, self.classes, "train",
+            train = recipe.cached_rows(self._cache(), self.manifest, self.task, "train",
                                        recipe.DEFAULT_MEMORY_BUDGET)
             head = self._head()
             result = lr_find(head, [head], [1.0], lambda gen: train.batches(self.bs, gen), start_lr, end_lr, num_it,
-                             self.seed, multilabel=self.multilabel, freeze_bn_stats=False)
+                             self.seed, task=self.task, freeze_bn_stats=False)
         else:
             _, model, groups = recipe.rebuild(self.record, self.transform.size)
             freeze_groups(groups, self._frozen)
-            rows = recipe.labelled_split(self.manifest, self.classes, "train")
+            rows = recipe.labelled_split(self.manifest, self.task, "train")
             tf = train_transform(self.transform, **self._aug) if self._aug else eval_transform(self.transform)
             result = lr_find(model, groups, ratios,
                              lambda gen: recipe.image_loader(rows, tf, self.bs, True, gen, self.num_workers),
-                             start_lr, end_lr, num_it, self.seed, self.device, self.multilabel)
+                             start_lr, end_lr, num_it, self.seed, self.device, self.task)
         return LRFinder(result["lrs"], result["losses"], result["suggestion"], result["min_loss_lr"])
 
     # -- evaluating and predicting ----------------------------------------------------------------------
 
     def _valid_probs(self) -> tuple[np.ndarray, np.ndarray]:
         if self._precompute:  # recipe.evaluate_on_cache without rebuilding the body it does not run
-            x, y = recipe.cached_split(self._cache(), self.manifest, self.classes, "valid")
-            return predict_proba(self._head(), tensor_batches(x, y), multilabel=self.multilabel)
+            x, y = recipe.cached_split(self._cache(), self.manifest, self.task, "valid")
+            return predict_proba(self._head(), tensor_batches(x, y), task=self.task)
         probs, targets, _ = recipe.evaluate_on_images(self.record, self.manifest, self.num_workers, self.device)
         return probs, targets
 
     def validate(self) -> dict:
         """Loss and accuracy on the validation split (from the cache when ``precompute`` is on)."""
-        from precompute.evaluate import stage_metrics
-
         probs, targets = self._valid_probs()
-        return stage_metrics(probs, targets, len(self.classes), self.record.get("thresholds"))
+        return self.record.task.metrics(probs, targets)
 
     def tta(self, n_aug: int = 4) -> tuple[np.ndarray, np.ndarray]:
         """fastai's ``TTA``: (probabilities, targets) on the validation images, each image's
         probabilities the mean over its center crop and ``n_aug`` augmented views (``aug_tfms``,
         else the last stage's augmentation, else the default flips/rotation/zoom). Always on images."""
-        augmentation = self._aug or self.record.get("augmentation") or None
+        augmentation = self._aug or self.record.augmentation or None
         probs, targets, tta_probs = recipe.evaluate_on_images(self.record, self.manifest, self.num_workers,
                                                               self.device, n_aug, augmentation)
         return (tta_probs if tta_probs is not None else probs), targets
@@ -500,13 +504,13 @@ class Learner:
     def interpret(self) -> Interpretation:
         """Confusion matrix, most confused pairs and top losses of the validation predictions."""
         probs, targets = self._valid_probs()
-        rows = recipe.labelled_split(self.manifest, self.classes, "valid")
+        rows = recipe.labelled_split(self.manifest, self.task, "valid")
         return Interpretation(probs, targets, list(self.classes), list(rows["path"]))
 
     # -- files ------------------------------------------------------------------------------------------
 
     def _record_file(self) -> dict:
-        return {k: v for k, v in self.record.items() if k != "groups"}  # as recipe.save_model writes it
+        return self.record.to_dict(groups=False)  # as recipe.save_model writes it
 
     def export(self, path: str | os.PathLike) -> Path:
         """The current stage record as a model file: ``precompute predict --model PATH`` and
@@ -527,15 +531,16 @@ class Learner:
 
     def load(self, path: str | os.PathLike) -> None:
         """A file of ``save`` (or ``export``) into this Learner: same arch, cut, classes and transform."""
-        from precompute.predict import load_model
-
-        record = load_model(str(path))
-        for name, mine in (("arch", self.backbone.spec.name), ("xtra_cut", self.backbone.xtra_cut),
-                           ("classes", self.classes), ("transform", self.transform.key())):
-            if record.get(name) != mine:
-                raise ConfigError(f"{path}: {name} is {record.get(name)!r}, this Learner's is {mine!r}; "
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+        settings = (raw.pop("learner", None) if isinstance(raw, dict) else None) or {}
+        record = recipe.checked_record(raw, f"model file {path}")
+        for name, theirs, mine in (("arch", record.arch, self.backbone.spec.name),
+                                   ("xtra_cut", record.xtra_cut, self.backbone.xtra_cut),
+                                   ("classes", record.classes, self.classes),
+                                   ("transform", record.transform.key(), self.transform.key())):
+            if theirs != mine:
+                raise ConfigError(f"{path}: {name} is {theirs!r}, this Learner's is {mine!r}; "
                                   "load it into a Learner.pretrained(...) made with the same settings")
-        settings = record.pop("learner", None) or {}
         self._precompute, self._aug = False, None
         self.record = record
         self._fits = int(settings.get("fits", 0))
@@ -562,13 +567,13 @@ class Learner:
     def _head(self) -> nn.Module:
         """A head module with the current record's head weights."""
         head = build_head(self._in_channels, len(self.classes), **self.head_config)
-        head.load_state_dict({k[2:]: v for k, v in self.record["state_dict"].items() if k.startswith("1.")})
+        head.load_state_dict({k[2:]: v for k, v in self.record.state_dict.items() if k.startswith("1.")})
         return head
 
     def _body_is_pretrained(self) -> bool:
         """The record's body equals the loaded pretrained body (whose activations the cache holds)."""
         body = self.backbone.body.state_dict()
-        return all(torch.equal(v, body[k[2:]].cpu()) for k, v in self.record["state_dict"].items()
+        return all(torch.equal(v, body[k[2:]].cpu()) for k, v in self.record.state_dict.items()
                    if k.startswith("0."))
 
     # -- what a reader sees -----------------------------------------------------------------------------
@@ -589,7 +594,7 @@ class Learner:
         trains = list(range(self._frozen, n))
         lines.append(f"layer groups: {n}; {'group' if len(trains) == 1 else 'groups'} "
                      f"{', '.join(map(str, trains)) or 'none'} train, {self._frozen} frozen")
-        last_lrs = [g["lr"] for g in self.record["groups"]] if self.record.get("groups") else [None] * n
+        last_lrs = [g["lr"] for g in self.record.groups] if self.record.groups else [None] * n
         described = describe_groups(self._groups)
         whats = [f"{g['layers'][0]} .. {g['layers'][-1]} ({len(g['layers'])} layers)" if len(g["layers"]) > 1
                  else g["layers"][0] for g in described]
@@ -599,11 +604,11 @@ class Learner:
             state = "trains" if g["index"] >= self._frozen else "frozen"
             lr_text = f" (last lr {lr:.2e})" if lr else ""
             lines.append(f"  {g['index']}  {name}  {what:<{width}}  {g['n_params']:>10,} params  {state}{lr_text}")
-        history = self.record["history"]
+        history = self.record.history
         if not history:
-            lines.append(f"stage: {self.record['stage']} (a new head, not trained yet)")
+            lines.append(f"stage: {self.record.stage} (a new head, not trained yet)")
         else:
-            lines.append(f"stage: {self.record['stage']}, epochs: {len(history)}, valid accuracy "
+            lines.append(f"stage: {self.record.stage}, epochs: {len(history)}, valid accuracy "
                          f"{history[-1]['valid_accuracy']:.4f}, loss {history[-1]['valid_loss']:.4f}")
         return "\n".join(lines)
 

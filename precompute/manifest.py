@@ -188,6 +188,28 @@ def manifest_summary(manifest: pd.DataFrame, train_split: str = "train") -> dict
     }
 
 
+def manifest_report(manifest: pd.DataFrame, scan_stats: dict, source: str, log=None) -> tuple[str, dict]:
+    """What the ``image_manifest`` stage shows: (its data version, its metadata). The version is a
+    digest of the image ids, labels, splits and statuses (``scan_index.manifest_digest``), so what
+    depends on the manifest goes stale exactly when the images change. With ``log`` (.info and
+    .warning), a line on the scan and one per skipped file."""
+    from precompute.scan_index import manifest_digest  # it imports this module
+
+    bad = manifest[manifest["status"] != "ok"]
+    if log is not None:
+        log.info(f"scan: {scan_stats.get('read', 0)} files read, {scan_stats.get('reused', 0)} unchanged "
+                 f"(scan index {scan_stats.get('index') or 'off'}) in {scan_stats.get('seconds', 0):.1f}s")
+        for row in bad.itertuples():
+            log.warning(f"skipped {row.relpath}: {row.status} ({row.reason})")
+    counts = manifest.groupby(["split", "label", "status"]).size().rename("images").reset_index()
+    version = manifest_digest(manifest)
+    return version, {
+        "source": source, "images": len(manifest), "ok": int((manifest["status"] == "ok").sum()),
+        "manifest_digest": version, "scan": {k: v for k, v in scan_stats.items() if v is not None},
+        "not_usable": bad[["relpath", "status", "reason"]].to_markdown(index=False) if len(bad) else "none",
+        "counts": counts.to_markdown(index=False), "summary": manifest_summary(manifest)}
+
+
 def ok_rows(manifest: pd.DataFrame, split: str | None = None) -> pd.DataFrame:
     mask = manifest["status"] == "ok"
     if split is not None:
@@ -210,7 +232,7 @@ def _under_root(path: Path, root: Path) -> Path | None:
 
 
 def _is_image_name(name: str) -> bool:
-    # Path(name).suffix's answer without a Path, 5x faster (called once per file of a scan)
+    # Path(name).suffix's answer without building a Path: called once per file of a scan
     dot = name.rfind(".")
     return dot > 0 and not name.startswith(".") and name[dot:].lower() in IMAGE_EXTENSIONS
 

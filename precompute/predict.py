@@ -11,11 +11,12 @@ import torch
 
 from precompute.manifest import scan_images
 from precompute.recipe import checked_record, predict_paths
+from precompute.records import StageRecord
 
 MODEL_ARTIFACT_DIR = "model"
 
 
-def load_model(ref: str, tracking_uri: str | None = None) -> dict:
+def load_model(ref: str, tracking_uri: str | None = None) -> StageRecord:
     """A stage record from a ``.pt`` file, or from the ``model/`` artifact of an MLflow run id."""
     if os.path.isfile(ref):
         return checked_record(torch.load(ref, map_location="cpu", weights_only=True), f"model file {ref}")
@@ -35,7 +36,7 @@ def load_model(ref: str, tracking_uri: str | None = None) -> dict:
                               f"model {files[0]} of MLflow run {ref}")
 
 
-def predict_folder(record: dict, folder: str | Path, tta: int = 0, batch_size: int = 64, device="cpu") -> pd.DataFrame:
+def predict_folder(record: StageRecord, folder: str | Path, tta: int = 0, batch_size: int = 64, device="cpu") -> pd.DataFrame:
     """One row per file: path, status, reason, predicted class, and a probability per class.
 
     For a multi-label model ``predicted`` holds every label whose probability reaches its
@@ -43,22 +44,16 @@ def predict_folder(record: dict, folder: str | Path, tta: int = 0, batch_size: i
     """
     files = scan_images(folder)
     ok = files[files["status"] == "ok"]
-    classes = record["classes"]
+    classes = record.classes
     out = files[["path", "status", "reason"]].copy()
     out["predicted"] = ""
     for c in classes:
         out[f"prob_{c}"] = float("nan")
     if len(ok):
-        probs, tta_probs = predict_paths(record, list(ok["path"]), tta, record.get("augmentation"),
+        probs, tta_probs = predict_paths(record, list(ok["path"]), tta, record.augmentation,
                                          batch_size=batch_size, device=device)
         final = tta_probs if tta_probs is not None else probs
-        if record.get("multilabel"):
-            from precompute.evaluate import predicted_tags
-
-            delim = record.get("label_delim") or " "
-            out.loc[ok.index, "predicted"] = [delim.join(t) for t in predicted_tags(final, classes, record["thresholds"])]
-        else:
-            out.loc[ok.index, "predicted"] = [classes[i] for i in final.argmax(1)]
+        out.loc[ok.index, "predicted"] = record.task.decode(final)
         for j, c in enumerate(classes):
             out.loc[ok.index, f"prob_{c}"] = final[:, j]
     return out

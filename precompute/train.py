@@ -1,8 +1,8 @@
 """Fit loops, learning-rate schedules and lr_find, for the head on the cache and the whole network.
 
 One loop serves both: batches come from cached rows (``ArrayRows``/``StreamedRows``) or from a
-DataLoader over images. Optimizer: AdamW, one parameter group per layer group, so earlier groups
-take lower rates. Schedules are torch's: OneCycleLR (fastai v1's fit_one_cycle) or SGDR, cosine
+DataLoader over images. Optimizer: AdamW, or SGD with momentum (``FitOptions``), one parameter
+group per layer group, so earlier groups take lower rates. Schedules are torch's: OneCycleLR (fastai v1's fit_one_cycle) or SGDR, cosine
 with warm restarts (fastai 0.7's ``cycle_len``/``cycle_mult``) after a short warm-up at lr/100.
 """
 
@@ -22,6 +22,7 @@ from torch import nn
 from torch.optim import lr_scheduler
 
 from precompute.archs import as_channels_last, channels_last, set_frozen_bn_eval
+from precompute.task import SingleLabel, Task
 
 EpochCallback = Callable[[dict], None]
 log = logging.getLogger(__name__)
@@ -38,6 +39,14 @@ def check_precompute_augment(precompute: bool, augment: bool) -> None:
             "precompute=True with augment=True: cached activations are computed once from "
             "un-augmented images, so augmentation cannot apply to them. Set augment=False to "
             "train on the cache, or precompute=False to train on freshly augmented images.")
+
+
+N_LAYER_GROUPS = 3  # archs.layer_groups: body below lr_cut, body above, head
+
+
+def check_batch_size(batch_size: int) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 2:
+        raise ConfigError(f"batch_size {batch_size!r}: use 2 or more (BatchNorm cannot train on a batch of one)")
 
 
 def seed_everything(seed: int) -> int:
@@ -77,6 +86,23 @@ def group_lrs(lr: LearningRates, n_groups: int, frozen: int = 0) -> list[float]:
         raise ConfigError(f"{len(lrs)} learning rates given for {n_groups} layer groups; give one value, "
                           f"a range 'lo:hi', or exactly {n_groups} (one per group, earliest first)")
     return [0.0] * frozen + lrs[frozen:]
+
+
+def check_lrs(lr: LearningRates, n_groups: int = N_LAYER_GROUPS, frozen: int = 0) -> list[float]:
+    """``group_lrs``, each rate finite and >= 0, and some trainable group's above 0."""
+    try:
+        lrs = group_lrs(lr, n_groups, frozen)
+    except (TypeError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"learning rate {lr!r}: give a number, a range 'lo:hi' or {n_groups} numbers") from None
+    bad = [v for v in lrs if not math.isfinite(v) or v < 0]
+    if bad:
+        raise ConfigError(f"learning rates must be finite and >= 0, got {lr!r}")
+    if not any(lrs[frozen:]):
+        raise ConfigError(f"every trainable layer group has learning rate 0 ({lr!r}): nothing would train; "
+                          "give a rate > 0")
+    return lrs
 
 
 def differential_lrs(lr: float, n_groups: int, factor: float = 3.0) -> list[float]:
@@ -142,13 +168,48 @@ class Schedule:
         return asdict(self)
 
 
-def _optimizer(groups: Sequence[nn.Module], lrs: Sequence[float], wd: float) -> torch.optim.AdamW:
+@dataclass(frozen=True)
+class FitOptions:
+    """How a stage optimizes, beyond its rates and schedule.
+
+    ``optimizer``: ``adamw`` (decoupled weight decay), or ``sgd`` with ``momentum`` as fastai 0.7
+    trained; ``weight_decay`` for either. ``label_smoothing`` softens single-label targets in the
+    training loss (the validation loss stays the plain one). ``early_stopping_patience``: stop
+    after that many epochs without a lower validation loss, and keep the best epoch's weights.
+    """
+
+    optimizer: str = "adamw"
+    momentum: float = 0.9
+    weight_decay: float = 1e-2
+    label_smoothing: float = 0.0
+    early_stopping_patience: int | None = None
+
+    def __post_init__(self):
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ConfigError(f"optimizer {self.optimizer!r}: choose adamw or sgd")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"momentum {self.momentum}: use a value in [0, 1), e.g. 0.9")
+        if not self.weight_decay >= 0:
+            raise ConfigError(f"weight_decay {self.weight_decay}: use 0 or more, e.g. 1e-2")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"label_smoothing {self.label_smoothing}: use a value in [0, 1), e.g. 0.1")
+        if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
+            raise ConfigError(f"early_stopping_patience {self.early_stopping_patience}: use 1 or more epochs, "
+                              "or leave it unset to run every epoch")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _optimizer(groups: Sequence[nn.Module], lrs: Sequence[float], options: FitOptions) -> torch.optim.Optimizer:
     param_groups = [{"params": [p for p in g.parameters() if p.requires_grad], "lr": lr}
                     for g, lr in zip(groups, lrs)]
     param_groups = [g for g in param_groups if g["params"]]
     if not param_groups:
         raise ConfigError("no trainable parameters: every layer group is frozen")
-    return torch.optim.AdamW(param_groups, weight_decay=wd)
+    if options.optimizer == "sgd":
+        return torch.optim.SGD(param_groups, momentum=options.momentum, weight_decay=options.weight_decay)
+    return torch.optim.AdamW(param_groups, weight_decay=options.weight_decay)
 
 
 # -- cached rows ----------------------------------------------------------------------------------
@@ -157,7 +218,9 @@ class ArrayRows:
     """Cached rows held in memory."""
 
     def __init__(self, x: np.ndarray, y: np.ndarray):
-        self.x, self.y = torch.tensor(x).float(), torch.as_tensor(np.asarray(y))
+        # torch warns on a read-only array (pandas' copy-on-write hands out read-only ones): copy only those
+        self.x = torch.from_numpy(np.require(x, np.float32, ["W"]))
+        self.y = torch.from_numpy(np.require(y, None, ["W"]))
 
     def __len__(self) -> int:
         return len(self.y)
@@ -213,40 +276,35 @@ def tensor_batches(x: np.ndarray, y: np.ndarray, batch_size: int = 512):
 
 # -- the loop ---------------------------------------------------------------------------------------
 
-def loss_fn(multilabel: bool, label_smoothing: float = 0.0):
-    """Softmax cross-entropy for one class per image (optionally label-smoothed, for training);
-    sigmoid + BCE for several labels per image."""
-    if multilabel:
-        return lambda out, y: nn.functional.binary_cross_entropy_with_logits(out, y.float())
-    return lambda out, y: nn.functional.cross_entropy(out, y.long(), label_smoothing=label_smoothing)
+SINGLE_LABEL = SingleLabel()  # the default task: one class per image (the classes matter only for decoding)
 
 
-def _correct(out: torch.Tensor, y: torch.Tensor, multilabel: bool) -> float:
-    if multilabel:  # per-label accuracy at threshold 0.5, averaged over labels
-        return ((out > 0) == (y > 0.5)).float().mean(1).sum().item()
-    return (out.argmax(1) == y).sum().item()
+def loss_fn(task: Task = SINGLE_LABEL, label_smoothing: float = 0.0):
+    """The task's loss: softmax cross-entropy for one class per image (optionally label-smoothed,
+    for training); sigmoid + BCE for several labels per image."""
+    return task.loss(label_smoothing)
 
 
 @torch.no_grad()
-def evaluate_batches(model: nn.Module, batches: Iterable, device="cpu", multilabel: bool = False) -> tuple[float, float]:
+def evaluate_batches(model: nn.Module, batches: Iterable, device="cpu", task: Task = SINGLE_LABEL) -> tuple[float, float]:
     channels_last(model.eval())
-    criterion = loss_fn(multilabel)
+    criterion = loss_fn(task)
     loss, correct, n = 0.0, 0.0, 0
     for x, y in batches:
         x, y = as_channels_last(x.to(device)), y.to(device)
         out = model(x)
         loss += criterion(out, y).item() * len(y)
-        correct += _correct(out, y, multilabel)
+        correct += task.correct(out, y)
         n += len(y)
     return loss / max(n, 1), correct / max(n, 1)
 
 
 def _train_mode(model: nn.Module, groups: Sequence[nn.Module], freeze_bn_stats: bool) -> None:
     """Train mode, except BatchNorm whose statistics stay fixed: always those of frozen groups (as
-    fastai), and with ``freeze_bn_stats`` every BatchNorm, the head's included. Measured on
-    ``make demo``: letting the head's BatchNorm learn on augmented images (fastai's rule) took the
-    fine-tuned accuracy from 95.8% to 91.4% (valid loss 0.16 -> 0.34): its statistics were set on
-    the cache's un-augmented rows. ``freeze_bn_stats=False`` gives fastai's rule."""
+    fastai), and with ``freeze_bn_stats`` every BatchNorm, the head's included: the head's
+    statistics were set on the cache's un-augmented rows, and letting them learn on augmented
+    images (fastai's rule) cost fine-tuned accuracy on ``make demo`` (the figures are in the
+    README). ``freeze_bn_stats=False`` gives fastai's rule."""
     model.train()
     set_frozen_bn_eval(groups)
     if freeze_bn_stats:
@@ -258,24 +316,30 @@ def _train_mode(model: nn.Module, groups: Sequence[nn.Module], freeze_bn_stats: 
 def fit(model: nn.Module, groups: Sequence[nn.Module], lrs: Sequence[float],
         train_batches: Callable[[torch.Generator], Iterable], valid_batches: Callable[[], Iterable],
         steps_per_epoch: int, schedule: Schedule = Schedule(), seed: int = 0, wd: float = 1e-2,
-        device="cpu", multilabel: bool = False, freeze_bn_stats: bool = True,
-        on_epoch: EpochCallback | None = None, label_smoothing: float = 0.0) -> list[dict]:
+        device="cpu", task: Task = SINGLE_LABEL, freeze_bn_stats: bool = True,
+        on_epoch: EpochCallback | None = None, label_smoothing: float = 0.0,
+        options: FitOptions | None = None) -> list[dict]:
     """Train ``model``; one row per epoch (losses, accuracy, seconds, and the lr of every step).
+
+    ``options`` (optimizer, weight decay, label smoothing, early stopping) default to AdamW with
+    ``wd`` and ``label_smoothing``. With early stopping the model ends with the weights of its
+    epoch of lowest validation loss, and the history stops at the epoch that ended training.
 
     Frozen groups' BatchNorm always keeps its running statistics (fastai). ``freeze_bn_stats``
     also keeps those of the body's trainable groups fixed (Keras' advice for fine-tuning): with
     small batches, batch statistics of a pretrained body differ so much from its running ones
-    (relative change ~1.0 on EfficientNet-Lite0) that the head's inputs shift and accuracy
+    (on EfficientNet-Lite0 by about their own size) that the head's inputs shift and accuracy
     collapses; the head's too (see ``_train_mode``). BN scale and shift still train where their
     group is trainable.
     """
     seed_everything(seed)
     gen = torch.Generator().manual_seed(seed)
     channels_last(model.to(device))  # before the optimizer: it holds the parameters it is given
-    opt = _optimizer(groups, lrs, wd)
+    options = options or FitOptions(weight_decay=wd, label_smoothing=label_smoothing)
+    opt = _optimizer(groups, lrs, options)
     sched = schedule.build(opt, steps_per_epoch)
-    criterion = loss_fn(multilabel, label_smoothing)  # validation loss stays the plain one
-    history = []
+    criterion = loss_fn(task, options.label_smoothing)  # validation loss stays the plain one
+    history, best = [], (math.inf, None, -1)  # (valid loss, state dict, epoch) of the best epoch so far
     for epoch in range(schedule.total_epochs):
         t0 = time.perf_counter()
         _train_mode(model, groups, freeze_bn_stats)
@@ -292,27 +356,38 @@ def fit(model: nn.Module, groups: Sequence[nn.Module], lrs: Sequence[float],
             lr_steps.append(opt.param_groups[-1]["lr"])
             sched.step()
             total, n = total + loss.item() * len(x), n + len(x)
-        valid_loss, valid_acc = evaluate_batches(model, valid_batches(), device, multilabel)
+        valid_loss, valid_acc = evaluate_batches(model, valid_batches(), device, task)
         row = {"epoch": epoch, "train_loss": total / max(n, 1), "valid_loss": valid_loss,
                "valid_accuracy": valid_acc, "lr": lr_steps[-1] if lr_steps else 0.0,
                "seconds": time.perf_counter() - t0, "lr_steps": lr_steps}
         history.append(row)
         if on_epoch:
             on_epoch(row)
+        if options.early_stopping_patience is None:
+            continue
+        if valid_loss < best[0]:
+            best = (valid_loss, copy.deepcopy(model.state_dict()), epoch)
+        elif epoch - best[2] >= options.early_stopping_patience:
+            log.info("early stopping after epoch %d: no lower validation loss for %d epoch(s); keeping epoch %d's "
+                     "weights (valid loss %.4f)", epoch, epoch - best[2], best[2], best[0])
+            break
+    if best[1] is not None and best[2] != len(history) - 1:
+        model.load_state_dict(best[1])
     return history
 
 
 def fit_head_on_cache(head: nn.Module, train: ArrayRows | StreamedRows, valid: ArrayRows | StreamedRows,
                       epochs: int = 3, lr: float = 1e-3, batch_size: int = 64, seed: int = 0, wd: float = 1e-2,
                       on_epoch: EpochCallback | None = None, schedule: Schedule | None = None,
-                      multilabel: bool = False, label_smoothing: float = 0.0) -> list[dict]:
+                      task: Task = SINGLE_LABEL, label_smoothing: float = 0.0,
+                      options: FitOptions | None = None) -> list[dict]:
     """Train the head on cached activations: no image is decoded, no body run."""
     if len(train) < 2:
         raise ConfigError(f"{len(train)} training rows: the head needs at least 2 training images")
     schedule = schedule or Schedule("one_cycle", epochs=epochs)
     return fit(head, [head], [lr], lambda gen: train.batches(batch_size, gen), lambda: valid.batches(512),
-               train.n_batches(batch_size), schedule, seed, wd, "cpu", multilabel, freeze_bn_stats=False,
-               on_epoch=on_epoch, label_smoothing=label_smoothing)
+               train.n_batches(batch_size), schedule, seed, wd, "cpu", task, freeze_bn_stats=False,
+               on_epoch=on_epoch, label_smoothing=label_smoothing, options=options)
 
 
 # -- lr_find -------------------------------------------------------------------------------------
@@ -321,7 +396,7 @@ LR_FIND_MIN_IT = 10  # fastai 0.7: the best loss counts (and divergence can stop
 
 def lr_find(model: nn.Module, groups: Sequence[nn.Module], lrs: Sequence[float],
             train_batches: Callable[[torch.Generator], Iterable], start: float = 1e-7, end: float = 10.0,
-            num_it: int = 100, seed: int = 0, device="cpu", multilabel: bool = False,
+            num_it: int = 100, seed: int = 0, device="cpu", task: Task = SINGLE_LABEL,
             freeze_bn_stats: bool = True, min_it: int = LR_FIND_MIN_IT) -> dict:
     """fastai's lr_find: raise the rate exponentially each step, record the smoothed loss.
 
@@ -343,9 +418,9 @@ def lr_find(model: nn.Module, groups: Sequence[nn.Module], lrs: Sequence[float],
     saved = copy.deepcopy(model.state_dict())
     channels_last(model.to(device))
     ratios = [lr / lrs[-1] for lr in lrs]
-    opt = _optimizer(groups, [r * start for r in ratios], wd=0.0)
+    opt = _optimizer(groups, [r * start for r in ratios], FitOptions(weight_decay=0.0))
     sched = lr_scheduler.ExponentialLR(opt, gamma=(end / start) ** (1 / max(1, num_it - 1)))
-    criterion = loss_fn(multilabel)
+    criterion = loss_fn(task)
     rates, losses, avg, best = [], [], 0.0, math.inf
     _train_mode(model, groups, freeze_bn_stats)
     step, stopped = 0, None
@@ -393,12 +468,12 @@ def lr_find(model: nn.Module, groups: Sequence[nn.Module], lrs: Sequence[float],
 
 
 @torch.no_grad()
-def predict_proba(model: nn.Module, batches, device="cpu", multilabel: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Class probabilities (softmax, or sigmoid per label) and targets over (x, y) batches."""
+def predict_proba(model: nn.Module, batches, device="cpu", task: Task = SINGLE_LABEL) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities (the task's activation: softmax, or a sigmoid per label) and targets over (x, y) batches."""
     channels_last(model.eval().to(device))
     probs, targets = [], []
     for x, y in batches:
         out = model(as_channels_last(x.to(device)))
-        probs.append((torch.sigmoid(out) if multilabel else torch.softmax(out, 1)).cpu())
+        probs.append(task.activation(out).cpu())
         targets.append(torch.as_tensor(y))
     return torch.cat(probs).numpy(), torch.cat(targets).numpy()

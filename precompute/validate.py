@@ -29,7 +29,9 @@ from typing import Callable
 import torch
 
 from precompute.archs import ARCHS, ArchSpec, cut_body, max_xtra_cut
-from precompute.train import ConfigError, check_precompute_augment, group_lrs
+from precompute.heads import HeadConfig
+from precompute.train import (N_LAYER_GROUPS, ConfigError, check_batch_size, check_lrs,  # noqa: F401 - re-exported
+                              check_precompute_augment)
 
 __all__ = [
     "ConfigError", "PROBE_TIMEOUT_S", "validate_run", "check_arch", "check_cut", "body_stride", "min_image_size",
@@ -38,11 +40,10 @@ __all__ = [
 ]
 
 PROBE_TIMEOUT_S = 3.0
-N_LAYER_GROUPS = 3  # archs.layer_groups: body below lr_cut, body above, head
 STORE_SETTING = "PRECOMPUTE_STORE"
 STORE_OPTIONS_SETTING = "PRECOMPUTE_STORE_OPTIONS"
 TRACKING_SETTING = "MLFLOW_TRACKING_URI"
-DTYPES = ("float32", "float16")
+DTYPES = ("float32", "float16", "bfloat16")  # bfloat16 is stored as its bits (precompute/store/dtypes.py)
 
 
 # --------------------------------------------------------------------------- the whole run
@@ -189,28 +190,6 @@ def _default_size(spec: ArchSpec) -> int:
 # --------------------------------------------------------------------------- training values
 
 
-def check_lrs(lr, n_groups: int = N_LAYER_GROUPS, frozen: int = 0) -> list[float]:
-    """A rate, a 'lo:hi' range or one rate per layer group (train.group_lrs), each finite and >= 0."""
-    try:
-        lrs = group_lrs(lr, n_groups, frozen)
-    except (TypeError, ValueError) as e:
-        if isinstance(e, ConfigError):
-            raise
-        raise ConfigError(f"learning rate {lr!r}: give a number, a range 'lo:hi' or {n_groups} numbers") from None
-    bad = [v for v in lrs if not math.isfinite(v) or v < 0]
-    if bad:
-        raise ConfigError(f"learning rates must be finite and >= 0, got {lr!r}")
-    if not any(lrs[frozen:]):
-        raise ConfigError(f"every trainable layer group has learning rate 0 ({lr!r}): nothing would train; "
-                          "give a rate > 0")
-    return lrs
-
-
-def check_batch_size(batch_size: int) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 2:
-        raise ConfigError(f"batch_size {batch_size!r}: use 2 or more (BatchNorm cannot train on a batch of one)")
-
-
 def check_dtype(dtype: str) -> None:
     if dtype not in DTYPES:
         raise ConfigError(f"dtype {dtype!r}: the activation store keeps {' or '.join(DTYPES)}")
@@ -245,18 +224,8 @@ def check_weights(arch: str, weights: str = "pretrained", weights_path: str | No
 
 
 def check_head(ps=None, xtra_fc=None) -> None:
-    """fastai's head: one dropout per linear block (len(xtra_fc) + 1), each in [0, 1)."""
-    sizes = list(xtra_fc if xtra_fc is not None else [512])
-    if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in sizes):
-        raise ConfigError(f"xtra_fc {sizes}: hidden layer sizes must be integers >= 1 (or [] for none)")
-    if ps is None:
-        return
-    drops = [ps] if isinstance(ps, (int, float)) else list(ps)
-    if not isinstance(ps, (int, float)) and len(drops) != len(sizes) + 1:
-        raise ConfigError(f"ps has {len(drops)} dropout values for {len(sizes) + 1} linear blocks (xtra_fc={sizes} "
-                          f"plus the output): give {len(sizes) + 1} values, one number, or none for fastai's defaults")
-    if any(not 0 <= p < 1 for p in drops):
-        raise ConfigError(f"ps {ps}: dropout probabilities must be in [0, 1)")
+    """fastai's head: one dropout per linear block (len(xtra_fc) + 1), each in [0, 1) (heads.HeadConfig)."""
+    HeadConfig(ps=ps, xtra_fc=xtra_fc)
 
 
 def check_augmentation(preset: str | None = None, max_zoom: float | None = None) -> None:
@@ -269,18 +238,8 @@ def check_augmentation(preset: str | None = None, max_zoom: float | None = None)
 
 
 def check_custom_head(dotted: str) -> None:
-    """A registered head, or a 'package.module:function' allowed in PRECOMPUTE_ALLOWED_HEADS (precompute.heads)."""
-    from precompute.heads import UnknownHead, load_factory
-
-    try:
-        factory = load_factory(dotted)
-    except UnknownHead as e:  # never imported: the message says how to register or allow it
-        raise ConfigError(str(e)) from None
-    except (ValueError, ImportError, AttributeError) as e:
-        raise ConfigError(f"custom_head {dotted!r} cannot be loaded ({type(e).__name__}: {e}): give "
-                          "'package.module:function' importable here, the function taking (in_features, n_classes)") from None
-    if not callable(factory):
-        raise ConfigError(f"custom_head {dotted!r} is not callable: name a function (in_features, n_classes) -> nn.Module")
+    """A registered head, or a 'package.module:function' allowed in PRECOMPUTE_ALLOWED_HEADS (heads.HeadConfig)."""
+    HeadConfig(custom=dotted)
 
 
 def check_manifest(manifest, train_split: str = "train", valid_split: str = "valid", require_valid: bool = True) -> None:

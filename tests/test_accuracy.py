@@ -16,6 +16,6 @@ def test_head_on_cached_lite0_activations_reaches_97_percent_on_dogscats(tmp_pat
     assert stats.computed == 560
     record = recipe.train_head_on_cache(entry, manifest, bb, ts, {"ps": None, "xtra_fc": [512], "custom": None},
                                         epochs=5, lr=3e-3, batch_size=64, seed=0)
-    accuracy = record["history"][-1]["valid_accuracy"]
+    accuracy = record.history[-1]["valid_accuracy"]
     print(f"dogscats valid accuracy, head on cached lite0 activations: {accuracy:.4f}")
     assert accuracy >= 0.97

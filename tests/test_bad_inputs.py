@@ -239,9 +239,9 @@ def test_end_to_end_every_bad_input_together(messy, tmp_path, caplog):
     # the head trains on the usable rows; the unseen class is neither a class nor in the accuracy
     record = recipe.train_head_on_cache(entry, df, bb, ts, {"ps": None, "xtra_fc": [8], "custom": None},
                                         epochs=1, batch_size=4)
-    assert record["classes"] == ["cats", "dogs"]
-    assert np.isfinite(record["history"][-1]["valid_loss"])
-    valid = recipe.labelled_split(df, record["classes"], "valid")
+    assert record.classes == ["cats", "dogs"]
+    assert np.isfinite(record.history[-1]["valid_loss"])
+    valid = recipe.labelled_split(df, record.classes, "valid")
     assert len(valid) == len(ok_rows(df, "valid")) == 4 and "foxes" not in set(valid.label)
 
 

@@ -10,7 +10,7 @@ from matplotlib.figure import Figure
 
 from precompute import Learner, recipe
 from precompute.cli import main as cli
-from precompute.train import ConfigError, Schedule
+from precompute.train import ConfigError, FitOptions, Schedule
 from tests.conftest import copy_tree
 
 ARCH, SIZE, BS = "tf_efficientnet_lite0", 128, 16
@@ -49,23 +49,26 @@ def test_head_trains_on_the_cache_and_the_body_never_runs(learn, tree, store):
         again.fit(3e-3, 3)
     finally:
         hook.remove()
-    assert calls == [] and again.record["stage"] == "head_on_cache"
+    assert calls == [] and again.record.stage == "head_on_cache"
     # the same numbers as the recipe function the Dagster asset calls
     same = recipe.train_head_on_cache(again._entry, again.manifest, again.backbone, again.transform,
                                       again.head_config, lr=3e-3, batch_size=BS, seed=0,
                                       schedule=Schedule("constant", epochs=3))
-    assert [r["valid_loss"] for r in again.record["history"]] == [r["valid_loss"] for r in same["history"]]
+    assert [r["valid_loss"] for r in again.record.history] == [r["valid_loss"] for r in same.history]
 
 
 def test_fit_follows_fastai_schedules(tree, store):
     learn = new_learner(tree, store)
     learn.fit(1e-3, 2, cycle_len=1, cycle_mult=2)  # SGDR: cycles of 1 and 2 epochs
-    assert len(learn.record["history"]) == 3 and learn.record["schedule"]["kind"] == "sgdr"
+    assert len(learn.record.history) == 3 and learn.record.schedule.kind == "sgdr"
     learn.fit(1e-3, 2)  # no cycle_len: constant rate, n_cycle epochs
-    assert len(learn.record["history"]) == 2 and learn.record["schedule"]["kind"] == "constant"
+    assert len(learn.record.history) == 2 and learn.record.schedule.kind == "constant"
     learn.fit_one_cycle(2, 1e-3)
-    assert learn.record["schedule"]["kind"] == "one_cycle"
+    assert learn.record.schedule.kind == "one_cycle"
     assert [h["stage"] for h in learn.history] == ["head_on_cache"] * 7
+    learn.fit_options = FitOptions("sgd", momentum=0.9, weight_decay=0.0)  # fastai 0.7's optimizer, for every fit
+    learn.fit(1e-2, 1)
+    assert learn.record.fit_options.optimizer == "sgd" and len(learn.history) == 8
     with pytest.raises(ConfigError, match="cycle_mult needs cycle_len"):
         learn.fit(1e-3, 2, cycle_mult=2)
 
@@ -155,12 +158,12 @@ def test_images_continue_from_the_cache_head_then_unfreeze_trains_every_group(le
     assert on_images["loss"] == pytest.approx(on_cache["loss"], rel=1e-3)
     learn.aug_tfms = "side_on"
     learn.fit(1e-3, 1)
-    assert learn.record["stage"] == "head_augmented" and learn.record["augment"]
-    assert [g["lr"] for g in learn.record["groups"]] == [0.0, 0.0, 1e-3]
+    assert learn.record.stage == "head_augmented" and learn.record.augment
+    assert [g["lr"] for g in learn.record.groups] == [0.0, 0.0, 1e-3]
     learn.unfreeze()
     learn.fit(slice(1e-5, 1e-4), 1, cycle_len=1)
-    assert learn.record["stage"] == "finetuned" and learn.record["freeze"] == 0
-    assert [g["lr"] for g in learn.record["groups"]] == pytest.approx([1e-5, 10 ** -4.5, 1e-4])
+    assert learn.record.stage == "finetuned" and learn.record.freeze == 0
+    assert [g["lr"] for g in learn.record.groups] == pytest.approx([1e-5, 10 ** -4.5, 1e-4])
     learn.freeze()
     learn.aug_tfms = None
     with pytest.raises(ConfigError, match="body was trained"):  # the cache holds another body's activations
@@ -182,7 +185,7 @@ def test_export_predict_and_save_load_round_trip(learn, tree, store, tmp_path):
     other = new_learner(tree, store, precompute=False)
     other.load(saved)
     assert other.frozen == learn.frozen and other.precompute == learn.precompute
-    assert other.aug_tfms == learn.aug_tfms and other.record["stage"] == learn.record["stage"]
+    assert other.aug_tfms == learn.aug_tfms and other.record.stage == learn.record.stage
     assert np.allclose(other.predict(paths), probs, atol=1e-6)
     smaller = torch.load(saved, weights_only=True)
     smaller["transform"]["size"] = 96

@@ -120,8 +120,8 @@ def test_multilabel_recipe_end_to_end(tmp_path, tagged, monkeypatch):
     assert result.success
     head, final = result.output_for_node("head_on_cache"), result.output_for_node("finetuned")
     for record in (head, final):
-        assert record["multilabel"] and record["label_delim"] == " " and record["classes"] == ["cat", "dog", "grey"]
-        assert len(record["thresholds"]) == 3 and all(0 < t < 1 for t in record["thresholds"])
+        assert record.task.multilabel and record.task.label_delim == " " and record.classes == ["cat", "dog", "grey"]
+        assert len(record.thresholds) == 3 and all(0 < t < 1 for t in record.thresholds)
 
     stages = result.output_for_node("evaluation_report")["stages"]
     assert {"exact_match", "f1_macro", "f2_samples"} <= set(stages["finetuned"])
@@ -129,7 +129,7 @@ def test_multilabel_recipe_end_to_end(tmp_path, tagged, monkeypatch):
     assert stages["head_on_cache (on cache)"]["loss"] == pytest.approx(stages["head_on_cache"]["loss"], rel=1e-3)
     manifest = build_manifest(tagged, label_delim=" ")
     probs, y, _ = recipe.evaluate_on_images(final, manifest)
-    per_label = {r["class"]: r for r in evaluate.per_class(probs, y, final["classes"], final["thresholds"])}
+    per_label = {r["class"]: r for r in evaluate.per_class(probs, y, final.classes, final.thresholds)}
     # learned, not guessed (chance F1 ~0.5; measured 1.0, 1.0, 0.92 on 12 validation photos)
     assert per_label["cat"]["f1"] >= 0.9 and per_label["dog"]["f1"] >= 0.9 and per_label["grey"]["f1"] >= 0.8
     md = Path(result.output_for_node("evaluation_report")["report"]).read_text()
@@ -137,9 +137,9 @@ def test_multilabel_recipe_end_to_end(tmp_path, tagged, monkeypatch):
 
     # predict on the validation photos: the tags at the record's thresholds, as evaluation counted them
     table = predict_folder(final, tagged.parent / "valid")
-    valid = recipe.labelled_split(manifest, final["classes"], "valid").set_index("path")
+    valid = recipe.labelled_split(manifest, final.classes, "valid").set_index("path")
     got = table.set_index("path").loc[list(valid.index)]
-    want = [" ".join(t) for t in evaluate.predicted_tags(probs, final["classes"], final["thresholds"])]
+    want = [" ".join(t) for t in evaluate.predicted_tags(probs, final.classes, final.thresholds)]
     assert got["predicted"].tolist() == want
-    assert np.allclose(got[[f"prob_{c}" for c in final["classes"]]].to_numpy(), probs, atol=1e-5)
-    assert not np.allclose(got[[f"prob_{c}" for c in final["classes"]]].sum(1), 1)  # sigmoids, not a softmax
+    assert np.allclose(got[[f"prob_{c}" for c in final.classes]].to_numpy(), probs, atol=1e-5)
+    assert not np.allclose(got[[f"prob_{c}" for c in final.classes]].sum(1), 1)  # sigmoids, not a softmax

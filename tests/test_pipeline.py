@@ -61,17 +61,20 @@ def test_whole_recipe_materializes(env):
     assert len(client.get_metric_history(by_stage["finetuned"].info.run_id, "lr_step")) == 2  # 16 images / 8
     assert float(client.get_run(by_stage["lr_find_head"].info.run_id).data.metrics["suggested_lr"]) > 0
     model_uri = f"runs:/{by_stage['finetuned'].info.run_id}/network"
-    import mlflow.pytorch
-    import torch
+    import mlflow.pyfunc
+    import pandas as pd
     mlflow.set_tracking_uri(uri)
-    net = mlflow.pytorch.load_model(model_uri)
-    assert net(torch.zeros(2, 3, 64, 64)).shape == (2, 2)
+    paths = [str(p) for p in sorted((tmp_path / "images" / "valid").rglob("*.jpg"))[:2]]
+    served = mlflow.pyfunc.load_model(model_uri).predict(pd.DataFrame({"path": paths}))  # the model serves images
+    assert list(served["status"]) == ["ok", "ok"] and served.filter(like="prob_").shape == (2, 2)
     head = by_stage["head_on_cache"].data
     assert head.params["arch"] == "tf_efficientnet_lite0" and head.params["seed"] == "0"
     assert head.params["group2.trainable"] == "True" and head.params["group0.trainable"] == "False"
     assert int(head.params["group2.n_params"]) > 0
     assert len(client.get_metric_history(by_stage["head_on_cache"].info.run_id, "valid_accuracy")) == 2
     fine = by_stage["finetuned"].data.params
+    assert fine["size"] == "64" and fine["epochs"] == "1"  # the size the stage ran at, not the config's None
+    assert fine["optimizer"] == "adamw" and fine["weight_decay"] == "0.01" and head.params["label_smoothing"] == "0.0"
     assert fine["group0.trainable"] == "True"
     assert float(fine["group0.lr"]) < float(fine["group1.lr"]) < float(fine["group2.lr"])
     artifacts = {a.path for a in client.list_artifacts(by_stage["evaluation"].info.run_id, "report")}

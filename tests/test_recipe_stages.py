@@ -1,5 +1,6 @@
 """The fastai recipe's parts: schedules, learning rates per group, lr_find, TTA, predict, reproducibility."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -99,23 +100,23 @@ def trained(tmp_path_factory, dogscats):
 
 def test_same_configuration_twice_gives_the_same_metrics(trained):
     _, _, manifest, bb, ts, entry, head = trained
-    again = recipe.train_head_on_cache(entry, manifest, bb, ts, head["head_config"], epochs=2, lr=1e-2, batch_size=8)
-    assert [r["valid_loss"] for r in again["history"]] == [r["valid_loss"] for r in head["history"]]
+    again = recipe.train_head_on_cache(entry, manifest, bb, ts, head.head_config, epochs=2, lr=1e-2, batch_size=8)
+    assert [r["valid_loss"] for r in again.history] == [r["valid_loss"] for r in head.history]
     runs = [recipe.train_on_images(head, manifest, "finetuned", Schedule("one_cycle", epochs=1), 1e-3, freeze=0,
                                    batch_size=8, seed=5, augmentation={"preset": "side_on"}) for _ in range(2)]
-    assert runs[0]["history"][0]["train_loss"] == runs[1]["history"][0]["train_loss"]
-    assert runs[0]["history"][0]["valid_loss"] == runs[1]["history"][0]["valid_loss"]
-    assert len(runs[0]["history"][0]["lr_steps"]) == 2  # 16 images / batch 8: the lr of every step
+    assert runs[0].history[0]["train_loss"] == runs[1].history[0]["train_loss"]
+    assert runs[0].history[0]["valid_loss"] == runs[1].history[0]["valid_loss"]
+    assert len(runs[0].history[0]["lr_steps"]) == 2  # 16 images / batch 8: the lr of every step
 
 
 def test_lr_find_suggests_a_rate_and_restores_the_model(trained):
     _, _, manifest, bb, ts, entry, head = trained
-    result = recipe.lr_find_on_cache(entry, manifest, bb, ts, head["head_config"], batch_size=4, num_it=40)
+    result = recipe.lr_find_on_cache(entry, manifest, bb, ts, head.head_config, batch_size=4, num_it=40)
     assert 1e-7 <= result["suggestion"] <= 10 and len(result["lrs"]) == len(result["losses"]) > 5
     assert all(b > a for a, b in zip(result["lrs"], result["lrs"][1:]))  # exponential sweep
     _, model, groups = recipe.rebuild(head, ts.size)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    rows = recipe.labelled_split(manifest, head["classes"], "train")
+    rows = recipe.labelled_split(manifest, head.classes, "train")
     lr_find(model, groups, [0.0, 0.0, 1.0], lambda gen: recipe.image_loader(rows, recipe.eval_transform(ts), 8, True, gen),
             num_it=4)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -133,10 +134,10 @@ def test_tta_shapes_and_predict_matches_evaluation(trained, tmp_path):
     bad = table[table["status"] != "ok"]
     assert list(bad["path"].str.endswith("broken.jpg")) == [True] and bad["reason"].iloc[0]
     ok = table[table["status"] == "ok"].set_index("path")
-    valid = recipe.labelled_split(manifest, head["classes"], "valid")
-    expected = [head["classes"][i] for i in probs.argmax(1)]
+    valid = recipe.labelled_split(manifest, head.classes, "valid")
+    expected = [head.classes[i] for i in probs.argmax(1)]
     assert list(ok.loc[list(valid["path"]), "predicted"]) == expected
-    assert np.allclose(ok.loc[list(valid["path"]), [f"prob_{c}" for c in head["classes"]]].to_numpy(), probs, atol=1e-5)
+    assert np.allclose(ok.loc[list(valid["path"]), [f"prob_{c}" for c in head.classes]].to_numpy(), probs, atol=1e-5)
     out = tmp_path / "preds.csv"
     assert cli(["predict", "--model", path, "--images", str(tree / "valid"), "--out", str(out)]) == 0
     assert len(pd.read_csv(out)) == 9
@@ -147,9 +148,9 @@ def test_progressive_resizing_continues_from_the_same_weights(trained):
     _, _, manifest, bb, ts, entry, head = trained
     bigger = recipe.train_on_images(head, manifest, "finetuned", Schedule("constant", epochs=1), 0.0, freeze=0,
                                     batch_size=8, size=96)
-    assert bigger["transform"]["size"] == 96 and head["transform"]["size"] == 64
+    assert bigger.transform.size == 96 and head.transform.size == 64
     # lr 0 changes nothing: the weights carried over are the previous stage's
-    assert all(torch.equal(head["state_dict"][k], v) for k, v in bigger["state_dict"].items()
+    assert all(torch.equal(head.state_dict[k], v) for k, v in bigger.state_dict.items()
                if "running" not in k and "num_batches" not in k)
 
 
@@ -176,11 +177,11 @@ def test_head_on_cache_cached_trains_once_per_fingerprint(trained):
 
     def train():
         calls.append(1)
-        return {**head, "mlflow_run_id": "run-1"}
+        return dataclasses.replace(head, mlflow_run_id="run-1")
 
     record, reused = recipe.head_on_cache_cached(entry, "fp-test-cached", train)
     assert not reused and len(calls) == 1
     again, reused = recipe.head_on_cache_cached(entry, "fp-test-cached", train)
-    assert reused and len(calls) == 1 and again["mlflow_run_id"] == "run-1"
+    assert reused and len(calls) == 1 and again.mlflow_run_id == "run-1"
     _, reused = recipe.head_on_cache_cached(entry, "fp-test-cached", train, reuse=False)
     assert not reused and len(calls) == 2

@@ -1,0 +1,147 @@
+"""What one stage hands the next: typed, and a plain dict on disk.
+
+``StageRecord`` is a trained stage: the network's state dict and everything needed to rebuild it
+(arch, cut, head config, transform, task), with how it was trained. ``ActivationsRef`` points at
+the activations a stage reads. Both pickle as they are (Dagster's IO manager) and go to files as
+``to_dict()`` (tensors, lists, numbers and strings only), which ``torch.load(weights_only=True)``
+reads back; ``from_dict`` also reads the flat dicts written before these classes existed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING
+
+from precompute.store import CacheKey, Entry
+from precompute.task import Task
+from precompute.train import FitOptions, Schedule
+from precompute.transforms import TransformSpec
+
+if TYPE_CHECKING:
+    from precompute.recipe import Backbone
+
+# Keys a file needs to be a stage record at all (checked before anything is built from it).
+REQUIRED_KEYS = ("arch", "classes", "head_config", "state_dict")
+
+
+@dataclass(eq=False)  # compared by identity: the state dict's tensors have no single truth value
+class StageRecord:
+    """A trained (or new) network and how it came to be; ``state_dict`` keys are ``0.*`` for the
+    body and ``1.*`` for the head (``nn.Sequential(body, head)``)."""
+
+    stage: str
+    arch: str
+    xtra_cut: int
+    task: Task
+    head_config: dict
+    transform: TransformSpec
+    weights_id: str
+    state_dict: dict
+    history: list[dict] = field(default_factory=list)   # one row per epoch, as train.fit returns it
+    groups: list[dict] | None = None                    # archs.describe_groups, with each group's lr
+    seed: int = 0
+    schedule: Schedule | None = None
+    lr: float | None = None                             # head_on_cache: the head's rate
+    streamed: bool = False                              # head_on_cache: rows streamed from the store
+    augment: bool = False
+    augmentation: dict = field(default_factory=dict)    # train_transform's arguments
+    freeze: int | None = None                           # layer groups [:freeze] stayed frozen
+    freeze_bn_stats: bool | None = None
+    train_bn: bool | None = None
+    fit_options: FitOptions | None = None               # optimizer, weight decay, label smoothing, early stopping
+    failed_images: tuple = ()                           # (image_id, path, reason): no rows, left out
+    mlflow_run_id: str | None = None
+
+    def __post_init__(self):
+        self.failed_images = tuple(tuple(f) for f in self.failed_images or ())
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.task.classes)
+
+    @property
+    def thresholds(self) -> tuple[float, ...] | None:
+        """Each label's decision threshold (multi-label), else None."""
+        return getattr(self.task, "thresholds", None)
+
+    @property
+    def last_epoch(self) -> dict:
+        return self.history[-1] if self.history else {}
+
+    def to_dict(self, groups: bool = True) -> dict:
+        """The record as plain data (``groups=False``: as model files hold it)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d.update(task=self.task.to_dict(), classes=self.classes, transform=self.transform.key(),
+                 schedule=None if self.schedule is None else self.schedule.as_dict(),
+                 fit_options=None if self.fit_options is None else self.fit_options.as_dict(),
+                 failed_images=[list(f) for f in self.failed_images])
+        if not groups:
+            del d["groups"]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "StageRecord":
+        """A record from ``to_dict``, or from the flat dict of earlier versions (``multilabel``,
+        ``label_delim`` and ``thresholds`` beside ``classes``; ``schedule`` a dict)."""
+        task = Task.from_dict(d["task"] if d.get("task") else d)
+        known = {f.name for f in fields(cls)} - {"task", "transform", "schedule", "fit_options"}
+        schedule, options = d.get("schedule"), d.get("fit_options")
+        return cls(task=task, transform=TransformSpec(**d["transform"]),
+                   schedule=Schedule(**schedule) if schedule else None,
+                   fit_options=FitOptions(**options) if options else None,
+                   **{k: v for k, v in d.items() if k in known and v is not None})
+
+    @classmethod
+    def coerce(cls, record: "StageRecord | dict") -> "StageRecord":
+        """The typed record; a plain dict (as materializations before this class stored it) is read too."""
+        return record if isinstance(record, cls) else cls.from_dict(record)
+
+
+@dataclass(frozen=True)
+class ActivationsRef:
+    """What the activations stage hands on: where its entry is, the rows' view key, the body's
+    weights, and the images that failed at precompute (no rows: later stages leave them out)."""
+    store: str
+    entry: str
+    key: dict                              # CacheKey.parts()
+    view_key: str
+    weights: str = "pretrained"
+    weights_path: str | None = None
+    failed_images: tuple = field(default_factory=tuple)  # (image_id, path, reason) per failed image
+
+    def __post_init__(self):
+        object.__setattr__(self, "failed_images", tuple(tuple(f) for f in self.failed_images or ()))
+
+    @classmethod
+    def of(cls, entry: Entry, view: str, weights: str = "pretrained", weights_path: str | None = None,
+           failed=()) -> "ActivationsRef":
+        return cls(store=entry.store.root, entry=entry.rel, key=entry.key.parts(), view_key=view,
+                   weights=weights, weights_path=weights_path, failed_images=failed)
+
+    def to_dict(self) -> dict:
+        return {"store": self.store, "entry": self.entry, "key": self.key, "view_key": self.view_key,
+                "weights": self.weights, "weights_path": self.weights_path,
+                "failed_images": [list(f) for f in self.failed_images]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ActivationsRef":
+        return cls(store=d["store"], entry=d["entry"], key=d["key"], view_key=d["view_key"],
+                   weights=d.get("weights", "pretrained"), weights_path=d.get("weights_path"),
+                   failed_images=d.get("failed_images") or ())
+
+    @classmethod
+    def coerce(cls, ref: "ActivationsRef | dict") -> "ActivationsRef":
+        """The typed ref; a plain dict (as materializations before the dataclass stored it) is read too."""
+        return ref if isinstance(ref, cls) else cls.from_dict(ref)
+
+    def cache_key(self) -> CacheKey:
+        return CacheKey(**self.key)
+
+    def transform(self) -> TransformSpec:
+        return TransformSpec(**self.key["transform"])
+
+    def backbone(self) -> "Backbone":
+        """The frozen body the rows were computed with (its weights as configured then)."""
+        from precompute.recipe import load_backbone
+
+        return load_backbone(self.key["arch"], self.key["xtra_cut"], self.weights, self.weights_path)
