@@ -4,11 +4,10 @@ import os
 import sys
 import time
 
-from resources import project_home
+from pipelines.local import dagster_home, quiet_warnings, with_quiet_logging
 
-home = project_home()
-os.environ.setdefault("DAGSTER_HOME", str(home / "dagster_home"))
-os.makedirs(os.environ["DAGSTER_HOME"], exist_ok=True)
+dagster_home()  # $DAGSTER_HOME (default var/dagster_home), with telemetry off
+quiet_warnings()
 
 import dagster as dg  # noqa: E402
 
@@ -27,11 +26,26 @@ DEMO_RUN_CONFIG = {"ops": {
 }}
 
 
+def _registered_model(tracking_uri: str, partition: str) -> str:
+    """The fine-tuned model's latest version in the Model Registry, and how to serve it."""
+    from mlflow.tracking import MlflowClient
+
+    from precompute.serving import model_name
+
+    arch, cut = partition.split("|")
+    name = model_name(arch, int(cut))
+    versions = MlflowClient(tracking_uri).search_model_versions(f"name = '{name}'")
+    if not versions:
+        return f"none registered as {name}"
+    uri = f"models:/{name}/{max(int(v.version) for v in versions)}"
+    return f"{uri}  (mlflow models serve -m {uri} --env-manager local)"
+
+
 def main() -> int:
     partition = os.environ.get("PRECOMPUTE_PARTITION", DEFAULT_PARTITION)
     t0 = time.time()
     result = defs.resolve_job_def("recipe").execute_in_process(
-        run_config=merge_config(DEMO_RUN_CONFIG, run_config_for(partition)), partition_key=partition,
+        run_config=with_quiet_logging(merge_config(DEMO_RUN_CONFIG, run_config_for(partition))), partition_key=partition,
         instance=dg.DagsterInstance.get())
     if not result.success:
         print("demo failed; see the log above", file=sys.stderr)
@@ -39,10 +53,12 @@ def main() -> int:
     report = result.output_for_node("evaluation_report")
     tracking = defs.resources["tracking"]
     print(f"\nrecipe for partition {partition} finished in {time.time() - t0:.0f}s")
+    width = max(map(len, report["stages"]))
     for stage, m in report["stages"].items():
-        print(f"  {stage:<15} valid accuracy {m['accuracy']:.4f}  loss {m['loss']:.4f}")
+        print(f"  {stage:<{width}}  valid accuracy {m['accuracy']:.4f}  loss {m['loss']:.4f}")
     print(f"report:        {report['report']}")
     print(f"MLflow run:    {report['mlflow_run_id']} in {tracking.tracking_uri}")
+    print(f"model:         {_registered_model(tracking.tracking_uri, partition)}")
     print(f"Dagster runs:  DAGSTER_HOME={os.environ['DAGSTER_HOME']} (make ui to browse)")
     return 0
 

@@ -75,6 +75,17 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_rerun(args) -> int:
+    """The recipe of an MLflow run again: same job, assets, partition and run config (pipelines.local)."""
+    try:
+        from pipelines.local import rerun
+    except ImportError as exc:
+        raise RuntimeError(f"precompute rerun needs the project's pipelines package ({exc}): run it from the "
+                           "project folder, or pip install -e . there") from None
+    rerun(args.run_id, args.tracking_uri)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="precompute")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -99,10 +110,15 @@ def main(argv: list[str] | None = None) -> int:
     pred.add_argument("--images", required=True, help="folder of images (any layout)")
     pred.add_argument("--out", default="predictions.csv", help="CSV to write (default: %(default)s)")
     pred.add_argument("--tta", type=int, default=0, help="augmented views to average with the center crop")
-    pred.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///" + os.path.abspath(
-                      os.path.join(os.environ.get("PRECOMPUTE_HOME", "var"), "mlflow.db"))),
+    tracking_default = os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///" + os.path.abspath(
+        os.path.join(os.environ.get("PRECOMPUTE_HOME", "var"), "mlflow.db")))
+    pred.add_argument("--tracking-uri", default=tracking_default,
                       help="MLflow tracking URI for a run id (default: $MLFLOW_TRACKING_URI)")
     pred.set_defaults(fn=cmd_predict)
+    again = sub.add_parser("rerun", help="launch the recipe an MLflow run logged again, on the local Dagster instance")
+    again.add_argument("run_id", help="the MLflow run id of a recipe stage (or of the run grouping them)")
+    again.add_argument("--tracking-uri", default=tracking_default, help="MLflow tracking URI (default: %(default)s)")
+    again.set_defaults(fn=cmd_rerun)
     args = parser.parse_args(argv)
     try:
         return args.fn(args)

@@ -24,6 +24,8 @@ MLFLOW_PORT=${MLFLOW_PORT:-5000}
 MLFLOW_URI=${MLFLOW_TRACKING_URI:-sqlite:///$PRECOMPUTE_HOME/mlflow.db}
 STOP_TIMEOUT=${UI_STOP_TIMEOUT:-60}
 mkdir -p "$DAGSTER_HOME"
+# the embedded instance sends no usage statistics (and prints no telemetry banner); as pipelines/local.py
+grep -qs '^telemetry:' "$DAGSTER_HOME/dagster.yaml" || printf '\ntelemetry:\n  enabled: false\n' >> "$DAGSTER_HOME/dagster.yaml"
 
 [ -x "$VENV/bin/dagster" ] || { echo "ui.sh: $VENV/bin/dagster missing: run make ui (it installs .venv)" >&2; exit 2; }
 
