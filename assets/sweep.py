@@ -108,9 +108,32 @@ def head_sweep(context: dg.AssetExecutionContext, config: HeadSweepConfig, image
         parent.json(summary["table"], "sweep_table.json")
         parent.params({f"best.{k}": v for k, v in summary["best"].items()})
     summary.update(mlflow_run_id=parent.run_id, child_run_ids=children, fingerprint=fingerprint,
-                   view_key=activations.view_key, classes=list(classes))
+                   view_key=activations.view_key, classes=list(classes), batch_size=config.batch_size,
+                   seed=config.seed)
     sweep.save_sweep(entry, fingerprint, summary)
     context.log.info(f"head_sweep: {len(configs)} configurations in {result.seconds:.1f}s; best config "
                      f"{summary['best_index']} {summary['best']} valid_accuracy {best['valid_accuracy']:.4f}")
     return dg.Output(summary, data_version=dg.DataVersion(fingerprint),
                      metadata=_metadata(summary, fingerprint, False, tracking.tracking_uri))
+
+
+def best_of_sweep(context, activations, store: ActivationStoreResource) -> dict:
+    """For head_on_cache's ``from_sweep: true``: the config fields of the best head of this
+    partition's latest head_sweep (its result is kept beside the cache entry)."""
+    records = context.instance.fetch_materializations(dg.AssetRecordsFilter(
+        asset_key=head_sweep.key, asset_partitions=[context.partition_key]), limit=1).records
+    if not records:
+        raise dg.Failure(f"from_sweep: head_sweep has no materialization for partition {context.partition_key}: "
+                         "materialize head_sweep first, or set from_sweep: false", allow_retries=False)
+    fingerprint = str(records[0].asset_materialization.metadata["fingerprint"].value)
+    activations = recipe.ActivationsRef.coerce(activations)
+    found = sweep.load_sweep(recipe.open_entry(store.get(), activations), fingerprint)
+    try:
+        if found is None:
+            raise ConfigError(f"from_sweep: head_sweep's result {fingerprint} is no longer beside the cache entry "
+                              "(removed by cache gc?): materialize head_sweep again")
+        settings = sweep.head_on_cache_settings(found, activations.view_key)
+    except ConfigError as exc:
+        raise dg.Failure(str(exc), allow_retries=False) from exc
+    context.log.info(f"head_on_cache from_sweep: config {found['best_index']} of head_sweep {fingerprint}: {found['best']}")
+    return settings

@@ -2,19 +2,23 @@
 
 import dagster as dg
 
-from assets import RECIPE_ASSETS, SWEEP_ASSETS
+from assets import LEADERBOARD_ASSETS, RECIPE_ASSETS, SWEEP_ASSETS
 from assets.partitions import RUN_CONFIGS, PartitionConfigError, arch_cut, config_file
 from pipelines.housekeeping import cache_housekeeping
+from pipelines.local import quiet_warnings
 from pipelines.schedules import SCHEDULES
 from pipelines.sharding import precompute_sharded
 from pipelines.sensors import SENSORS
 from resources import default_resources
 
+quiet_warnings()  # dagster dev / dg dev / the tests: only the beta warnings of KNOWN_BETA_APIS are hidden
+
 recipe_job = dg.define_asset_job(
     "recipe", selection=dg.AssetSelection.assets(*RECIPE_ASSETS), partitions_def=arch_cut,
     description="images -> manifest -> activations -> head on cache -> augmented head -> fine-tuned -> report")
 
-defs = dg.Definitions(assets=RECIPE_ASSETS + SWEEP_ASSETS, jobs=[recipe_job, cache_housekeeping, precompute_sharded], schedules=SCHEDULES,
+defs = dg.Definitions(assets=RECIPE_ASSETS + SWEEP_ASSETS + LEADERBOARD_ASSETS,
+                      jobs=[recipe_job, cache_housekeeping, precompute_sharded], schedules=SCHEDULES,
                       sensors=SENSORS, resources=default_resources())
 
 

@@ -7,6 +7,7 @@ decodes each file the same way (``to_rgb``) and refuses shapes ``shape_problem``
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -40,8 +41,17 @@ def shape_problem(width: int, height: int) -> str | None:
             "crop or pad it to a saner shape")
 
 
-def load_rgb(path: str | Path) -> Image.Image:
-    """Decode an image as 8-bit RGB in its EXIF orientation.
+def read_bytes(path: str | Path) -> bytes:
+    """The file's bytes, from a local path or an object-storage URL (precompute/sources.py)."""
+    if isinstance(path, str) and "://" in path:
+        from precompute.sources import open_image
+
+        return open_image(path).getvalue()
+    return Path(path).read_bytes()
+
+
+def load_rgb(path: str | Path | io.BytesIO) -> Image.Image:
+    """Decode an image (a path, a URL, or its bytes in a BytesIO) as 8-bit RGB in its EXIF orientation.
 
     Alpha (RGBA, LA, transparent palettes) is composited onto white: transparent pixels often
     hold arbitrary colour (commonly black) that dropping alpha would expose. 16-bit images are
@@ -70,3 +80,28 @@ def to_rgb(img: Image.Image) -> Image.Image:
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     return img.convert("RGB")
+
+
+EXIF_ORIENTATION = 0x0112
+
+
+def device_decodable(data: bytes) -> str | None:
+    """None when the GPU's JPEG decoder (nvjpeg, via torchvision) gives the pixels ``load_rgb`` means:
+    a baseline or progressive JPEG of 3 colour components with no EXIF rotation and a sane shape.
+    Otherwise why not, and the image is decoded on the CPU instead: other formats, greyscale and
+    CMYK JPEGs (their colour conversion is load_rgb's), EXIF orientation (torchvision applies it on
+    the CPU only) and shapes ``shape_problem`` refuses (so they fail as they do on the CPU).
+    Reads the header only (PIL opens lazily): no pixel is decoded here."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.format != "JPEG":
+                return f"{img.format or 'unknown format'}, not a JPEG"
+            if img.mode != "RGB":
+                return f"a {img.mode} JPEG"
+            if img.getexif().get(EXIF_ORIENTATION, 1) not in (1, None):
+                return "EXIF orientation to apply"
+            if shape_problem(*img.size):
+                return "aspect ratio"
+    except Exception as e:  # noqa: BLE001 - the CPU path decodes it, or says why it cannot
+        return f"header does not parse ({type(e).__name__})"
+    return None

@@ -481,3 +481,21 @@ def summary(result: SweepResult) -> dict:
 
 def configs_from_summary(s: dict) -> list[HeadConfig]:
     return [HeadConfig(**{**c, "xtra_fc": tuple(c["xtra_fc"])}) for c in s["configs"]]
+
+
+def head_on_cache_settings(summary_: dict, view_key: str) -> dict:
+    """head_on_cache's config fields that train the sweep's best head again exactly as the sweep
+    trained it (one_cycle, AdamW, its weight decay, label smoothing, batch size and seed), for
+    ``from_sweep: true``. The sweep must have run on the same rows (``view_key``)."""
+    if summary_.get("view_key") != view_key:
+        raise ConfigError(f"from_sweep: the latest head_sweep ran on other rows (view {summary_.get('view_key')}) "
+                          f"than these activations (view {view_key}): materialize head_sweep again first")
+    if "batch_size" not in summary_ or "seed" not in summary_:
+        raise ConfigError("from_sweep: this head_sweep result predates from_sweep (no batch size or seed kept): "
+                          "materialize head_sweep again with reuse: false")
+    best = HeadConfig(**{**summary_["best"], "xtra_fc": tuple(summary_["best"]["xtra_fc"])})
+    return {"lr": best.lr, "ps": None if best.ps is None else list(best.dropouts()), "xtra_fc": list(best.xtra_fc),
+            "epochs": best.epochs, "weight_decay": best.wd, "label_smoothing": best.label_smoothing,
+            "schedule": "one_cycle", "optimizer": "adamw", "early_stopping_patience": None,
+            "batch_size": int(summary_["batch_size"]), "seed": int(summary_["seed"]), "lr_from_finder": False,
+            "custom_head": None}

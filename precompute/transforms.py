@@ -3,11 +3,13 @@
 ``TransformSpec`` is everything that determines them (part of the activation cache's key):
 ``eval_transform`` is the deterministic transform whose outputs the cache stores,
 ``train_transform`` the random augmentation of fastai 0.7's presets (``AUGMENTATION_PRESETS``).
-``ImageDataset`` pairs a manifest's usable rows, decoded by ``load_rgb``, with a transform.
+``ImageDataset`` pairs a manifest's usable rows, decoded by ``load_rgb``, with a transform;
+``EncodedImageDataset`` hands JPEGs on undecoded, for the GPU's decoder (precompute.features).
 """
 
 from __future__ import annotations
 
+import io
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -15,7 +17,7 @@ import pandas as pd
 import torch
 from torchvision.transforms import InterpolationMode, v2
 
-from precompute.images import ImageLoadError, load_rgb, shape_problem
+from precompute.images import ImageLoadError, device_decodable, load_rgb, read_bytes, shape_problem
 from precompute.labels import class_names, is_multilabel, label_delim, multi_hot
 from precompute.manifest import ok_rows
 
@@ -158,12 +160,39 @@ class ImageDataset(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        path = self.paths[i]
-        try:  # the file may have changed since the scan: fail naming it, never with a bare MemoryError
-            img = load_rgb(path)
-            if problem := shape_problem(*img.size):  # before the resize that would need the memory
-                raise ValueError(problem)
-            x = self.transform(img)
-        except Exception as e:  # noqa: BLE001 - decode errors are OSError, SyntaxError, ValueError, MemoryError ...
-            raise ImageLoadError(path, f"{type(e).__name__}: {e}") from e
+        x = decode_transform(self.paths[i], self.transform)
         return x, (self.labels[i] if self.labels is not None else -1)
+
+
+def decode_transform(path: str, transform, data: bytes | None = None):
+    """``transform`` of the image at ``path`` decoded by ``load_rgb`` (from ``data`` when its bytes are
+    at hand); any failure is an ``ImageLoadError`` naming the file."""
+    try:  # the file may have changed since the scan: fail naming it, never with a bare MemoryError
+        img = load_rgb(path if data is None else io.BytesIO(data))
+        if problem := shape_problem(*img.size):  # before the resize that would need the memory
+            raise ValueError(problem)
+        return transform(img)
+    except Exception as e:  # noqa: BLE001 - decode errors are OSError, SyntaxError, ValueError, MemoryError ...
+        raise ImageLoadError(path, f"{type(e).__name__}: {e}") from e
+
+
+class EncodedImageDataset(torch.utils.data.Dataset):
+    """For decoding on the GPU: ``(tensor, encoded)`` per image. A JPEG the device decoder takes
+    (``images.device_decodable``) comes as its file's bytes, a 1-d uint8 tensor, ``encoded=True``;
+    any other image is decoded and transformed here on the CPU as ``ImageDataset`` does (``False``)."""
+
+    def __init__(self, paths, transform):
+        self.paths, self.transform = [str(p) for p in paths], transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        path = self.paths[i]
+        try:
+            data = read_bytes(path)
+        except Exception as e:  # noqa: BLE001 - a missing or unreadable file, named
+            raise ImageLoadError(path, f"{type(e).__name__}: {e}") from e
+        if device_decodable(data) is None:
+            return torch.frombuffer(bytearray(data), dtype=torch.uint8), True
+        return decode_transform(path, self.transform, data), False

@@ -79,12 +79,22 @@ def test_configs_are_checked_and_searched():
 
 
 def test_head_sweep_asset_tracks_children_and_reuses(env):
-    from assets import activations, head_sweep, image_manifest
+    from assets import activations, head_on_cache, head_sweep, image_manifest, lr_find_head
 
     resources, instance, uri, _ = env
     grid = {"lr": [1e-3, 1e-2], "ps": [None, 0.0], "xtra_fc": [[16], []], "epochs": [2], "batch_size": 8}
     run_config = {"ops": {"activations": {"config": {"size": 64, "chunk_rows": 8}},
                           "head_sweep": {"config": grid}}}
+    from_sweep = {"ops": {"head_on_cache": {"config": {"from_sweep": True}},
+                          "lr_find_head": {"config": {"num_it": 5, "batch_size": 8}}}}
+
+    # from_sweep before any sweep: a clear failure at head_on_cache, nothing trained
+    early = dg.materialize([image_manifest, activations, lr_find_head, head_on_cache], partition_key=PARTITION,
+                           resources=resources, instance=instance, raise_on_error=False,
+                           run_config={"ops": {"activations": run_config["ops"]["activations"], **from_sweep["ops"]}})
+    assert not early.success
+    failure = [e for e in early.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert failure[0].step_key == "head_on_cache" and "materialize head_sweep first" in str(failure[0].event_specific_data.error)
     result = dg.materialize([image_manifest, activations, head_sweep], partition_key=PARTITION,
                             resources=resources, instance=instance, run_config=run_config)
     assert result.success
@@ -124,3 +134,21 @@ def test_head_sweep_asset_tracks_children_and_reuses(env):
     meta = instance.get_latest_materialization_event(head_sweep.key).asset_materialization.metadata
     # a new pipeline parent run (new Dagster run), the sweep run and its 8 children
     assert meta["reused"].value is False and len(client.search_runs([exp], "")) == n_runs + 10
+
+    # from_sweep: head_on_cache trains the latest sweep's best head again, as the sweep trained it
+    best = instance.get_latest_materialization_event(head_sweep.key).asset_materialization.metadata
+    sweep_out = dg.materialize([image_manifest, activations, head_sweep], partition_key=PARTITION,
+                               resources=resources, instance=instance, selection=[head_sweep],
+                               run_config=seeded).output_for_node("head_sweep")
+    assert sweep_out["best"] == best["best_config"].value
+    run = dg.materialize([image_manifest, activations, lr_find_head, head_on_cache], partition_key=PARTITION,
+                         resources=resources, instance=instance, selection=[lr_find_head, head_on_cache],
+                         run_config=from_sweep)
+    assert run.success
+    record = run.output_for_node("head_on_cache")
+    row = sweep_out["table"][sweep_out["best_index"]]
+    assert record.head_config["xtra_fc"] == sweep_out["best"]["xtra_fc"] and record.seed == 1
+    assert record.history[-1]["valid_loss"] == pytest.approx(row["valid_loss"], abs=1e-5)
+    assert record.history[-1]["valid_accuracy"] == pytest.approx(row["valid_accuracy"])
+    params = client.get_run(record.mlflow_run_id).data.params
+    assert float(params["lr"]) == sweep_out["best"]["lr"] and params["from_sweep"] == "True"

@@ -60,7 +60,7 @@ class ChunkLayout:
             shape, grid, keys = md["shape"], md["chunk_grid"], md["chunk_key_encoding"]
             codecs = [c["name"] for c in md["codecs"]]
             plain = (md["zarr_format"] == 3 and md["node_type"] == "array" and not md.get("storage_transformers")
-                     and md["data_type"] in ("float32", "float16", "float64") and np.little_endian
+                     and md["data_type"] in ("float32", "float16", "float64", "uint16") and np.little_endian
                      and grid["name"] == "regular" and grid["configuration"]["chunk_shape"][1:] == shape[1:]
                      and keys["name"] == "default" and keys.get("configuration", {}).get("separator", "/") == "/"
                      and codecs[0] == "bytes" and md["codecs"][0].get("configuration", {}).get("endian", "little") == "little"

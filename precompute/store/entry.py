@@ -36,6 +36,7 @@ import zarr.codecs
 
 from precompute.store.blocks import (CRC32C_RESIDUE, CacheCorruption, ChunkLayout, block_crc, decode_block,
                                      read_pool, read_raw_block_into)
+from precompute.store.dtypes import decode, encode, storage_dtype
 from precompute.store.key import CacheKey, digest
 
 if TYPE_CHECKING:
@@ -218,7 +219,7 @@ class Entry:
             raise ValueError(f"{len(image_ids)} ids for {len(features)} feature rows")
         if self._lease and time.time() - self._lease_renewed > LEASE_TTL_S / 3:
             self._renew_lease()
-        features = np.ascontiguousarray(features, dtype=self.key.dtype)
+        features = encode(features, self.key.dtype)  # bfloat16: its bits as uint16 (store/dtypes.py)
         chunk = f"{digest(image_ids)[:16]}-{uuid.uuid4().hex[:8]}"
         rows_per_block = max(1, min(len(features), BLOCK_BYTES // max(1, features[0].nbytes)))
         compressor = COMPRESSORS[self.codec()]()
@@ -324,13 +325,13 @@ class Entry:
         image_ids = list(image_ids)
         plan = self._rows_by_chunk(image_ids)
         if not plan:
-            return np.empty((0,), dtype=self.key.dtype)
+            return decode(np.empty((0,), dtype=storage_dtype(self.key.dtype)), self.key.dtype)
         layouts = {c: self._layout(c) for c in plan}
         first = next(iter(layouts.values()))
         out = np.empty((len(image_ids), *first.shape[1:]), dtype=first.dtype)
         self._decode(plan, layouts, out)
         self._used()
-        return out
+        return decode(out, self.key.dtype)
 
     def iter_blocks(self, image_ids: list[str]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(positions in ``image_ids``, their rows), one committed chunk at a time: bounded memory."""
@@ -338,7 +339,7 @@ class Entry:
             layout = self._layout(chunk)
             block = np.empty(layout.shape, layout.dtype)
             self._decode({chunk: (np.arange(layout.shape[0]), np.arange(layout.shape[0]))}, {chunk: layout}, block)
-            yield pos, block if _in_order(rows, len(block)) else block[rows]
+            yield pos, decode(block if _in_order(rows, len(block)) else block[rows], self.key.dtype)
         self._used()
 
     def _decode(self, plan: dict, layouts: dict[str, ChunkLayout], out: np.ndarray) -> None:

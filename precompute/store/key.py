@@ -35,11 +35,17 @@ class CacheKey:
     cut_index: int  # body children kept: the arch's cut minus xtra_cut
     transform: dict = field(hash=False)
     pooled: bool = True
-    dtype: str = "float32"
+    dtype: str = "float32"  # float32 | float16 | bfloat16 (stored as its bits: store/dtypes.py)
     versions: dict = field(default_factory=library_versions, hash=False)
+    decoder: str = "pil"  # "pil" (CPU) | "nvjpeg" (JPEGs decoded on the GPU): the pixels differ
 
     def parts(self) -> dict:
-        return asdict(self)
+        """Every part; ``decoder`` only when not the default, so entries made before it existed
+        (all decoded with PIL) keep their digest and stay in use."""
+        d = asdict(self)
+        if d["decoder"] == "pil":
+            del d["decoder"]
+        return d
 
     def digest(self) -> str:
         return digest(self.parts())[:24]
