@@ -12,10 +12,35 @@ PARTITION = "tf_efficientnet_lite0|0"
 
 
 def sharded_job():
-    """The job as Dagster's multiprocess executor loads it in each step's process (env-configured)."""
+    """The job as Dagster's multiprocess executor loads it in each step's process (env-configured).
+
+    The executor is named, not taken from $PRECOMPUTE_EXECUTOR at import: test_dask_shards may have
+    imported the job in this process with the dask one."""
     from pipelines.definitions import defs
 
-    return defs.resolve_job_def("precompute_sharded")
+    return defs.resolve_job_def("precompute_sharded").with_executor_def(dg.multiprocess_executor)
+
+
+def single_run(manifest, store_root, size: int, chunk_rows: int, xtra_cut: int = 0):
+    """The reference: the same images precomputed in this process, in one shard."""
+    bb = recipe.load_backbone("tf_efficientnet_lite0", xtra_cut)
+    single, _, _ = recipe.precompute(manifest, ActivationStore(str(store_root)), bb,
+                                     recipe.transform_for(bb.spec, size), chunk_rows=chunk_rows)
+    return single
+
+
+def assert_same_entry(sharded, single, ids, mean_atol: float | None = 1e-6) -> None:
+    """The same rows under the same key; values equal to float32 rounding.
+
+    oneDNN picks its channels-last kernels by batch size and thread count (the shard processes run
+    1 thread, this one 2), so sums run in another order. Seen at cut 0, 32 px: at most 1.5e-5
+    absolute on values up to ~5, a few elements in 60k. A row in the wrong place or another image's
+    features differ by ~0.1-1."""
+    assert sharded.rel == single.rel and set(sharded.index(refresh=True)) == set(single.index()) == set(ids)
+    got, want = sharded.read(ids), single.read(ids)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    if mean_atol is not None:
+        assert np.abs(got - want).mean() < mean_atol  # the bulk agrees far more tightly than the worst element
 
 
 def test_two_shards_equal_one(tmp_path, tiny_tree, monkeypatch):
@@ -44,18 +69,9 @@ def test_two_shards_equal_one(tmp_path, tiny_tree, monkeypatch):
     ids = list(ok_rows(manifest)["image_id"])
     assert sum(r["computed"] for r in shard_results.values()) == len(set(ids))
 
-    bb = recipe.load_backbone("tf_efficientnet_lite0")
-    ts = recipe.transform_for(bb.spec, 32)
-    single, stats, _ = recipe.precompute(manifest, ActivationStore(str(tmp_path / "single")), bb, ts, chunk_rows=4)
+    single = single_run(manifest, tmp_path / "single", size=32, chunk_rows=4)
     sharded = ActivationStore(str(tmp_path / "sharded")).entry(single.key)
-    assert sharded.rel == single.rel and set(sharded.index()) == set(single.index())
-    # the same rows under the same key; values equal to float32 rounding: oneDNN picks its
-    # channels-last kernels by batch size and thread count (the shard processes run 1 thread, this
-    # one 2), so sums run in another order. Seen: at most 1.5e-5 absolute on values up to ~5, a few
-    # elements in 60k. A row in the wrong place or another image's features differ by ~0.1-1.
-    got, want = sharded.read(ids), single.read(ids)
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
-    assert np.abs(got - want).mean() < 1e-6  # the bulk agrees far more tightly than the worst element
+    assert_same_entry(sharded, single, ids)
     # disjoint chunks: every committed chunk holds images of one shard only
     for record in (sharded.index(refresh=True), sharded.records)[1].values():  # chunk -> its commit record
         assert len({in_shard(i, 0, 2) for i in record["ids"]}) == 1
