@@ -300,7 +300,7 @@ def save_head_result(entry: Entry, fingerprint: str, record: StageRecord) -> Non
     import io
 
     buf = io.BytesIO()
-    torch.save(record.to_dict(), buf)
+    torch.save(record.to_dict() if isinstance(record, StageRecord) else record, buf)
     ResultCache(entry).put(f"head-{fingerprint}.pt", buf.getvalue())  # best effort: a read-only store warns
 
 

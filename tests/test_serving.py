@@ -40,7 +40,8 @@ def logged(tmp_path, tiny_tree):
         warnings.simplefilter("always")
         info = run.pytorch_model(record, "network")
     # no pickle, requirements, type hint or input example warnings from logging the model
-    assert [str(w.message) for w in caught] == []
+    # (ResourceWarnings are hidden by default; one may come from any earlier object the GC collects here)
+    assert [str(w.message) for w in caught if not issubclass(w.category, ResourceWarning)] == []
     images = tmp_path / "new_photos"
     shutil.copytree(tiny_tree / "valid", images)
     (images / "broken.jpg").write_bytes(b"not a jpeg")  # unreadable: a row saying so, not a failed request
