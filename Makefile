@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 export PRECOMPUTE_HOME ?= $(CURDIR)/var
 export DAGSTER_HOME ?= $(PRECOMPUTE_HOME)/dagster_home
 
-.PHONY: demo test ui clean
+.PHONY: demo test ui clean services
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,16 +14,23 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
+# The demo writes $(DAGSTER_HOME)/dagster.yaml with telemetry off (pipelines/local.py). Paths are quoted:
+# a project folder may have a space in its path.
 demo: $(STAMP)
 	mkdir -p "$(DAGSTER_HOME)"
-	$(PY) -m pipelines.demo
+	"$(PY)" -m pipelines.demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # dagster dev on 127.0.0.1:3000, MLflow UI on 127.0.0.1:5000 (DAGSTER_PORT, MLFLOW_PORT); Ctrl-C stops both.
 ui: $(STAMP)
-	@VENV=$(VENV) bash scripts/ui.sh
+	@VENV="$(VENV)" bash scripts/ui.sh
+
+# PostgreSQL, moto's S3 server and an MLflow server (PostgreSQL + S3) on 127.0.0.1, free ports; prints
+# the settings to export in another shell (tests/services.py). Ctrl-C stops them.
+services: $(STAMP)
+	"$(PY)" -m tests.services
 
 clean:
 	rm -rf var

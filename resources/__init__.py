@@ -85,6 +85,10 @@ class ActivationStoreResource(dg.ConfigurableResource):
 
 
 class MlflowTracking(dg.ConfigurableResource):
+    """MLflow: a ``sqlite:///`` file, or a tracking server (``http://...``) that stores the artifacts
+    itself (leave ``artifact_root`` unset). Calls to a server are bounded: a few retries, each logged,
+    then the stage fails naming the server (precompute.tracking.bound_http_retries)."""
+
     tracking_uri: str
     experiment: str = "precompute-pipeline"
     artifact_root: Optional[str] = None
@@ -127,6 +131,9 @@ def default_resources() -> dict:
 
     home = project_home()
     store_root = os.environ.get("PRECOMPUTE_STORE", str(home / "activations"))
+    # a tracking server keeps artifacts where it was told (--artifacts-destination); only the
+    # embedded sqlite store needs a local folder
+    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI", default_tracking_uri(home))
     return {
         "images": ImageSource(source=os.environ.get("PRECOMPUTE_DATA", DEMO_SOURCE),
                               root=os.environ.get("PRECOMPUTE_DATA_ROOT"),
@@ -141,8 +148,8 @@ def default_resources() -> dict:
         "store": ActivationStoreResource(root=store_root,
                                          storage_options_json=os.environ.get("PRECOMPUTE_STORE_OPTIONS", "{}"),
                                          compressor=os.environ.get("PRECOMPUTE_STORE_COMPRESSOR", "")),
-        "tracking": MlflowTracking(tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", default_tracking_uri(home)),
-                                   artifact_root=os.environ.get("PRECOMPUTE_ARTIFACTS", str(home / "mlartifacts"))),
+        "tracking": MlflowTracking(tracking_uri=tracking_uri, artifact_root=os.environ.get(
+            "PRECOMPUTE_ARTIFACTS", str(home / "mlartifacts") if tracking_uri.startswith("sqlite:") else None)),
         "compute": ComputeDevice(device=os.environ.get("PRECOMPUTE_DEVICE", "auto"),
                                  num_workers=int(os.environ.get("PRECOMPUTE_WORKERS", "0"))),
     }
