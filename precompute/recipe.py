@@ -417,7 +417,7 @@ class ImageStage:
         """``params`` with what the stage really runs: the rate, the image size and the epoch count
         (an SGDR schedule of 1+2 epochs runs 3, whatever ``epochs`` says)."""
         return {**params, "lr_used": self.lr, "size": self.transform(previous).size,
-                "epochs": self.schedule.total_epochs, **self.options.as_dict()}
+                "epochs": self.schedule.total_epochs, **schedule_params(self.schedule), **self.options.as_dict()}
 
     def transform(self, previous: StageRecord) -> TransformSpec:
         """The previous stage's transform, at this stage's size when it sets one."""
@@ -710,6 +710,13 @@ class HeadStage:
         HeadConfig(**self.head_config)
 
 
+def schedule_params(schedule: Schedule) -> dict:
+    """The schedule's warm-up as it runs (not in the stage configs): sgdr's share of the first cycle
+    at lr/100, one_cycle's share of the steps rising to the peak."""
+    return {"warmup": schedule.warmup if schedule.kind == "sgdr" else 0.0,
+            "pct_start": schedule.pct_start if schedule.kind == "one_cycle" else 0.0}
+
+
 def train_head_stage(ref: ActivationsRef | dict, manifest: pd.DataFrame, store: ActivationStore, stage: HeadStage,
                      open_run: OpenRun, params: dict, reuse: bool = True,
                      log=LOG) -> tuple[StageRecord, bool, str]:
@@ -725,8 +732,8 @@ def train_head_stage(ref: ActivationsRef | dict, manifest: pd.DataFrame, store: 
         bb = ref.backbone()
         check_same_weights(bb, entry)
         ts = ref.transform()
-        logged = {**params, **stage.options.as_dict(), "lr": stage.lr, "size": ts.size,
-                  "epochs": stage.schedule.total_epochs, "entry_key": entry.key.digest(), "view_key": ref.view_key, "pooled": entry.key.pooled,
+        logged = {**params, **stage.options.as_dict(), **schedule_params(stage.schedule), "lr": stage.lr,
+                  "size": ts.size, "epochs": stage.schedule.total_epochs, "entry_key": entry.key.digest(), "view_key": ref.view_key, "pooled": entry.key.pooled,
                   "fingerprint": fingerprint}
         with open_run(logged) as run:
             record = train_head_on_cache(entry, manifest, bb, ts, stage.head_config, lr=stage.lr,

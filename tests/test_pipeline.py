@@ -74,6 +74,7 @@ def test_whole_recipe_materializes(env):
     assert len(client.get_metric_history(by_stage["head_on_cache"].info.run_id, "valid_accuracy")) == 2
     fine = by_stage["finetuned"].data.params
     assert fine["size"] == "64" and fine["epochs"] == "1"  # the size the stage ran at, not the config's None
+    assert fine["pct_start"] == "0.25" and head.params["pct_start"] == "0.25"  # one_cycle's warm-up, as it ran
     assert fine["optimizer"] == "adamw" and fine["weight_decay"] == "0.01" and head.params["label_smoothing"] == "0.0"
     assert fine["group0.trainable"] == "True"
     assert float(fine["group0.lr"]) < float(fine["group1.lr"]) < float(fine["group2.lr"])

@@ -125,6 +125,7 @@ def test_stage_params_log_the_real_size_and_epochs():
     logged = stage.logged_params(make_record(SingleLabel(["a", "b"])), {"epochs": 1, "size": None})
     assert logged["epochs"] == 3 and logged["size"] == 32  # 1 + 2 SGDR epochs; the previous stage's 32 px
     assert logged["optimizer"] == "sgd" and logged["momentum"] == 0.8 and logged["early_stopping_patience"] is None
+    assert logged["warmup"] == 0.05 and logged["pct_start"] == 0.0  # SGDR's warm-up at lr/100, as it runs
 
 
 def test_fit_options_choose_the_optimizer_and_are_checked():
