@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
-from typing import Callable, ContextManager, Sequence
+from pathlib import Path
+from typing import Callable, ClassVar, ContextManager, Sequence
 
 import numpy as np
 import pandas as pd
@@ -35,8 +37,9 @@ from precompute.task import Task
 from precompute.train import (ArrayRows, EpochCallback, FitOptions, LearningRates, Schedule, StreamedRows, check_precompute_augment,
                               N_LAYER_GROUPS, ConfigError, check_batch_size, check_lrs, differential_lrs, fit,
                               fit_head_on_cache, group_lrs, lr_find, predict_proba, tensor_batches)
-from precompute.transforms import ImageDataset, TransformSpec, eval_transform, train_transform
-from precompute.weights import load_weights
+from precompute.transforms import Augmentation, ImageDataset, TransformSpec, eval_transform, train_transform
+from precompute.weights import (ALLOW_DOWNLOAD_ENV, WeightsUnavailable, load_weights, looks_like_torch_file,
+                                resolve_weights_file)
 
 # Cached rows up to this size (as float32) are loaded once; larger sets are streamed per chunk.
 DEFAULT_MEMORY_BUDGET = 4 << 30
@@ -400,12 +403,10 @@ class ImageStage:
     options: FitOptions = FitOptions()     # optimizer, weight decay, label smoothing, early stopping
 
     def __post_init__(self):
-        from precompute.validate import check_augmentation
-
         check_precompute_augment(self.precompute, self.augment)
         check_batch_size(self.batch_size)
         if self.augmentation:
-            check_augmentation(self.augmentation.get("preset"), self.augmentation.get("max_zoom"))
+            Augmentation(self.augmentation.get("preset"), self.augmentation.get("max_zoom"))
         if not isinstance(self.lr, (int, float)) or self.lr != 0:  # a rate of 0 only measures (tests do)
             check_lrs(self.lr, N_LAYER_GROUPS, self.frozen(N_LAYER_GROUPS))
 
@@ -635,14 +636,42 @@ class CacheSettings:
     weights: str = "pretrained"
     weights_path: str | None = None
     decoder: str = "pil"           # pil (CPU) or nvjpeg (JPEGs on the CUDA device): part of the entry's key
+    DTYPES: ClassVar[tuple[str, ...]] = ("float32", "float16", "bfloat16")  # bfloat16 is stored as its bits
 
     def __post_init__(self):
-        from precompute.validate import check_dtype  # the store's dtypes
-
-        check_dtype(self.dtype)
+        if self.dtype not in self.DTYPES:
+            raise ConfigError(f"dtype {self.dtype!r}: the activation store keeps {' or '.join(self.DTYPES)}")
         check_batch_size(self.batch_size)
         if isinstance(self.chunk_rows, bool) or not isinstance(self.chunk_rows, int) or self.chunk_rows < 1:
             raise ConfigError(f"chunk_rows {self.chunk_rows!r}: use 1 or more rows per committed chunk")
+        if self.weights not in ("pretrained", "random"):
+            raise ConfigError(f"weights {self.weights!r}: use 'pretrained' or 'random' (or pass weights_path)")
+        if self.weights == "random" and self.weights_path is not None:
+            raise ConfigError("weights='random' and a weights_path contradict each other: drop one")
+
+    def check_weights(self, arch: str) -> None:
+        """The weights ``arch`` would load exist (or may be downloaded); nothing is loaded or downloaded."""
+        if self.weights_path is not None:
+            path = Path(self.weights_path).expanduser()
+            if not path.is_file():
+                raise ConfigError(f"weights_path {self.weights_path} is not a file: point it at a state dict (.pt/.pth)")
+            try:
+                torch_file = looks_like_torch_file(path)  # 4 bytes; tensors are checked on load
+            except OSError as e:
+                raise ConfigError(f"weights_path {self.weights_path} cannot be read ({e.strerror or e}): "
+                                  "fix its permissions") from None
+            if not torch_file:
+                raise ConfigError(f"weights_path {self.weights_path} is not a file torch.save writes (text, an "
+                                  f"image?): point it at the state dict of {arch}, saved with "
+                                  "torch.save(model.state_dict(), path)")
+            return
+        spec = get_arch(arch)
+        if self.weights == "random" or (spec.source == "torchvision" and os.environ.get(ALLOW_DOWNLOAD_ENV) == "1"):
+            return  # nothing to find, or fetched by the run itself
+        try:
+            resolve_weights_file(spec, self.weights, None)
+        except (WeightsUnavailable, ValueError) as e:
+            raise ConfigError(str(e)) from None
 
 
 @dataclass

@@ -105,11 +105,11 @@ class Tracker:
             return self.client.get_experiment_by_name(self.experiment).experiment_id
 
     def check_reachable(self) -> None:
-        try:
-            self.experiment_id()
-        except Exception as exc:  # noqa: BLE001
-            raise RuntimeError(f"MLflow tracking URI {self.tracking_uri!r} is unreachable ({exc}); "
-                               "set MLFLOW_TRACKING_URI to a reachable server or a sqlite:/// path") from exc
+        """ConfigError unless MLflow answers at the tracking URI (``precompute.validate.check_tracking``:
+        no run or experiment is created, a server is given up on after ``PROBE_TIMEOUT_S``)."""
+        from precompute.validate import check_tracking
+
+        check_tracking(self.tracking_uri)
 
     def parent_run(self, group_id: str, partition: str = "") -> str:
         """The run that groups every stage of one pipeline run (created by the first stage)."""

@@ -97,6 +97,22 @@ AUGMENTATION_PRESETS = {
 }
 
 
+@dataclass(frozen=True)
+class Augmentation:
+    """A stage's augmentation: a preset of ``AUGMENTATION_PRESETS`` and the largest zoom (None: the
+    default), checked when built (ConfigError says what to change)."""
+    preset: str | None = None
+    max_zoom: float | None = None
+
+    def __post_init__(self):
+        from precompute.train import ConfigError
+
+        if self.preset is not None and self.preset not in AUGMENTATION_PRESETS:
+            raise ConfigError(f"augmentation {self.preset!r}: choose one of {', '.join(sorted(AUGMENTATION_PRESETS))}")
+        if self.max_zoom is not None and not self.max_zoom >= 1:
+            raise ConfigError(f"max_zoom {self.max_zoom}: use 1 (no zoom) or more, e.g. 1.1")
+
+
 def train_transform(
     ts: TransformSpec, flip: bool = True, rotate: float = 10, lighting: float = 0.05, max_zoom: float = 1.1,
     vflip: bool = False, rot90: bool = False, preset: str | None = None,

@@ -2,8 +2,12 @@
 
 Every check is cheap: no weights are loaded, no image is read, nothing is created (no store folder,
 no MLflow database, no run), and a probe of a remote endpoint gives up after ``PROBE_TIMEOUT_S``.
-``validate_run`` runs the checks that apply to the values it is given and reports every problem
-at once; the ``check_*`` functions raise on the first.
+Each value is checked by the object that owns it (``BodySpec`` here: arch, cut, image size;
+``recipe.CacheSettings``: dtype, weights; ``transforms.Augmentation``; ``heads.HeadConfig``; the
+training values in ``precompute.train``). ``validate_run`` builds those objects from the values it
+is given and reports every problem at once; the ``check_*`` functions, thin over the same objects,
+raise on the first. The probes of the store and of MLflow live here alone
+(``ActivationStore.check_reachable`` and ``Tracker.check_reachable`` call them).
 
     from precompute.validate import validate_run
     validate_run(arch="resnet34", xtra_cut=0, size=224, lr=[1e-4, 1e-3, 1e-2],
@@ -23,6 +27,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -30,11 +35,13 @@ import torch
 
 from precompute.archs import ARCHS, ArchSpec, cut_body, max_xtra_cut
 from precompute.heads import HeadConfig
+from precompute.recipe import CacheSettings
 from precompute.train import (N_LAYER_GROUPS, ConfigError, check_batch_size, check_lrs,  # noqa: F401 - re-exported
                               check_precompute_augment)
+from precompute.transforms import Augmentation
 
 __all__ = [
-    "ConfigError", "PROBE_TIMEOUT_S", "validate_run", "check_arch", "check_cut", "body_stride", "min_image_size",
+    "ConfigError", "PROBE_TIMEOUT_S", "validate_run", "BodySpec", "check_arch", "check_cut", "body_stride", "min_image_size",
     "check_size", "check_lrs", "check_precompute_augment", "check_batch_size", "check_dtype", "check_weights",
     "check_custom_head", "check_head", "check_augmentation", "check_store", "check_tracking", "check_manifest",
 ]
@@ -43,7 +50,7 @@ PROBE_TIMEOUT_S = 3.0
 STORE_SETTING = "PRECOMPUTE_STORE"
 STORE_OPTIONS_SETTING = "PRECOMPUTE_STORE_OPTIONS"
 TRACKING_SETTING = "MLFLOW_TRACKING_URI"
-DTYPES = ("float32", "float16", "bfloat16")  # bfloat16 is stored as its bits (precompute/store/dtypes.py)
+DTYPES = CacheSettings.DTYPES
 
 
 # --------------------------------------------------------------------------- the whole run
@@ -56,34 +63,32 @@ def validate_run(*, arch: str | None = None, xtra_cut: int = 0, size: int | None
                  augmentation: str | None = None, max_zoom: float | None = None, store: str | None = None,
                  storage_options: dict | str | None = None, tracking_uri: str | None = None, manifest=None,
                  timeout_s: float = PROBE_TIMEOUT_S) -> None:
-    """Check every value given (None: not checked); one ConfigError lists every problem found."""
+    """Build the object that owns each value given (None: not checked); one ConfigError lists every problem found."""
     errors: list[str] = []
 
-    def run(check: Callable, *args, **kwargs) -> bool:
+    def run(build: Callable, *args, **kwargs) -> None:
         try:
-            check(*args, **kwargs)
-            return True
+            build(*args, **kwargs)
         except ConfigError as e:
             errors.append(str(e))
-            return False
 
     run(check_precompute_augment, precompute, augment)
-    if arch is not None and run(check_arch, arch) and run(check_cut, arch, xtra_cut) and size is not None:
-        run(check_size, arch, xtra_cut, size)
+    if arch is not None:
+        run(BodySpec, arch, xtra_cut, size)
     if lr is not None:
         run(check_lrs, lr, n_groups, frozen)
     if batch_size is not None:
         run(check_batch_size, batch_size)
     if dtype is not None:
-        run(check_dtype, dtype)
+        run(CacheSettings, dtype=dtype)
     if arch in ARCHS and (weights is not None or weights_path is not None):
         run(check_weights, arch, weights or "pretrained", weights_path)
     if custom_head is not None:
-        run(check_custom_head, custom_head)
+        run(HeadConfig, custom=custom_head)
     elif ps is not None or xtra_fc is not None:
-        run(check_head, ps, xtra_fc)
+        run(HeadConfig, ps=ps, xtra_fc=xtra_fc)
     if augmentation is not None or max_zoom is not None:
-        run(check_augmentation, augmentation, max_zoom)
+        run(Augmentation, augmentation, max_zoom)
     if manifest is not None:
         run(check_manifest, manifest)
     if store is not None:  # the probes last: they may take up to timeout_s each
@@ -99,20 +104,46 @@ def validate_run(*, arch: str | None = None, xtra_cut: int = 0, size: int | None
 # --------------------------------------------------------------------------- arch, cut, size
 
 
+@dataclass(frozen=True)
+class BodySpec:
+    """The cut body a partition runs: an arch of ``ARCHS``, a cut within ``0..max_xtra_cut`` and an
+    image size (None: the arch's) that leaves at least a 1x1 feature map; checked when built."""
+    arch: str
+    xtra_cut: int = 0
+    size: int | None = None
+
+    def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise ConfigError(f"unknown arch {self.arch!r}: choose one of {', '.join(sorted(ARCHS))} "
+                              "(the partition's arch: PRECOMPUTE_ARCHS or archs in precompute.yaml)")
+        spec, cut, top = self.spec, self.xtra_cut, max_xtra_cut(self.spec)
+        if isinstance(cut, bool) or not isinstance(cut, int) or not 0 <= cut <= top:
+            raise ConfigError(f"cut (xtra_cut) {cut!r} is out of range for {self.arch}: valid cuts are 0..{top} "
+                              f"(0 = the table's cut of {spec.cut} children, each step one child earlier); "
+                              f"set the partition's cut (PRECOMPUTE_CUTS or cuts in precompute.yaml) within 0..{top}")
+        size = self.size
+        if size is None:
+            return
+        if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+            raise ConfigError(f"image size {size!r} must be a positive integer (pixels); "
+                              f"{spec.name}'s default is {_default_size(spec)}")
+        smallest = min_image_size(self.arch, cut)
+        if size < smallest:
+            raise ConfigError(f"image size {size} is too small for {self.arch} at cut {cut}: its body downsamples "
+                              f"{body_stride(self.arch, cut)}x, so the smallest size that leaves a 1x1 feature map "
+                              f"is {smallest}; set size >= {smallest} (the arch's default is {_default_size(spec)})")
+
+    @property
+    def spec(self) -> ArchSpec:
+        return ARCHS[self.arch]
+
+
 def check_arch(arch: str) -> ArchSpec:
-    if arch not in ARCHS:
-        raise ConfigError(f"unknown arch {arch!r}: choose one of {', '.join(sorted(ARCHS))} "
-                          "(the partition's arch: PRECOMPUTE_ARCHS or archs in precompute.yaml)")
-    return ARCHS[arch]
+    return BodySpec(arch).spec
 
 
 def check_cut(arch: str, xtra_cut) -> None:
-    spec = check_arch(arch)
-    top = max_xtra_cut(spec)
-    if isinstance(xtra_cut, bool) or not isinstance(xtra_cut, int) or not 0 <= xtra_cut <= top:
-        raise ConfigError(f"cut (xtra_cut) {xtra_cut!r} is out of range for {arch}: valid cuts are 0..{top} "
-                          f"(0 = the table's cut of {spec.cut} children, each step one child earlier); "
-                          f"set the partition's cut (PRECOMPUTE_CUTS or cuts in precompute.yaml) within 0..{top}")
+    BodySpec(arch, xtra_cut)
 
 
 _REF_SIZE = 512
@@ -170,17 +201,7 @@ def min_image_size(arch: str, xtra_cut: int = 0) -> int:
 
 
 def check_size(arch: str, xtra_cut: int, size: int | None) -> None:
-    spec = check_arch(arch)
-    if size is None:
-        return
-    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
-        raise ConfigError(f"image size {size!r} must be a positive integer (pixels); "
-                          f"{spec.name}'s default is {_default_size(spec)}")
-    smallest = min_image_size(arch, xtra_cut)
-    if size < smallest:
-        raise ConfigError(f"image size {size} is too small for {arch} at cut {xtra_cut}: its body downsamples "
-                          f"{body_stride(arch, xtra_cut)}x, so the smallest size that leaves a 1x1 feature map is "
-                          f"{smallest}; set size >= {smallest} (the arch's default is {_default_size(spec)})")
+    BodySpec(arch, xtra_cut, size)
 
 
 def _default_size(spec: ArchSpec) -> int:
@@ -191,36 +212,13 @@ def _default_size(spec: ArchSpec) -> int:
 
 
 def check_dtype(dtype: str) -> None:
-    if dtype not in DTYPES:
-        raise ConfigError(f"dtype {dtype!r}: the activation store keeps {' or '.join(DTYPES)}")
+    CacheSettings(dtype=dtype)
 
 
 def check_weights(arch: str, weights: str = "pretrained", weights_path: str | None = None) -> None:
     """The weights a run would load exist (or may be downloaded); nothing is loaded or downloaded."""
-    from precompute.weights import ALLOW_DOWNLOAD_ENV, WeightsUnavailable, looks_like_torch_file, resolve_weights_file
-
-    spec = check_arch(arch)
-    if weights not in ("pretrained", "random"):
-        raise ConfigError(f"weights {weights!r}: use 'pretrained' or 'random' (or pass weights_path)")
-    if weights_path is not None:
-        if weights == "random":
-            raise ConfigError("weights='random' and a weights_path contradict each other: drop one")
-        if not Path(weights_path).expanduser().is_file():
-            raise ConfigError(f"weights_path {weights_path} is not a file: point it at a state dict (.pt/.pth)")
-        try:
-            torch_file = looks_like_torch_file(Path(weights_path).expanduser())  # 4 bytes; tensors are checked on load
-        except OSError as e:
-            raise ConfigError(f"weights_path {weights_path} cannot be read ({e.strerror or e}): fix its permissions") from None
-        if not torch_file:
-            raise ConfigError(f"weights_path {weights_path} is not a file torch.save writes (text, an image?): point it "
-                              f"at the state dict of {arch}, saved with torch.save(model.state_dict(), path)")
-        return
-    if weights == "random" or (spec.source == "torchvision" and os.environ.get(ALLOW_DOWNLOAD_ENV) == "1"):
-        return  # nothing to find, or fetched by the run itself
-    try:
-        resolve_weights_file(spec, weights, None)
-    except (WeightsUnavailable, ValueError) as e:
-        raise ConfigError(str(e)) from None
+    check_arch(arch)
+    CacheSettings(weights=weights, weights_path=weights_path).check_weights(arch)
 
 
 def check_head(ps=None, xtra_fc=None) -> None:
@@ -229,12 +227,7 @@ def check_head(ps=None, xtra_fc=None) -> None:
 
 
 def check_augmentation(preset: str | None = None, max_zoom: float | None = None) -> None:
-    from precompute.transforms import AUGMENTATION_PRESETS
-
-    if preset is not None and preset not in AUGMENTATION_PRESETS:
-        raise ConfigError(f"augmentation {preset!r}: choose one of {', '.join(sorted(AUGMENTATION_PRESETS))}")
-    if max_zoom is not None and not max_zoom >= 1:
-        raise ConfigError(f"max_zoom {max_zoom}: use 1 (no zoom) or more, e.g. 1.1")
+    Augmentation(preset, max_zoom)
 
 
 def check_custom_head(dotted: str) -> None:
@@ -372,8 +365,6 @@ def check_store(root: str, storage_options: dict | str | None = None, timeout_s:
 
     With ``read_only_ok``, a store that exists and can be listed but not written passes too and
     False is returned (a read-only mount of a complete cache still serves reads and training)."""
-    import fsspec
-
     try:
         _check_store_writable(root, storage_options, timeout_s)
         return True

@@ -178,3 +178,18 @@ def test_auto_codec_compresses_maps_not_pooled_vectors(tmp_path):
         np.testing.assert_array_equal(entry.read([f"i{i}" for i in range(16)]), data)
     with pytest.raises(ValueError, match="choose auto or one of"):
         ActivationStore(str(tmp_path / "other"), compressor="lz5")
+
+
+def test_reachability_probe_creates_nothing_and_says_what_to_fix(tmp_path):
+    """One probe (precompute.validate.check_store) behind ActivationStore.check_reachable: a new store
+    is writable without creating its folder; a store under a file is a ConfigError naming it."""
+    from precompute.train import ConfigError
+    from precompute.tracking import Tracker
+
+    store = ActivationStore(str(tmp_path / "new" / "store"))
+    assert store.check_reachable() is True and not (tmp_path / "new").exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="not a folder"):
+        ActivationStore(str(tmp_path / "file" / "store")).check_reachable()
+    with pytest.raises(ConfigError, match="unreachable"):
+        Tracker("http://127.0.0.1:9").check_reachable()  # nothing listens on port 9

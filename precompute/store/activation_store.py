@@ -78,26 +78,16 @@ class ActivationStore:
         return Entry(self, rel, key)
 
     def check_reachable(self) -> bool:
-        """Fail early when the store cannot be read; True when it can be written too, False when
-        it is read-only (reads and training work; computing missing rows does not)."""
-        try:
-            self.fs.makedirs(self.base, exist_ok=True)
-            self.fs.ls(self.base)
-        except FileNotFoundError:
-            pass  # an object store has no folders: an empty prefix is a new, empty store
-        except Exception as exc:  # noqa: BLE001 - any backend error means the same thing here
-            raise RuntimeError(f"activation store {self.root!r} cannot be read ({exc}); "
-                               "set PRECOMPUTE_STORE to a path or URL you can reach") from exc
-        probe = f"{self.base}/.probe-{uuid.uuid4().hex}"
-        try:
-            self.fs.pipe_file(probe, b"ok")
-        except OSError as exc:
-            log.warning("activation store %s is read-only (%s): cached rows are served, none can be added",
-                        self.root, exc)
-            return False
-        with contextlib.suppress(OSError):
-            self.fs.rm(probe)
-        return True
+        """Fail early (ConfigError) when the store cannot be reached; True when it can be written,
+        False when it is read-only (reads and training work; computing missing rows does not).
+        The probe is ``precompute.validate.check_store``: it creates nothing and gives up after
+        ``PROBE_TIMEOUT_S``."""
+        from precompute.validate import check_store  # here, not above: validate imports recipe, which imports the store
+
+        writable = check_store(self.root, self.storage_options, read_only_ok=True)
+        if not writable:
+            log.warning("activation store %s is read-only: cached rows are served, none can be added", self.root)
+        return writable
 
     # housekeeping lives in its own module; these are the store's face for it
     def entries(self) -> list[dict]:
