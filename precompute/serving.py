@@ -16,7 +16,6 @@ import io
 import os
 import re
 import warnings
-from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
@@ -138,18 +137,11 @@ set_model(ImageClassifier())
 """
 
 
-@contextmanager
 def _no_progress_bars():
     """No "Downloading artifacts" bars while logging: a pipeline's log is not a terminal."""
-    saved = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
-    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
-        else:
-            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = saved
+    from unittest import mock
+
+    return mock.patch.dict(os.environ, {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"})  # restored after
 
 
 def log_model(record_path: str | Path, record, name: str, register: bool = True):

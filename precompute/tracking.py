@@ -173,17 +173,12 @@ class Tracker:
 def _fluent_tracking_uri(uri: str) -> Iterator[None]:
     """MLflow's fluent API (log_model needs it) on ``uri``, then the global tracking URI and
     $MLFLOW_TRACKING_URI as they were (mlflow.set_tracking_uri also writes the variable)."""
+    from unittest import mock
+
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
-    saved = os.environ.get("MLFLOW_TRACKING_URI")
-    try:
-        with _use_tracking_uri(uri):
-            yield
-    finally:
-        if saved is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = saved
+    with mock.patch.dict(os.environ), _use_tracking_uri(uri):  # patch.dict restores the variables after
+        yield
 
 
 @dataclass(frozen=True)
