@@ -26,7 +26,7 @@ def evaluation_report(context: dg.AssetExecutionContext, config: EvaluationConfi
         records, activations, store.get(), image_manifest, folder, f"Evaluation: {arch}, cut {xtra_cut}",
         {"arch": arch, "xtra_cut": xtra_cut, "dagster_run": context.run.run_id}, config.tta, config.top_losses,
         compute.num_workers, compute.setup())
-    with _mlflow_run(context, tracking, "evaluation", {"tta": config.tta}) as run:
+    with _mlflow_run(context, tracking, "evaluation", {"tta": config.tta}, image_manifest) as run:
         run.metrics(stage_metrics(stages))
         for path in folder.iterdir():
             run.artifact(path, "report")

@@ -118,7 +118,7 @@ def _checked(build, **values):
 
 
 @contextmanager
-def _mlflow_run(context, tracking: MlflowTracking, stage: str, params: dict):
+def _mlflow_run(context, tracking: MlflowTracking, stage: str, params: dict, manifest):
     """The stage's MLflow run, with what re-executes it (``precompute rerun <run id>``): the Dagster
     run config, job, asset selection and partition, the git commit, and the image manifest as a
     dataset input (source: the image source; digest: the activations' view key for this partition)."""
@@ -133,18 +133,7 @@ def _mlflow_run(context, tracking: MlflowTracking, stage: str, params: dict):
     tags = tracker.stage_tags(dagster_run.run_id, context.partition_key, stage,
                               {PARTITION_TAG: context.partition_key, JOB_TAG: dagster_run.job_name,
                                SELECTION_TAG: selection, "arch": arch})
-    manifest_key = dg.AssetKey("image_manifest")
-    import logging
-
-    quiet = logging.root.manager.disable
-    logging.disable(logging.DEBUG)  # the loader's own console logs each load at DEBUG, whatever the run's level
-    try:  # the manifest this step read, once more from the IO manager (not there for in-memory outputs)
-        manifest = context.load_asset_value(manifest_key)
-    except Exception:  # noqa: BLE001 - the dataset is then logged by source and digest alone
-        manifest = None
-    finally:
-        logging.disable(quiet)
-    scan = instance.get_latest_materialization_event(manifest_key)
+    scan = instance.get_latest_materialization_event(dg.AssetKey("image_manifest"))
     source = scan.asset_materialization.metadata.get("source") if scan else None
     acts = instance.fetch_materializations(dg.AssetRecordsFilter(
         asset_key=dg.AssetKey("activations"), asset_partitions=[context.partition_key]), limit=1).records
@@ -164,10 +153,10 @@ def _stage_output(record: recipe.StageRecord, tracking: MlflowTracking, data_ver
                      data_version=dg.DataVersion(data_version) if data_version else None)
 
 
-def _lr_find_output(context, tracking: MlflowTracking, stage: str, result: dict, params: dict):
+def _lr_find_output(context, tracking: MlflowTracking, stage: str, result: dict, params: dict, manifest):
     folder = Path(tempfile.mkdtemp(prefix="lr_find-"))
     plot = evaluate.plot_lr_find(result, folder / f"{stage}.png")
-    with _mlflow_run(context, tracking, stage, params) as run:
+    with _mlflow_run(context, tracking, stage, params, manifest) as run:
         if result["suggestion"] is not None:
             run.metrics({"suggested_lr": result["suggestion"]})
         run.series("lr_find_loss", result["losses"])
@@ -196,7 +185,7 @@ def lr_find_head(context: dg.AssetExecutionContext, config: LrFindConfig, image_
     result = recipe.lr_find_on_ref(activations, image_manifest, store.get(), head_config, config.batch_size,
                                    config.seed, config.num_it)
     return _lr_find_output(context, tracking, "lr_find_head", result,
-                           {**config.model_dump(), **{f"head.{k}": v for k, v in head_config.items()}})
+                           {**config.model_dump(), **{f"head.{k}": v for k, v in head_config.items()}}, image_manifest)
 
 
 @dg.asset(group_name="recipe", partitions_def=arch_cut, code_version="1", tags={"precompute/cacheable": "true"})
@@ -213,7 +202,7 @@ def head_on_cache(context: dg.AssetExecutionContext, config: HeadOnCacheConfig, 
     compute.setup()
     record, reused, fingerprint = recipe.train_head_stage(
         activations, image_manifest, store.get(), stage,
-        lambda params: _mlflow_run(context, tracking, "head_on_cache", params),
+        lambda params: _mlflow_run(context, tracking, "head_on_cache", params, image_manifest),
         config.model_dump(exclude={"reuse"}), config.reuse, context.log)
     extra = {"reused": reused, "fingerprint": fingerprint, **({} if reused else {"streamed": record.streamed})}
     return _stage_output(record, tracking, fingerprint, extra, thresholds=not reused)
@@ -223,7 +212,7 @@ def _image_stage(context, config: ImageStageConfig, image_manifest, previous, st
                  tracking: MlflowTracking, compute: ComputeDevice, export: bool = False):
     device = compute.setup()
     record = recipe.run_image_stage(previous, image_manifest, stage,
-                                    lambda params: _mlflow_run(context, tracking, stage.name, params),
+                                    lambda params: _mlflow_run(context, tracking, stage.name, params, image_manifest),
                                     config.model_dump(), export, compute.num_workers, device, context.log)
     samples = recipe.augmented_samples(previous, image_manifest, stage,
                                        Path(tempfile.mkdtemp(prefix="augment-")) / "augmented.png")
@@ -263,7 +252,7 @@ def lr_find_unfrozen(context: dg.AssetExecutionContext, config: LrFindImagesConf
     result = recipe.lr_find_on_images(head_augmented, image_manifest, 0, config.lr_spread, config.batch_size,
                                       config.seed, config.num_it, {"preset": config.augmentation},
                                       compute.num_workers, device)
-    return _lr_find_output(context, tracking, "lr_find_unfrozen", result, config.model_dump())
+    return _lr_find_output(context, tracking, "lr_find_unfrozen", result, config.model_dump(), image_manifest)
 
 
 @dg.asset(group_name="recipe", partitions_def=arch_cut, tags=NOT_CACHEABLE)
