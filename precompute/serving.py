@@ -133,12 +133,12 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
             try:
                 tensors.append(self._image(value))
                 ok.append(i)
-            except NotRead as e:
-                log.warning("row %d not read: %s", i, e)  # for the operator; the client sees NOT_READ only
-                out.loc[i, ["status", "reason"]] = ["unreadable", NOT_READ]
-            except Exception as e:  # noqa: BLE001 - decode errors are OSError, SyntaxError, ValueError ...
-                # bytes the client sent itself: saying why they do not decode tells it nothing new
-                reason = NOT_READ if isinstance(value, str) else f"{type(e).__name__}: {e}"
+            except Exception as e:  # noqa: BLE001 - NotRead, and decode errors: OSError, SyntaxError, ValueError ...
+                if isinstance(value, (bytes, bytearray, memoryview)):
+                    reason = f"{type(e).__name__}: {e}"  # the client's own bytes: saying why tells it nothing new
+                else:  # a path or URL: one reason for all, or the answer would tell which server files exist
+                    log.warning("row %d not read: %s", i, e)  # for the operator
+                    reason = NOT_READ
                 out.loc[i, ["status", "reason"]] = ["unreadable", reason]
         probs = np.zeros((0, len(classes)), np.float32)
         with torch.no_grad():
@@ -258,12 +258,16 @@ def _root(name: str, value: str) -> str:
 def _split_url(url: str):
     from urllib.parse import unquote, urlsplit
 
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # ValueError when not a number
+    except ValueError:
+        return None
     segments = unquote(parts.path).split("/")
     if parts.username is not None or parts.password is not None or "\\" in unquote(parts.path) \
             or any(s in (".", "..") for s in segments):
         return None
-    return parts.scheme.lower(), (parts.hostname or "").lower(), parts.port, [s for s in segments if s]
+    return parts.scheme.lower(), (parts.hostname or "").lower(), port, [s for s in segments if s]
 
 
 def _url_prefix(name: str, value: str):

@@ -100,7 +100,8 @@ def test_registered_pyfunc_predicts_as_precompute_predict(logged, tmp_path, monk
     done = subprocess.run([str(Path(sys.executable).parent / "mlflow"), "models", "predict", "-m",
                            f"models:/{NAME}/{version.version}", "-i", str(tmp_path / "input.csv"), "-t", "csv",
                            "-o", str(tmp_path / "out.json"), "--env-manager", "local"],
-                          env={**os.environ, "MLFLOW_TRACKING_URI": uri, ROOTS_ENV: str(images)}, capture_output=True, text=True, timeout=300)
+                          env={**os.environ, "MLFLOW_TRACKING_URI": uri, ROOTS_ENV: str(images)},  # the operator
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     served = pd.DataFrame(json.loads((tmp_path / "out.json").read_text())["predictions"])
     assert list(served["predicted"]) == list(ok["predicted"])
