@@ -180,9 +180,11 @@ def _take_away(store: ActivationStore, rel: str, still_unused: Callable[[Entry],
     os.makedirs(f"{trash}/{rel}".rsplit("/", 1)[0], exist_ok=True)
     try:
         os.rename(path, f"{trash}/{rel}")
-    except FileNotFoundError:
+    except OSError as exc:
         shutil.rmtree(trash, ignore_errors=True)
-        return False  # removed meanwhile (another gc)
+        if not isinstance(exc, FileNotFoundError):  # not found: removed meanwhile (another gc)
+            log.warning("could not remove %s (%s): the next `precompute cache gc` tries again", rel, exc)
+        return False
     if _give_back_if_leased(store, trash, rel):
         return False
     _rm(store, trash)
