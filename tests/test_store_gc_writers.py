@@ -203,6 +203,32 @@ def test_dead_and_junk_leases_are_reported_as_stale_and_hold_nothing(tmp_path, c
     assert sorted(store.remove_unused(unused_for_s=30 * DAY)) == sorted([dead.rel, junk.rel])
 
 
+def test_gc_on_s3_checks_leases_when_it_removes_and_reports_stale_ones(bucket, monkeypatch):
+    """Object stores have no rename: gc checks leases (LastModified on the store's clock) right
+    before it deletes. A listing taken before the writer came does not get its entry removed."""
+    name, client, options = bucket
+    store = ActivationStore(f"s3://{name}/acts", storage_options=options)
+    leased = store.entry(make_key())
+    leased.commit(["a", "b"], _rows(2))
+    _old(store, leased)
+    other = store.entry(make_key(arch="resnet50"))
+    other.commit(["x"], _rows(1))
+    _old(store, other)
+    store.put(f"{other.rel}/leases/junk.json", b"not a lease")
+    listing = housekeeping.list_entries(store)
+    assert [e["writers"] for e in listing] == [0, 0] and [len(e["stale_leases"]) for e in listing].count(1) == 1
+
+    writer = store.entry(leased.key)
+    assert writer.claim(["a", "b", "c"]) == ["c"]
+    monkeypatch.setattr(housekeeping, "list_entries", lambda *args, **kw: listing)
+    assert store.remove_unused(unused_for_s=30 * DAY) == [other.rel]
+    monkeypatch.undo()
+    writer.commit(["c"], _rows(1, start=100))
+    writer.confirm(["a", "b", "c"])
+    assert store.entry(leased.key).read(["a", "b", "c"]).shape == (3, 4)
+    assert [e["entry"] for e in store.entries()] == [leased.rel]
+
+
 def test_file_url_store_works(tmp_path, capsys):
     folder = tmp_path / "store"
     store = ActivationStore("file://" + str(folder))
