@@ -227,10 +227,12 @@ class Entry:
             self._take_lease()
         try:
             yield self
-            if self._written and not claimed:
-                self._check_rows(self._written, "this run committed")
-            self.store.entry(self.key)  # key.json too, so housekeeping never takes the entry for a leftover
+            if self._written:
+                if not claimed:
+                    self._check_rows(self._written, "this run committed")
+                self.store.entry(self.key)  # key.json too, so housekeeping never takes the entry for a leftover
         except BaseException:
+            self._claimed = False  # the claim ends with the failed write
             self._release_lease()
             raise
         if not claimed:
@@ -420,7 +422,7 @@ class Entry:
         if any(i not in index for i in image_ids):  # commits are immutable: list again only for new ids
             index = self.index(refresh=True)
         lost = [i for i in image_ids if i not in index]
-        for chunk, ids in self.foreign.items():  # a row only another entry's chunk holds: say so
+        for chunk, ids in self.foreign.items() if lost else ():  # a row only another entry's chunk holds: say so
             if not set(ids).isdisjoint(lost):
                 raise CacheCorruption(self.rel, chunk, f"commits/{chunk}.json",
                                       self.damaged[chunk].split(" ", 1)[1])
