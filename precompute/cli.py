@@ -22,10 +22,13 @@ def cmd_list(args) -> int:
     print(f"{'entry':<52} {'rows':>7} {'MiB':>9}  {'last used (UTC)':<16}  status")
     for e in entries:
         when = dt.datetime.fromtimestamp(e["last_used"], dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
-        status = e["status"] + (f", {e['writers']} writer(s)" if e["writers"] else "")
+        status = e["status"] + (f", {e['writers']} writer(s)" if e["writers"] else "") + (
+            f", {len(e['stale_leases'])} stale lease(s)" if e["stale_leases"] else "")
         print(f"{e['entry']:<52} {e['rows']:>7} {e['bytes'] / 2**20:>9.2f}  {when:<16}  {status}")
         for problem in e["problems"]:
             print(f"    damaged: {problem}")
+        for lease in e["stale_leases"]:  # holds nothing: gc removes it
+            print(f"    stale lease: {lease}")
     damaged = sum(e["status"] != "ok" for e in entries)
     print(f"{len(entries)} entries, {sum(e['bytes'] for e in entries) / 2**20:.2f} MiB"
           + (f", {damaged} damaged: `precompute cache verify --repair` drops what is damaged" if damaged else ""))
