@@ -4,6 +4,8 @@ Real parts: photos from the shared dogscats copy, a real Zarr cache filled by th
 module, the real faiss index and cleanlab; the asset on a real Dagster instance and MLflow sqlite.
 """
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -101,3 +103,88 @@ def test_multilabel_label_check_is_refused_with_a_reason(cached):
     assert "not checked for multi-label" in report.summary["labels_refused"] and report.summary["leaks"] == 0
 
 
+
+
+def test_asset_checks_contact_sheets_mlflow_and_overrides(cached, tmp_path, monkeypatch):
+    import dagster as dg
+    from mlflow.tracking import MlflowClient
+
+    from assets import activations, data_quality, image_manifest
+    from resources import ActivationStoreResource, ComputeDevice, ImageSource, MlflowTracking
+
+    _, manifest, entry, planted = cached
+    folder = manifest["path"].iloc[0][: -len(manifest["relpath"].iloc[0])]
+    home = tmp_path / "home"
+    monkeypatch.setenv("PRECOMPUTE_HOME", str(home))
+    monkeypatch.delenv("PRECOMPUTE_OVERRIDES", raising=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    resources = {"images": ImageSource(source=folder),
+                 "store": ActivationStoreResource(root=entry.store.root),  # the module's rows: nothing computed
+                 "tracking": MlflowTracking(tracking_uri=uri, artifact_root=str(tmp_path / "artifacts")),
+                 "compute": ComputeDevice(device="cpu")}
+    (tmp_path / "dg").mkdir()
+    instance = dg.DagsterInstance.local_temp(str(tmp_path / "dg"))
+    graph = [image_manifest, activations, data_quality]
+
+    def run(quality: dict | None = None, selection=None):
+        config = {"ops": {"data_quality": {"config": quality or {}},
+                          **({} if selection else {"activations": {"config": {"size": SIZE}}})}}
+        result = dg.materialize(graph, partition_key=f"{ARCH}|0", resources=resources, instance=instance,
+                                run_config=config, selection=selection)
+        assert result.success
+        checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
+        meta = instance.get_latest_materialization_event(data_quality.key).asset_materialization.metadata
+        return checks, meta
+
+    checks, meta = run({"max_label_issue_rate": 0.01})
+    assert meta["leaks"].value >= 2 and meta["label_issues"].value >= 2
+    assert not checks["no_train_valid_leaks"].passed
+    assert checks["no_train_valid_leaks"].severity == dg.AssetCheckSeverity.WARN  # the default
+    assert not checks["label_issue_rate"].passed and checks["label_issue_rate"].severity == dg.AssetCheckSeverity.WARN
+    assert "data:image/png;base64," in meta["sheet_leak"].value and "sheet_label_issue" in meta
+    assert "planted_dup_00" in meta["top_findings"].value
+    csv = pd.read_csv(meta["csv"].value, keep_default_na=False)
+    run_id = meta["mlflow_run_id"].value
+    logged = {a.path for a in MlflowClient(uri).list_artifacts(run_id, "data_quality")}
+    assert {"data_quality/data_quality.csv", "data_quality/leak.png", "data_quality/label_issue.png"} <= logged
+    assert MlflowClient(uri).get_run(run_id).data.metrics["leaks"] == meta["leaks"].value
+
+    checks, meta = run({"leak_severity": "ERROR"}, selection=[data_quality])  # configurable to ERROR
+    assert checks["no_train_valid_leaks"].severity == dg.AssetCheckSeverity.ERROR
+    assert meta["summary"].value["drift"] == "no new images"  # the last run saw every image
+
+    # the user's path: copy rows of data_quality.csv, mark them, rerun; nothing leaves the disk
+    marked = csv[csv["finding"].isin(["leak", "label_issue"])].copy()
+    marked["action"] = marked["finding"].map({"leak": "drop", "label_issue": "relabel"})
+    marked = marked[(marked["finding"] == "leak") | marked["relpath"].isin(planted["flips"])]
+    home.mkdir(parents=True, exist_ok=True)
+    marked.to_csv(home / "overrides.csv", index=False)
+    before = instance.get_latest_materialization_event(image_manifest.key).asset_materialization
+    checks, meta = run()
+    after = instance.get_latest_materialization_event(image_manifest.key).asset_materialization
+    assert after.tags["dagster/data_version"] != before.tags["dagster/data_version"]  # downstream goes stale
+    assert "yes" in after.metadata["overrides"].value and "no:" not in after.metadata["overrides"].value
+    assert meta["overrides_applied"].value == len(marked) and meta["leaks"].value == 0
+    assert checks["no_train_valid_leaks"].passed
+    assert all((Path(folder) / r).is_file() for r in marked["relpath"])
+    issues = pd.read_csv(meta["csv"].value, keep_default_na=False)
+    assert not set(planted["flips"]) & set(issues.loc[issues["finding"] == "label_issue", "relpath"])
+    logged = {a.path for a in MlflowClient(uri).list_artifacts(meta["mlflow_run_id"].value, "data_quality")}
+    assert "data_quality/overrides_applied.csv" in logged
+    instance.dispose()
+
+
+def test_bad_override_csv_says_what_to_do(tmp_path, cached):
+    from precompute.quality.overrides import OverrideError, apply_overrides
+
+    _, manifest, _, _ = cached
+    bad = tmp_path / "o.csv"
+    bad.write_text("image_id,action\nabc,delete\n")
+    with pytest.raises(OverrideError, match="line 2: action 'delete'; use one of"):
+        apply_overrides(manifest, bad)
+    bad.write_text(f"image_id,action,suggested_label\n{manifest['image_id'].iloc[0]},relabel,\n")
+    with pytest.raises(OverrideError, match="relabel without a suggested_label"):
+        apply_overrides(manifest, bad)
+    bad.write_text("image_id,action\nnot-there,drop\n")
+    same, applied = apply_overrides(manifest, bad)
+    assert same.equals(manifest) and applied["applied"].iloc[0].startswith("no: no such image")

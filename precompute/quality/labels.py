@@ -69,7 +69,7 @@ def label_issues(rows: pd.DataFrame, x: np.ndarray, multilabel: bool, folds: int
         raise LabelCheckRefused(f"label issues: need 2 or more classes with 2 or more usable images each "
                                 f"(classes {classes}, smallest has {smallest}): add images, or drop the class")
     probs = oof_scores(standardised(x), y, len(classes), n_folds, seed)
-    ranked = find_label_issues(y, probs, return_indices_ranked_by="self_confidence")
+    ranked = find_label_issues(y, probs, return_indices_ranked_by="self_confidence", n_jobs=1)  # no fork pool
     found = [_finding("label_issue", rows.iloc[i], 1 - probs[i, y[i]], suggested_label=classes[int(probs[i].argmax())],
                       note=f"out-of-fold p(given)={probs[i, y[i]]:.3f}, p(suggested)={probs[i].max():.3f}")
              for i in ranked]
