@@ -188,3 +188,17 @@ def test_bad_override_csv_says_what_to_do(tmp_path, cached):
     bad.write_text("image_id,action\nnot-there,drop\n")
     same, applied = apply_overrides(manifest, bad)
     assert same.equals(manifest) and applied["applied"].iloc[0].startswith("no: no such image")
+
+
+def test_learner_data_quality_returns_the_asset_tables(cached):
+    """Learner.data_quality() (the lead wires the one-line method) gives data_quality_tables' report."""
+    from precompute import Learner
+
+    if not hasattr(Learner, "data_quality"):
+        pytest.skip("Learner.data_quality() not wired yet: it is data_quality_tables(self._cache(), self.manifest)")
+    _, manifest, entry, planted = cached
+    learn = Learner.pretrained(ARCH, manifest, size=SIZE, store=entry.store, verbose=False)
+    report = learn.data_quality()
+    assert learn.precompute_stats.computed == 0  # the cache answered: no body ran
+    assert {frozenset(p) for p in planted["pairs"]} <= pairs_of(report)
+    assert set(planted["flips"]) <= set(report.of("label_issue")["relpath"])
