@@ -18,7 +18,7 @@ recipe_job = dg.define_asset_job(
     description="images -> manifest -> activations -> head on cache -> augmented head -> fine-tuned -> report")
 
 data_quality_job = dg.define_asset_job(
-    "data_quality", selection=dg.AssetSelection.assets(*QUALITY_ASSETS), partitions_def=arch_cut,
+    "quality", selection=dg.AssetSelection.assets(*QUALITY_ASSETS), partitions_def=arch_cut,
     description="duplicates, train/valid leaks, label errors, outliers and drift from the cached activations")
 
 defs = dg.Definitions(assets=RECIPE_ASSETS + SWEEP_ASSETS + LEADERBOARD_ASSETS + QUALITY_ASSETS,
