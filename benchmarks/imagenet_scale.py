@@ -304,8 +304,12 @@ def run_stage(name: str, folder: Path, work: Path, n: int) -> dict:
     import psutil
 
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "TQDM_DISABLE": "1"}
-    proc = subprocess.Popen([sys.executable, __file__, "--stage", name, "--folder", str(folder), "--work", str(work),
-                             "--n", str(n), "--classes", str(CLASSES)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # output to files, not pipes: a stage that logs more than a pipe holds (the precompute step logs every
+    # shard's progress) would block on a pipe nobody reads until it ends
+    log_path, out_path = work / f"{name}.log", work / f"{name}.out"
+    with open(log_path, "w") as log, open(out_path, "w") as out:
+        proc = subprocess.Popen([sys.executable, __file__, "--stage", name, "--folder", str(folder), "--work", str(work),
+                                 "--n", str(n), "--classes", str(CLASSES)], stdout=out, stderr=log, text=True, env=env)
     root, peaks, roles = psutil.Process(proc.pid), {}, {}
     while proc.poll() is None:
         try:
@@ -320,10 +324,9 @@ def run_stage(name: str, folder: Path, work: Path, n: int) -> dict:
             peaks[p.pid] = max(peaks.get(p.pid, 0), rss)
             roles.setdefault(p.pid, _role(p, proc.pid))
         time.sleep(0.2)
-    out, err = proc.communicate()
     if proc.returncode:
-        raise SystemExit(f"stage {name} failed ({proc.returncode}):\n{err[-4000:]}")
-    result = json.loads(out.strip().splitlines()[-1])
+        raise SystemExit(f"stage {name} failed ({proc.returncode}):\n{log_path.read_text()[-4000:]}")
+    result = json.loads(out_path.read_text().strip().splitlines()[-1])
     result["processes"] = sorted(((roles[pid], peaks[pid] / 2**20) for pid in peaks if peaks[pid] > 40 * 2**20),
                                  key=lambda r: (r[0] != "stage", r[0], -r[1]))
     shown = ", ".join(f"{role} {mib:.0f}" for role, mib in result["processes"])
@@ -380,8 +383,9 @@ def table(res: dict, label: str) -> str:
     }
     for name, r in s.items():
         rate = r["images"] / r["seconds"] if r["seconds"] > 0 and r.get("images") else 0
+        note = f" ({r['note']})" if r.get("note") else ""
         rows.append(f"| {name.replace('_', ' ')} | {r['seconds']:,.2f} | {r.get('images', 0):,} | {_fmt_n(rate)} | "
-                    f"{_proc_cell(r)} | {other[name](r)} |")
+                    f"{_proc_cell(r)} | {other[name](r)}{note} |")
     return "\n".join(rows)
 
 
@@ -409,6 +413,21 @@ def projection(small: dict, big: dict, target: int) -> str:
     return "\n".join(rows)
 
 
+def growth(small: dict, big: dict, flat_mib: float = 20.0) -> str:
+    """Which processes held their peak memory flat (measured) from the smaller run to the larger one."""
+    ns, nb = small["n"], big["n"]
+    flat, grew = [], []
+    for name in STAGES:
+        for role in ("stage", "dask worker"):
+            pa, pb = _peak(small["stages"][name], role), _peak(big["stages"][name], role)
+            if pa and pb:
+                per = (pb - pa) / (nb - ns) * 2**20  # bytes per image
+                label = f"{name.replace('_', ' ')} ({role}: {pa:,.0f} -> {pb:,.0f} MiB, {per / 1024:+,.1f} KiB an image)"
+                (flat if pb - pa <= flat_mib else grew).append(label)
+    return (f"Memory from {ns:,} to {nb:,} images (measured): flat (within {flat_mib:.0f} MiB) in "
+            + "; ".join(flat) + ". **Not flat**: " + "; ".join(grew) + ".")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--n", type=int, default=128_000)
@@ -418,6 +437,7 @@ def main() -> None:
     p.add_argument("--work")
     p.add_argument("--classes", type=int, default=CLASSES, help="1,000 as ImageNet-1k; fewer for a quick check")
     p.add_argument("--no-write", action="store_true")
+    p.add_argument("--note", default="", help="a sentence for the section: why these sizes, what the machine was doing")
     p.add_argument("--render", nargs="*", help="write the section from saved results (benchmarks/out/imagenet_scale-*.json)")
     args = p.parse_args()
     set_classes(args.classes)
@@ -434,13 +454,13 @@ def main() -> None:
         saved = OUT / f"imagenet_scale-{n}-c{CLASSES}.json"
         saved.write_text(json.dumps(runs[-1]))
         print(f"results saved to {saved}", flush=True)
-    body = section(runs)
+    body = section(runs, args.note)
     print(f"\ntotal {time.perf_counter() - t0:,.0f} s\n\n{body}")
     if not args.no_write:
         write_section("imagenet_scale", body)
 
 
-def section(runs: list[dict]) -> str:
+def section(runs: list[dict], note: str = "") -> str:
     notes = (f"Synthetic JPEGs ({PX} px, {CLASSES:,} classes, 10% valid), {ARCH} at {SIZE} px, pooled {DTYPE}, "
              f"{CHUNK_ROWS}-row chunks, batch {BATCH}; precompute = the `precompute_sharded` job, 2 shards on a "
              "2-worker Dask LocalCluster (1 thread each); head = linear, 1 epoch one_cycle, batch 256, streamed by "
@@ -448,7 +468,9 @@ def section(runs: list[dict]) -> str:
              "stage process and each of its children (the Dask workers), processes under 40 MiB left out. "
              "All figures in the measured tables are **measured** on this machine, which was shared with other "
              "jobs (wall times are not those of an idle machine).")
-    parts = [notes] + [table(r, "measured") for r in runs]
+    parts = [notes + (" " + note if note else "")] + [table(r, "measured") for r in runs]
+    if len(runs) >= 2:
+        parts.append(growth(runs[0], runs[-1]))
     if len(runs) >= 2 and runs[-1]["n"] < IMAGENET_1K:
         parts.append(projection(runs[0], runs[-1], IMAGENET_1K))
         parts.append(f"{IMAGENET_1K:,} images: **not yet measured**; the table above is a projection.")
