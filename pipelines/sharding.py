@@ -15,10 +15,12 @@ import os
 
 import dagster as dg
 
+from assets._util import LazyModule
 from assets.activations import ActivationsConfig, progress_logger
 from assets.partitions import arch_and_cut, arch_cut
-from precompute import recipe
 from resources import ActivationStoreResource, ComputeDevice, ImageSource
+
+recipe = LazyModule("precompute.recipe")  # torch loads when a shard runs, not with the definitions
 
 
 class ShardedPrecomputeConfig(ActivationsConfig):

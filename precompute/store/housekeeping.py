@@ -13,11 +13,13 @@ import contextlib
 import json
 import logging
 import time
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
-from precompute.store.activation_store import ActivationStore
 from precompute.store.entry import Entry, _modified
 from precompute.store.key import CacheKey
+
+if TYPE_CHECKING:  # the store calls this module (ActivationStore.entries, .verify, .remove_unused)
+    from precompute.store.activation_store import ActivationStore
 
 log = logging.getLogger(__name__)
 
