@@ -1,4 +1,5 @@
 # Two set-up commands: `make demo` and `make test`. Each creates or reuses .venv.
+# `make test` is the whole suite (CI runs it); `make test-fast` leaves out the slow tier (tests/conftest.py).
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -6,7 +7,7 @@ STAMP  := $(VENV)/.installed
 export PRECOMPUTE_HOME ?= $(CURDIR)/var
 export DAGSTER_HOME ?= $(PRECOMPUTE_HOME)/dagster_home
 
-.PHONY: demo test ui clean services
+.PHONY: demo test test-fast ui clean services
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +23,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# Between commits: everything but the slow tier (training on real photos for minutes, the production
+# stack, the browser, the Dask drills, the notebook, make demo); the import contract included.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 # dagster dev on 127.0.0.1:3000, MLflow UI on 127.0.0.1:5000 (DAGSTER_PORT, MLFLOW_PORT); Ctrl-C stops both.
 ui: $(STAMP)

@@ -1,10 +1,26 @@
-"""Small helpers shared by the assets: plots as Markdown the Dagster UI can show, and the
-library's plain metadata as Dagster metadata values."""
+"""Small helpers shared by the assets: plots as Markdown the Dagster UI can show, the library's
+plain metadata as Dagster metadata values, and lazy imports of the ML stack."""
 
 import base64
+import importlib
 from pathlib import Path
 
 import dagster as dg
+
+
+class LazyModule:
+    """A library module imported on first attribute access (``recipe.fill_cache``), not when the
+    Dagster definitions load: they must load without torch, matplotlib or mlflow (issue 20;
+    tests/test_layers.py). An annotation that names a class in it must be a string."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr: str):
+        return getattr(importlib.import_module(self._name), attr)
+
+    def __repr__(self) -> str:
+        return f"<lazy module {self._name!r}>"
 
 
 def png_markdown(path: Path, caption: str = "") -> str:

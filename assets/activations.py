@@ -3,12 +3,13 @@ from typing import Optional
 
 import dagster as dg
 
-from assets._util import as_metadata
+from assets._util import LazyModule, as_metadata
 from assets.partitions import arch_and_cut, arch_cut
-from precompute import recipe
-from precompute.store import CODE_VERSION
-from precompute.train import ConfigError
-from precompute.validate import check_store, validate_run
+from precompute.errors import ConfigError
+from precompute.versions import CODE_VERSION
+
+recipe = LazyModule("precompute.recipe")  # torch loads when a step runs, not with the definitions
+validate = LazyModule("precompute.validate")
 from resources import ActivationStoreResource, ComputeDevice
 
 
@@ -49,9 +50,9 @@ def activations(context: dg.AssetExecutionContext, config: ActivationsConfig, im
     """The frozen body's activations for every ok image, in the Zarr cache (computed once)."""
     arch, xtra_cut = arch_and_cut(context)
     try:  # before any work: nothing is created or loaded; an unreachable store fails within seconds
-        validate_run(arch=arch, xtra_cut=xtra_cut, size=config.size, dtype=config.dtype, weights=config.weights,
+        validate.validate_run(arch=arch, xtra_cut=xtra_cut, size=config.size, dtype=config.dtype, weights=config.weights,
                      weights_path=config.weights_path, manifest=image_manifest)
-        writable = check_store(store.root, store.storage_options_json, read_only_ok=True)  # the one probe
+        writable = validate.check_store(store.root, store.storage_options_json, read_only_ok=True)  # the one probe
         device = compute.setup()
         fill = recipe.fill_cache(image_manifest, store.get(), arch, xtra_cut, recipe.CacheSettings(**config.model_dump()),
                                  writable, compute.num_workers, device, progress_logger(context), context.log)

@@ -1,11 +1,12 @@
 import dagster as dg
 
-from assets._util import inline_pngs
+from assets._util import LazyModule, inline_pngs
 from assets.partitions import arch_and_cut, arch_cut
 from assets.training import _mlflow_run
-from precompute import recipe
-from precompute.tracking import stage_metrics
 from resources import ActivationStoreResource, ComputeDevice, MlflowTracking, project_home
+
+recipe = LazyModule("precompute.recipe")  # torch loads when a step runs, not with the definitions
+precompute_tracking = LazyModule("precompute.tracking")  # mlflow, likewise; `tracking` is the resource
 
 
 class EvaluationConfig(dg.Config):
@@ -27,7 +28,7 @@ def evaluation_report(context: dg.AssetExecutionContext, config: EvaluationConfi
         {"arch": arch, "xtra_cut": xtra_cut, "dagster_run": context.run.run_id}, config.tta, config.top_losses,
         compute.num_workers, compute.setup())
     with _mlflow_run(context, tracking, "evaluation", {"tta": config.tta}, image_manifest) as run:
-        run.metrics(stage_metrics(stages))
+        run.metrics(precompute_tracking.stage_metrics(stages))
         for path in folder.iterdir():
             run.artifact(path, "report")
     context.log.info(f"report: {folder / 'report.md'}; MLflow run {run.run_id}")

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import dagster as dg
 
-from assets._util import png_markdown
+from assets._util import LazyModule, png_markdown
 from assets.evaluation import evaluation_report
 from assets.partitions import arch_cut
-from precompute import leaderboard
 from resources import MlflowTracking
+
+leaderboard = LazyModule("precompute.leaderboard")  # pandas and matplotlib load when the step runs
 
 ACTIVATIONS, HEAD, SWEEP = dg.AssetKey("activations"), dg.AssetKey("head_on_cache"), dg.AssetKey("head_sweep")
 

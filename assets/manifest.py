@@ -1,9 +1,10 @@
 import dagster as dg
 
-from precompute.manifest import manifest_report
-
-from precompute.quality.overrides import OverrideError, apply_overrides, overrides_path
+from assets._util import LazyModule
 from resources import ImageSource, project_home
+
+manifest_module = LazyModule("precompute.manifest")  # pandas loads when the step runs, not with the definitions
+overrides_module = LazyModule("precompute.quality.overrides")
 
 
 @dg.asset(group_name="recipe", code_version="1")
@@ -16,10 +17,10 @@ def image_manifest(context: dg.AssetExecutionContext, images: ImageSource):
     scan = images.scan()
     manifest = images.manifest(scan)
     try:  # a user's drop/relabel rows (data_quality.csv's columns): a new data version; no file is deleted
-        manifest, overrides = apply_overrides(manifest, overrides_path(project_home()))
-    except OverrideError as exc:
+        manifest, overrides = overrides_module.apply_overrides(manifest, overrides_module.overrides_path(project_home()))
+    except overrides_module.OverrideError as exc:
         raise dg.Failure(str(exc), allow_retries=False) from exc
-    version, metadata = manifest_report(manifest, scan.stats, str(images.resolve()), context.log)
+    version, metadata = manifest_module.manifest_report(manifest, scan.stats, str(images.resolve()), context.log)
     md = {k: dg.MetadataValue.md(metadata.pop(k)) for k in ("not_usable", "counts")}
     json = {k: dg.MetadataValue.json(metadata.pop(k)) for k in ("scan", "summary")}
     md["overrides"] = dg.MetadataValue.md(overrides.to_markdown(index=False) if len(overrides) else "none")

@@ -11,12 +11,15 @@ from typing import Optional
 
 import dagster as dg
 
-from assets._util import png_markdown
+from assets._util import LazyModule, png_markdown
 from assets.partitions import arch_and_cut, arch_cut
-from precompute import recipe, sweep
-from precompute.labels import class_names
-from precompute.train import ConfigError
+from precompute.errors import ConfigError
+from precompute.versions import SWEEP_CODE_VERSION
 from resources import ActivationStoreResource, ComputeDevice, MlflowTracking
+
+recipe = LazyModule("precompute.recipe")  # torch loads when a step runs, not with the definitions
+sweep = LazyModule("precompute.sweep")
+labels = LazyModule("precompute.labels")  # pandas, likewise
 
 
 class HeadSweepConfig(dg.Config):
@@ -32,7 +35,7 @@ class HeadSweepConfig(dg.Config):
     seed: int = 0
     reuse: bool = True                                # same cache, grid and seed: the earlier sweep
 
-    def configs(self) -> list[sweep.HeadConfig]:
+    def configs(self) -> "list[sweep.HeadConfig]":
         space = dict(ps=self.ps, xtra_fc=[tuple(x) for x in self.xtra_fc], epochs=self.epochs, wd=self.wd,
                      label_smoothing=self.label_smoothing)
         if self.search == "grid":
@@ -59,7 +62,7 @@ def _metadata(summary: dict, fingerprint: str, reused: bool, tracking_uri: str) 
             "plot": dg.MetadataValue.md(png_markdown(plot, "head sweep: valid accuracy and loss vs lr"))}
 
 
-@dg.asset(group_name="recipe", partitions_def=arch_cut, code_version=sweep.SWEEP_CODE_VERSION,
+@dg.asset(group_name="recipe", partitions_def=arch_cut, code_version=SWEEP_CODE_VERSION,
           tags={"precompute/cacheable": "true"})
 def head_sweep(context: dg.AssetExecutionContext, config: HeadSweepConfig, image_manifest, activations,
                store: ActivationStoreResource, tracking: MlflowTracking, compute: ComputeDevice):
@@ -80,7 +83,7 @@ def head_sweep(context: dg.AssetExecutionContext, config: HeadSweepConfig, image
                          f"MLflow run {found.get('mlflow_run_id')}; nothing trained")
         return dg.Output(found, data_version=dg.DataVersion(fingerprint),
                          metadata=_metadata(found, fingerprint, True, tracking.tracking_uri))
-    classes = class_names(image_manifest)
+    classes = labels.class_names(image_manifest)
     train = recipe.cached_rows(entry, image_manifest, classes, "train", recipe.DEFAULT_MEMORY_BUDGET)
     valid = recipe.cached_rows(entry, image_manifest, classes, "valid", recipe.DEFAULT_MEMORY_BUDGET)
     try:

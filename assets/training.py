@@ -12,13 +12,17 @@ from typing import Optional
 
 import dagster as dg
 
-from assets._util import as_metadata, png_markdown
+from assets._util import LazyModule, as_metadata, png_markdown
 from assets.partitions import arch_and_cut, arch_cut
-from precompute import evaluate, recipe
 from precompute.archs import get_arch
-from precompute.train import ConfigError, FitOptions, Schedule
-from precompute.validate import N_LAYER_GROUPS, validate_run
+from precompute.errors import ConfigError
 from resources import ActivationStoreResource, ComputeDevice, MlflowTracking
+
+# torch, matplotlib and mlflow load when a step runs, not with the definitions (issue 20)
+evaluate = LazyModule("precompute.evaluate")
+recipe = LazyModule("precompute.recipe")
+train = LazyModule("precompute.train")
+validate = LazyModule("precompute.validate")
 
 NOT_CACHEABLE = {"precompute/cacheable": "false"}
 
@@ -38,11 +42,11 @@ class ScheduleConfig(dg.Config):
     early_stopping_patience: Optional[int] = None  # stop after this many epochs without a lower valid loss;
                                                    # the best epoch's weights are kept
 
-    def to_schedule(self) -> Schedule:
-        return Schedule(self.schedule, self.epochs, self.cycles, self.cycle_len, self.cycle_mult)
+    def to_schedule(self) -> "train.Schedule":
+        return train.Schedule(self.schedule, self.epochs, self.cycles, self.cycle_len, self.cycle_mult)
 
-    def fit_options(self) -> FitOptions:
-        return FitOptions(self.optimizer, self.momentum, self.weight_decay, self.label_smoothing,
+    def fit_options(self) -> "train.FitOptions":
+        return train.FitOptions(self.optimizer, self.momentum, self.weight_decay, self.label_smoothing,
                           self.early_stopping_patience)
 
 
@@ -62,7 +66,7 @@ class HeadOnCacheConfig(ScheduleConfig):
     def head_config(self) -> dict:
         return {"ps": self.ps, "xtra_fc": self.xtra_fc, "custom": self.custom_head}
 
-    def stage(self, finder: Optional[dict] = None) -> recipe.HeadStage:
+    def stage(self, finder: Optional[dict] = None) -> "recipe.HeadStage":
         lr = float(finder["suggestion"]) if self.lr_from_finder and finder and finder["suggestion"] is not None else self.lr
         return recipe.HeadStage(self.head_config(), self.to_schedule(), lr, self.batch_size, self.seed,
                                 self.precompute, self.augment, self.fit_options())
@@ -90,7 +94,7 @@ class ImageStageConfig(ScheduleConfig):
             return float(finder["suggestion"])
         return self.lrs or self.lr_range or self.lr
 
-    def stage(self, name: str, freeze_to: int, finder: Optional[dict] = None) -> recipe.ImageStage:
+    def stage(self, name: str, freeze_to: int, finder: Optional[dict] = None) -> "recipe.ImageStage":
         """The stage this config describes; ``freeze_to`` as fastai's (-1: the head trains, 0: every group)."""
         return recipe.ImageStage(name, freeze_to, self.to_schedule(), self.learning_rates(finder), self.lr_spread,
                                  self.batch_size, self.augment, self.precompute, self.augmentation_args(),
@@ -111,7 +115,7 @@ def _checked(build, **values):
     """Reject a bad configuration before any work (precompute.validate, then the stage's own
     constructor ``build``); no retry: it cannot pass."""
     try:
-        validate_run(**values)
+        validate.validate_run(**values)
         return build()
     except ConfigError as exc:
         raise dg.Failure(str(exc), allow_retries=False) from exc
@@ -145,7 +149,7 @@ def _mlflow_run(context, tracking: MlflowTracking, stage: str, params: dict, man
         yield run
 
 
-def _stage_output(record: recipe.StageRecord, tracking: MlflowTracking, data_version: Optional[str] = None,
+def _stage_output(record: "recipe.StageRecord", tracking: MlflowTracking, data_version: Optional[str] = None,
                   extra: Optional[dict] = None, thresholds: bool = True):
     metadata = {**recipe.stage_metadata(record, thresholds), "mlflow_tracking_uri": tracking.tracking_uri,
                 **(extra or {})}
@@ -208,7 +212,7 @@ def head_on_cache(context: dg.AssetExecutionContext, config: HeadOnCacheConfig, 
     return _stage_output(record, tracking, fingerprint, extra, thresholds=not reused)
 
 
-def _image_stage(context, config: ImageStageConfig, image_manifest, previous, stage: recipe.ImageStage,
+def _image_stage(context, config: ImageStageConfig, image_manifest, previous, stage: "recipe.ImageStage",
                  tracking: MlflowTracking, compute: ComputeDevice, export: bool = False):
     device = compute.setup()
     record = recipe.run_image_stage(previous, image_manifest, stage,
@@ -221,10 +225,10 @@ def _image_stage(context, config: ImageStageConfig, image_manifest, previous, st
 
 
 def _checked_image_stage(context, config: ImageStageConfig, name: str, freeze_to: int, tracking: MlflowTracking,
-                         finder: Optional[dict] = None) -> recipe.ImageStage:
+                         finder: Optional[dict] = None) -> "recipe.ImageStage":
     arch, xtra_cut = arch_and_cut(context)
     return _checked(lambda: config.stage(name, freeze_to, finder), arch=arch, xtra_cut=xtra_cut, size=config.size,
-                    lr=config.learning_rates(finder), frozen=freeze_to % N_LAYER_GROUPS, precompute=config.precompute,
+                    lr=config.learning_rates(finder), frozen=freeze_to % train.N_LAYER_GROUPS, precompute=config.precompute,
                     augment=config.augment, batch_size=config.batch_size, augmentation=config.augmentation,
                     max_zoom=config.max_zoom, tracking_uri=tracking.tracking_uri)
 

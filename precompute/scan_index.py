@@ -62,6 +62,7 @@ from pathlib import Path
 import fsspec
 
 from precompute import sources
+from precompute.paths import is_inside, printable
 
 log = logging.getLogger(__name__)
 
@@ -435,8 +436,6 @@ def _budget(scan: Scan, to_read: int, files: int) -> None:
 
 
 def _scan_local(source, entries, root: Path, splits, inspect, scan: Scan):
-    from precompute.manifest import _is_inside, _printable
-
     root_s = str(root)
     prefix = root_s if root_s.endswith("/") else root_s + "/"
     source_s = os.path.realpath(os.fspath(source))
@@ -470,12 +469,12 @@ def _scan_local(source, entries, root: Path, splits, inspect, scan: Scan):
                     parent = s[:s.rfind("/")]
                     ok = inside.get(parent)
                     if ok is None:
-                        ok = inside[parent] = _is_inside(Path(os.path.realpath(parent or "/")), root)
+                        ok = inside[parent] = is_inside(Path(os.path.realpath(parent or "/")), root)
                     rel = s[cut:] if ok else None
                 else:
                     st = None
             if st is None:
-                st, rel = _local_stat(s, root, prefix, inside, _is_inside)
+                st, rel = _local_stat(s, root, prefix, inside, is_inside)
             if rel is None:  # refused before any read (outside the root, missing, ...): inspected, costs nothing
                 todo.append((i, path, label, split, None, None))
                 continue
@@ -485,7 +484,7 @@ def _scan_local(source, entries, root: Path, splits, inspect, scan: Scan):
                     and c_ctime[j] == st.st_ctime_ns):
                 plabel = labels.get(label)
                 if plabel is None:
-                    plabel = labels[label] = _printable(label)
+                    plabel = labels[label] = printable(label)
                 status = c_status[j]
                 row = {"image_id": c_ids[j], "path": s, "relpath": rel, "label": plabel, "split": split,
                        "width": c_width[j], "height": c_height[j], "status": status, "reason": c_reason[j]}

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import posixpath
 import re
@@ -33,8 +34,13 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Callable
 
 import fsspec
+
+from precompute.paths import IMAGE_EXTENSIONS, ManifestError, is_image_name
+
+log = logging.getLogger("precompute.manifest")  # a listing's messages are the manifest's, local or remote
 
 OPTIONS_ENV = "PRECOMPUTE_DATA_OPTIONS"
 CONCURRENCY = 16  # objects fetched at once
@@ -171,13 +177,16 @@ def _canonical(fs, url: str) -> str:
     return fs._strip_protocol(url).rstrip("/")
 
 
-def remote_entries(source: str, root: str | None, splits, label_delim: str | None, storage_options: dict | None):
+def remote_entries(source: str, root: str | None, splits, label_delim: str | None, storage_options: dict | None,
+                   csv_entries: Callable):
     """(entries, extra rows, RemoteRoot) of a URL, as ``build_manifest`` gets them for a local path.
 
     Entries are ``(fs path, label, split)``, multi-label tags already canonical as for a local CSV.
+    ``csv_entries`` is the manifest's own CSV reader (``manifest._csv_entries``), handed down so a
+    CSV in a bucket is read by the very code that reads a local one, without this module importing
+    the manifest above it.
     """
-    from precompute.labels import _canonical_tags
-    from precompute.manifest import ManifestError
+    from precompute.labels import _canonical_tags  # pandas: only for a URL source, not when a sensor loads
 
     if label_delim is not None and (not label_delim or label_delim.isalnum()):
         raise ManifestError(f"label_delim {label_delim!r}: give the character between an image's tags, e.g. ' ' or ';'")
@@ -195,7 +204,7 @@ def remote_entries(source: str, root: str | None, splits, label_delim: str | Non
             raise ManifestError(f"image source {source} does not exist: pass a prefix (<split>/<class>/<file>) "
                                 "or a .csv") from None
         top.list()
-        entries, extra = _remote_csv_entries(source, data, top, label_delim)
+        entries, extra = _remote_csv_entries(source, data, top, label_delim, csv_entries)
         if label_delim:
             entries = [(key, _canonical_tags(label, label_delim), split) for key, label, split in entries]
         return entries, extra, top
@@ -217,8 +226,6 @@ def remote_entries(source: str, root: str | None, splits, label_delim: str | Non
 
 def _remote_folder_entries(source: str, path: str, top: RemoteRoot, splits):
     """The folder layout over a listing: what ``manifest._folder_entries`` does over a directory walk."""
-    from precompute.manifest import IMAGE_EXTENSIONS, ManifestError, _is_image_name, log
-
     prefix = path + "/"
     present = {s for s in splits if any(k.startswith(f"{prefix}{s}/") for k in top.infos)}
     if not present:
@@ -240,7 +247,7 @@ def _remote_folder_entries(source: str, path: str, top: RemoteRoot, splits):
                 classes.setdefault(label, 0)
             if is_dir:
                 continue
-            if _is_image_name(parts[-1]):
+            if is_image_name(parts[-1]):
                 entries.append((key, label, split))
                 if label:
                     classes[label] += 1
@@ -276,17 +283,15 @@ class _Blob:
         return self.name
 
 
-def _remote_csv_entries(source: str, data: bytes, top: RemoteRoot, label_delim: str | None):
+def _remote_csv_entries(source: str, data: bytes, top: RemoteRoot, label_delim: str | None, csv_entries: Callable):
     """The CSV's rows through ``manifest._csv_entries`` itself, over the bucket as a lexical POSIX tree.
 
     Keys have no symlinks, so the lexical root check is the whole check: ``..`` or an absolute path
     leaving the root refuses the CSV exactly as for local files.
     """
-    from precompute.manifest import ManifestError, _csv_entries
-
     root = PurePosixPath("/" + top.base)
     try:
-        entries, extra = _csv_entries(_Blob(source, data), root, label_delim)
+        entries, extra = csv_entries(_Blob(source, data), root, label_delim)
     except ManifestError as e:
         raise ManifestError(str(e).replace(f" {root};", f" {top.url};").replace(f" {root} ", f" {top.url} ")) from None
     for row in extra:  # rows made without a read (duplicates) name the object too

@@ -39,8 +39,8 @@ from torch import nn
 
 from precompute.heads import _expand_ps, build_head, concat_pool
 from precompute.train import ArrayRows, ConfigError, Schedule, StreamedRows, fit_head_on_cache
+from precompute.versions import SWEEP_CODE_VERSION
 
-SWEEP_CODE_VERSION = "1"  # bump when the sweep's result changes for the same inputs
 CONFIG_COLUMNS = ["lr", "ps", "xtra_fc", "epochs", "wd", "label_smoothing"]
 
 

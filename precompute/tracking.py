@@ -42,10 +42,6 @@ def git_commit(folder: str | Path = SOURCE_DIR) -> str | None:
     return commit + ("-dirty" if dirty else "") if commit else None
 
 
-def default_tracking_uri(home: Path) -> str:
-    return f"sqlite:///{Path(home).resolve() / 'mlflow.db'}"
-
-
 def stage_metrics(stages: dict[str, dict]) -> dict[str, float]:
     """Each evaluated stage's metrics under one flat MLflow name ("head_on_cache_on_cache.accuracy" for
     the stage "head_on_cache (on cache)"); the image counts (n) are left out."""
@@ -105,9 +101,9 @@ class Tracker:
             return self.client.get_experiment_by_name(self.experiment).experiment_id
 
     def check_reachable(self) -> None:
-        """ConfigError unless MLflow answers at the tracking URI (``precompute.validate.check_tracking``:
+        """ConfigError unless MLflow answers at the tracking URI (``precompute.probes.check_tracking``:
         no run or experiment is created, a server is given up on after ``PROBE_TIMEOUT_S``)."""
-        from precompute.validate import check_tracking
+        from precompute.probes import check_tracking
 
         check_tracking(self.tracking_uri)
 

@@ -22,15 +22,12 @@ from torch import nn
 from torch.optim import lr_scheduler
 
 from precompute.archs import as_channels_last, channels_last, set_frozen_bn_eval
+from precompute.errors import ConfigError  # noqa: F401 - defined torch-free, re-exported here
 from precompute.task import SingleLabel, Task
 
 EpochCallback = Callable[[dict], None]
 log = logging.getLogger(__name__)
 LearningRates = float | Sequence[float] | slice | str
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot work; raised before any work starts."""
 
 
 def check_precompute_augment(precompute: bool, augment: bool) -> None:

@@ -19,6 +19,12 @@ def project_home() -> Path:
     return Path(os.environ.get("PRECOMPUTE_HOME", PROJECT_DIR / "var")).resolve()
 
 
+def default_tracking_uri(home: Path) -> str:
+    """The embedded MLflow store: a SQLite file in the project home (MLflow's file store is in
+    maintenance mode). Here, not in precompute.tracking, so the definitions load without mlflow."""
+    return f"sqlite:///{Path(home).resolve() / 'mlflow.db'}"
+
+
 class ImageSource(dg.ConfigurableResource):
     """The images: a folder (train/<class>/*, valid/<class>/*) or a CSV of path,label[,split].
 
@@ -176,8 +182,6 @@ def scan_index_location(store_root: str) -> Optional[str]:
 
 def default_resources() -> dict:
     """The embedded defaults: no server, everything under the project home; env vars override."""
-    from precompute.tracking import default_tracking_uri
-
     home = project_home()
     store_root = os.environ.get("PRECOMPUTE_STORE", str(home / "activations"))
     # a tracking server keeps artifacts where it was told (--artifacts-destination); only the

@@ -29,8 +29,12 @@ import sys
 import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:
+    import dagster as dg
 
 S3_KEY = S3_SECRET = "testing"  # moto accepts any credentials
 REGION = "us-east-1"
@@ -416,6 +420,56 @@ def main() -> int:
     finally:
         stack.__exit__(None, None, None)
         print("services: stopped", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------- what the production tests hold
+# (the fixtures `stack` and `prod` are in tests/conftest.py)
+
+
+@dataclass
+class Prod:
+    stack: Stack
+    instance: dg.DagsterInstance
+    resources: dict
+    home: Path
+    prefix: str        # this test's objects: s3://precompute/<prefix>/...
+    experiment: str    # this test's MLflow experiment
+    images: Path       # the same photos, local (for predict)
+
+    def fresh_instance(self) -> dg.DagsterInstance:
+        """Another instance object on the same dagster.yaml: what it sees came from PostgreSQL."""
+        import dagster as dg
+
+        return dg.DagsterInstance.from_config(str(self.home))
+
+    def dagster_sql(self, query: str, *args) -> list[tuple]:
+        return sql(self.stack, "dagster", query, *args)
+
+    def mlflow_sql(self, query: str, *args) -> list[tuple]:
+        return sql(self.stack, "mlflow", query, *args)
+
+    def mlflow_runs(self, dagster_run_id: str) -> dict[str, tuple]:
+        """stage -> (MLflow run id, status), read from the MLflow server's PostgreSQL database."""
+        rows = self.mlflow_sql("""SELECT s.value, r.run_uuid, r.status FROM runs r
+                                  JOIN tags d ON d.run_uuid = r.run_uuid AND d.key = 'dagster.run_id'
+                                  JOIN tags s ON s.run_uuid = r.run_uuid AND s.key = 'stage'
+                                  JOIN experiments e ON e.experiment_id = r.experiment_id
+                                  WHERE d.value = %s AND e.name = %s""", dagster_run_id, self.experiment)
+        return {stage: (run_id, status) for stage, run_id, status in rows}
+
+    def s3_keys(self, prefix: str) -> list[str]:
+        pages = self.stack.s3.client().get_paginator("list_objects_v2").paginate(Bucket=Stack.BUCKET, Prefix=prefix)
+        return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
+def sql(stack: Stack, db: str, query: str, *args) -> list[tuple]:
+    conn = stack.postgres.connect(db)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(query, args)
+            return cur.fetchall()
+    finally:
+        conn.close()
 
 
 if __name__ == "__main__":

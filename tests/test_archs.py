@@ -169,3 +169,15 @@ def test_out_of_range_xtra_cut_says_valid_range(bad):
     assert max_xtra_cut(spec) == 6
     with pytest.raises(ValueError, match=r"valid is 0\.\.6"):
         cut_body(model("resnet18"), spec, bad)
+
+
+def test_torchvision_weights_are_named_as_torchvision_names_them():
+    """The cut table names each torchvision arch's weights (so it reads without torchvision, issue 20);
+    the name is part of the cache key, so it must be torchvision's own."""
+    import torchvision
+
+    from precompute.archs import ARCHS
+
+    for spec in ARCHS.values():
+        if spec.source == "torchvision":
+            assert spec.weights == str(torchvision.models.get_model_weights(spec.name).IMAGENET1K_V1), spec.name

@@ -6,16 +6,10 @@ out of the root, CSV paths escaping the root) appear here only in the end-to-end
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
 import shutil
-import struct
-import sys
-import unicodedata
-import zlib
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -35,147 +29,10 @@ from precompute.data import (
 )
 from precompute.store import ActivationStore
 from precompute.validate import check_manifest
+from tests.conftest import (BAD_CLASS, BAD_NAME, bytes_path, can_use_bytes_names, needs_photos, opened_files, photos,
+                            png_declaring)
 
-DOGSCATS = Path(__file__).resolve().parents[1].parent / "shared/data/dogscats"
-needs_photos = pytest.mark.skipif(not (DOGSCATS / "train").is_dir(), reason=f"real photos not found at {DOGSCATS}")
-BAD_NAME = b"caf\xe9.jpg"  # latin-1 bytes: not UTF-8
-BAD_CLASS = b"chi\xe9ns"
-
-
-def photos(split: str, cls: str, n: int) -> list[Path]:
-    return sorted((DOGSCATS / split / cls).glob("*.jpg"))[:n]
-
-
-def png_declaring(path: Path, width: int, height: int) -> Path:
-    """A 1x1 PNG whose header claims width x height: what a decompression bomb looks like to a reader."""
-    buf = io.BytesIO()
-    Image.new("L", (1, 1)).save(buf, "PNG")
-    data = bytearray(buf.getvalue())
-    assert data[12:16] == b"IHDR"
-    data[16:24] = struct.pack(">II", width, height)
-    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))  # CRC over chunk type + data
-    path.write_bytes(bytes(data))
-    return path
-
-
-def bytes_path(folder: Path, *names: bytes) -> bytes:
-    return os.path.join(os.fsencode(folder), *names)
-
-
-def can_use_bytes_names(folder: Path) -> bool:
-    try:
-        probe = bytes_path(folder, b"probe\xe9")
-        open(probe, "wb").close()
-        os.remove(probe)
-        return True
-    except OSError:
-        return False
-
-
-# Files opened while recording: proves that a path outside the root is never read.
-_opened: list[str] | None = None
-
-
-def _audit(event: str, args) -> None:
-    if _opened is not None and event == "open" and args and isinstance(args[0], (str, bytes, os.PathLike)):
-        _opened.append(os.fsdecode(args[0]))
-
-
-sys.addaudithook(_audit)  # process-wide and permanent; it only records inside `opened_files`
-
-
-@contextmanager
-def opened_files():
-    global _opened
-    _opened = []
-    try:
-        yield _opened
-    finally:
-        _opened = None
-
-
-# --------------------------------------------------------------------------- the messy folder
-
-
-@pytest.fixture(scope="module")
-def messy(tmp_path_factory):
-    """~10 real photos and every kind of awkward input together; (root, outside, expected status per relpath)."""
-    base = tmp_path_factory.mktemp("bad_inputs")
-    root, outside = base / "data", base / "outside"
-    outside.mkdir()
-    expected: dict[str, str] = {}
-
-    def put(rel: str, status: str) -> Path:
-        p = root / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        expected[rel] = status
-        return p
-
-    cats, dogs = photos("train", "cats", 4), photos("train", "dogs", 6)
-    for src in cats[:2]:
-        shutil.copy(src, put(f"train/cats/{src.name}", "ok"))
-    for src in dogs[:2]:
-        shutil.copy(src, put(f"train/dogs/{src.name}", "ok"))
-    for cls in ("cats", "dogs"):
-        src = photos("valid", cls, 1)[0]
-        shutil.copy(src, put(f"valid/{cls}/{src.name}", "ok"))
-    # unicode names (NFC and NFD), spaces, emoji, a unicode sub-folder
-    shutil.copy(cats[2], put(unicodedata.normalize("NFC", "train/cats/chat é 猫 🐱.jpg"), "ok"))
-    shutil.copy(dogs[3], put(unicodedata.normalize("NFD", "train/dogs/Ünïcödé/chien.JPG"), "ok"))
-    # a folder symlink that stays inside the root is followed (and its loop is not)
-    extra = root / "extra_cats"
-    extra.mkdir(parents=True)
-    shutil.copy(cats[3], extra / cats[3].name)
-    os.symlink("../../extra_cats", root / "train/cats/more")
-    expected[f"train/cats/more/{cats[3].name}"] = "ok"
-    os.symlink("..", root / "train/cats/more_loop")
-    # odd but valid formats
-    rgba = np.zeros((30, 50, 4), np.uint8)
-    rgba[:, :25] = (255, 0, 0, 255)
-    Image.fromarray(rgba, "RGBA").save(put("train/dogs/alpha.png", "ok"))
-    Image.fromarray(np.full((20, 30), 40000, np.uint16)).save(put("train/cats/gray16.png", "ok"))
-    Image.new("CMYK", (33, 22), (0, 255, 255, 0)).save(put("valid/cats/cmyk.jpg", "ok"))
-    pal = Image.new("P", (24, 12), 0)
-    pal.putpalette([0, 0, 255, 0, 255, 0] + [0] * 762)
-    pal.save(put("valid/dogs/palette.gif", "ok"), transparency=1)
-    exif = Image.Exif()
-    exif[0x0112] = 6  # stored landscape, shown portrait
-    Image.open(dogs[2]).save(put("train/dogs/rotated.jpg", "ok"), exif=exif)
-
-    # unusable files: each a row with a reason
-    put("train/cats/empty.jpg", "empty").write_bytes(b"")
-    whole = cats[0].read_bytes()
-    put("train/cats/truncated.jpg", "unreadable").write_bytes(whole[: len(whole) // 3])
-    put("train/dogs/notes.jpg", "not_image").write_text("not a JPEG\n")
-    put("train/dogs/IMG_0001.HEIC", "not_image").write_bytes(b"\0\0\0\x18ftypheic" + bytes(64))  # no HEIC codec
-    png_declaring(put("train/dogs/bomb.png", "too_large"), 100_000, 100_000)
-    side = int(Image.MAX_IMAGE_PIXELS ** 0.5) + 1  # just above the limit: PIL itself only warns
-    png_declaring(put("train/cats/just_over.png", "too_large"), side, side)
-    shutil.copy(cats[0], outside / "secret.jpg")
-    (outside / "folder").mkdir()
-    shutil.copy(cats[1], outside / "folder" / "secret2.jpg")
-    put("train/cats/link_out.jpg", "outside_root").symlink_to(outside / "secret.jpg")
-    (root / "train/dogs/linked_out").symlink_to(outside / "folder")
-    expected["train/dogs/linked_out/"] = "outside_root"
-    put("train/cats/broken.jpg", "missing").symlink_to(root / "train/cats/gone.jpg")
-    os.mkfifo(put("train/cats/pipe.jpg", "unreadable"))
-    shutil.copy(cats[0], put("train/stray.jpg", "unknown_label"))
-    (root / "train/birds").mkdir()
-    (root / "train/birds/readme.txt").write_text("to do: add birds")
-    expected["train/birds/"] = "empty_class"
-    shutil.copy(photos("valid", "cats", 2)[1], put("valid/foxes/fox.jpg", "unseen_class"))
-    shutil.copy(dogs[5], put("train/cats/confused.jpg", "conflicting_label"))
-    shutil.copy(dogs[5], put("train/dogs/confused.jpg", "conflicting_label"))
-    if can_use_bytes_names(root):
-        with open(bytes_path(root, b"train/cats", BAD_NAME), "wb") as f:
-            f.write(cats[0].read_bytes())
-        os.makedirs(bytes_path(root, b"train", BAD_CLASS))
-        shutil.copy(dogs[0], bytes_path(root, b"train", BAD_CLASS, b"dog.jpg"))
-        expected["train/cats/caf\\xe9.jpg"] = expected["train/chi\\xe9ns/dog.jpg"] = "bad_name"
-    # not images: skipped without a row (counted in the log)
-    (root / "train/cats/readme.txt").write_text("notes")
-    (root / "train/cats/.DS_Store").write_bytes(b"\0\0\0\1Bud1")
-    return root, outside, expected
+# --------------------------------------------------------------------------- the messy folder (tests/conftest.py)
 
 
 def image_files_on_disk(root: Path) -> list[str]:

@@ -26,7 +26,6 @@ from precompute.data import eval_transform
 from precompute.features import compute_activations
 from precompute.store import ActivationStore, CacheCorruption
 from tests._precompute_worker import TRANSFORM, SlowBody, make_key, manifest_of, write_images
-from tests.test_pipeline import env  # noqa: F401 - fixture: a Dagster instance, MLflow and a store
 
 PROJECT = Path(__file__).resolve().parents[1]
 N, CHUNK = 24, 8  # three chunks of eight rows

@@ -9,7 +9,7 @@ from mlflow.tracking import MlflowClient
 
 from assets import RECIPE_ASSETS, activations, arch_leaderboard, evaluation_report
 from precompute import leaderboard
-from tests.test_pipeline import SMALL, env  # noqa: F401 - fixture: a Dagster instance, MLflow and a store
+from tests.test_pipeline import SMALL
 
 PARTITIONS = ["tf_efficientnet_lite0|0", "tf_efficientnet_lite0|1"]
 # SMALL, with fewer lr_find steps and TTA off: the board needs the reports, not their quality

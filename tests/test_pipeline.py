@@ -5,7 +5,6 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from assets import RECIPE_ASSETS, activations, head_augmented, head_on_cache, image_manifest, lr_find_head
-from resources import ActivationStoreResource, ComputeDevice, ImageSource, MlflowTracking
 
 PARTITION = "tf_efficientnet_lite0|0"
 SMALL = {"ops": {
@@ -18,20 +17,6 @@ SMALL = {"ops": {
     "evaluation_report": {"config": {"tta": 2, "top_losses": 4}},
 }}
 CACHE_STAGE = [image_manifest, activations, lr_find_head, head_on_cache]
-
-
-@pytest.fixture
-def env(tmp_path, tiny_tree, monkeypatch):
-    monkeypatch.setenv("PRECOMPUTE_HOME", str(tmp_path / "home"))
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    resources = {"images": ImageSource(source=str(tiny_tree)),
-                 "store": ActivationStoreResource(root=str(tmp_path / "store")),
-                 "tracking": MlflowTracking(tracking_uri=uri, artifact_root=str(tmp_path / "artifacts")),
-                 "compute": ComputeDevice(device="auto")}
-    (tmp_path / "dagster_home").mkdir()
-    instance = dg.DagsterInstance.local_temp(str(tmp_path / "dagster_home"))
-    yield resources, instance, uri, tmp_path
-    instance.dispose()
 
 
 def test_whole_recipe_materializes(env):

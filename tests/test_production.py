@@ -10,96 +10,15 @@ import json
 import os
 import subprocess
 import sys
-import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
-import pytest
 from mlflow.tracking import MlflowClient
 
 from assets import RECIPE_ASSETS
-from resources import ActivationStoreResource, ComputeDevice, ImageSource, MlflowTracking
-from tests.services import Stack, aws_env, shared_stack, upload_folder
 from tests.test_pipeline import PARTITION, SMALL
 
 STAGES = {"lr_find_head", "head_on_cache", "head_augmented", "lr_find_unfrozen", "finetuned", "evaluation"}
-
-
-@pytest.fixture(scope="session")
-def stack():
-    """PostgreSQL, moto S3 and the MLflow server, once for the session: test_production_faults.py
-    imports this fixture, and pytest would start a second stack for it but for ``shared_stack``."""
-    started = shared_stack()
-    yield started
-    started.__exit__(None, None, None)
-
-
-@dataclass
-class Prod:
-    stack: Stack
-    instance: dg.DagsterInstance
-    resources: dict
-    home: Path
-    prefix: str        # this test's objects: s3://precompute/<prefix>/...
-    experiment: str    # this test's MLflow experiment
-    images: Path       # the same photos, local (for predict)
-
-    def fresh_instance(self) -> dg.DagsterInstance:
-        """Another instance object on the same dagster.yaml: what it sees came from PostgreSQL."""
-        return dg.DagsterInstance.from_config(str(self.home))
-
-    def dagster_sql(self, query: str, *args) -> list[tuple]:
-        return sql(self.stack, "dagster", query, *args)
-
-    def mlflow_sql(self, query: str, *args) -> list[tuple]:
-        return sql(self.stack, "mlflow", query, *args)
-
-    def mlflow_runs(self, dagster_run_id: str) -> dict[str, tuple]:
-        """stage -> (MLflow run id, status), read from the MLflow server's PostgreSQL database."""
-        rows = self.mlflow_sql("""SELECT s.value, r.run_uuid, r.status FROM runs r
-                                  JOIN tags d ON d.run_uuid = r.run_uuid AND d.key = 'dagster.run_id'
-                                  JOIN tags s ON s.run_uuid = r.run_uuid AND s.key = 'stage'
-                                  JOIN experiments e ON e.experiment_id = r.experiment_id
-                                  WHERE d.value = %s AND e.name = %s""", dagster_run_id, self.experiment)
-        return {stage: (run_id, status) for stage, run_id, status in rows}
-
-    def s3_keys(self, prefix: str) -> list[str]:
-        pages = self.stack.s3.client().get_paginator("list_objects_v2").paginate(Bucket=Stack.BUCKET, Prefix=prefix)
-        return [o["Key"] for page in pages for o in page.get("Contents", [])]
-
-
-def sql(stack: Stack, db: str, query: str, *args) -> list[tuple]:
-    conn = stack.postgres.connect(db)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(query, args)
-            return cur.fetchall()
-    finally:
-        conn.close()
-
-
-@pytest.fixture
-def prod(stack, tmp_path, tiny_tree, monkeypatch) -> Prod:
-    """A Dagster instance on the stack's PostgreSQL, this test's photos in the bucket, resources on S3
-    and the MLflow server."""
-    tag = uuid.uuid4().hex[:10]
-    options = json.dumps(stack.s3.storage_options())
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in {**aws_env(stack.s3.endpoint), "DAGSTER_PG_PASSWORD": stack.postgres.password,
-                        "PRECOMPUTE_HOME": str(tmp_path / "home"), "PRECOMPUTE_DATA_OPTIONS": options}.items():
-        monkeypatch.setenv(name, value)
-    upload_folder(stack.s3.client(), Stack.BUCKET, f"{tag}/images", tiny_tree)
-    resources = {"images": ImageSource(source=f"s3://{Stack.BUCKET}/{tag}/images/", storage_options_json=options),
-                 "store": ActivationStoreResource(root=f"s3://{Stack.BUCKET}/{tag}/activations",
-                                                  storage_options_json=options),
-                 "tracking": MlflowTracking(tracking_uri=stack.mlflow.url, experiment=f"production-{tag}"),
-                 "compute": ComputeDevice(device="cpu")}
-    home = stack.write_dagster_home(tmp_path / "dagster_home")
-    instance = dg.DagsterInstance.from_config(str(home))
-    yield Prod(stack, instance, resources, home, tag, f"production-{tag}", tiny_tree)
-    instance.dispose()
 
 
 def test_recipe_on_the_production_stack(prod, tmp_path):

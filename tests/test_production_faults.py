@@ -12,12 +12,11 @@ import threading
 import time
 
 import dagster as dg
-import pytest
 
 from assets import activations, head_on_cache, image_manifest, lr_find_head
 from precompute.tracking import HTTP_LIMITS
 from tests.test_pipeline import PARTITION, SMALL
-from tests.test_production import Prod, prod, stack  # noqa: F401  (fixtures: the same services)
+from tests.services import Prod
 
 CACHE_STAGE = [image_manifest, activations, lr_find_head, head_on_cache]
 SMALL_CACHE = {"ops": {k: SMALL["ops"][k] for k in ("activations", "lr_find_head", "head_on_cache")}}

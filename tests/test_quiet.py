@@ -2,36 +2,13 @@
 NumPy warnings, no telemetry banner; and it works from a folder whose path has a space."""
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-PROJECT = Path(__file__).resolve().parents[1]
-SOURCES = ("Makefile", "pyproject.toml", "workspace.yaml", "precompute.yaml", "precompute", "assets", "resources",
-           "pipelines", "scripts")
-
-
-def _project_copy(parent: Path) -> Path:
-    """The project's sources in ``parent/my project``, sharing this checkout's installed .venv."""
-    stamp = PROJECT / ".venv" / ".installed"
-    if not stamp.exists():
-        pytest.skip("no installed .venv (make creates it): nothing to share with the copy")
-    folder = parent / "my project"
-    folder.mkdir()
-    for name in SOURCES:
-        src = PROJECT / name
-        if src.is_dir():
-            shutil.copytree(src, folder / name, ignore=shutil.ignore_patterns("__pycache__"))
-        elif src.exists():
-            shutil.copy2(src, folder / name)
-    (folder / ".venv").symlink_to(PROJECT / ".venv")
-    t = stamp.stat().st_mtime - 1  # older than the install stamp: make does not reinstall
-    os.utime(folder / "pyproject.toml", (t, t))
-    return folder
-
+from tests.conftest import PROJECT, project_copy
 
 # The user's run config in precompute.yaml, which make demo merges over its own: small enough for a test.
 SMALL_DEMO = """run_config:
@@ -46,7 +23,7 @@ SMALL_DEMO = """run_config:
 
 
 def test_make_demo_is_quiet_from_a_path_with_a_space(tmp_path, tiny_tree):
-    folder = _project_copy(tmp_path)
+    folder = project_copy(tmp_path)
     (folder / "precompute.yaml").write_text(SMALL_DEMO)
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("PRECOMPUTE_", "DAGSTER_", "MLFLOW_", "MAKE", "MFLAGS"))}

@@ -31,7 +31,7 @@ from precompute import manifest
 from precompute.data import build_manifest
 from precompute.scan_index import Scan, ScanBudgetExceeded, ScanIndex, _decode, manifest_digest
 from resources import ImageSource
-from tests.test_bad_inputs import messy, needs_photos, opened_files  # noqa: F401 - messy is a fixture
+from tests.conftest import needs_photos, opened_files
 
 PROJECT = Path(__file__).resolve().parents[1]
 PX = 12  # BMP: a file's size depends only on its dimensions, so an image can be replaced by one of equal size

@@ -8,7 +8,6 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from precompute import sweep
-from tests.test_pipeline import env  # noqa: F401 - fixture: a Dagster instance, MLflow and a store
 from precompute.train import ArrayRows, ConfigError
 
 PARTITION = "tf_efficientnet_lite0|0"

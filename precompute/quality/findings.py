@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from precompute.quality.oof import oof_scores
 from precompute.quality.vectors import knn, robust_z
 
 FINDING_COLUMNS = ["finding", "score", "similarity", "image_id", "relpath", "split", "label", "suggested_label",
@@ -96,8 +97,6 @@ def drift(rows: pd.DataFrame, z: np.ndarray, previous_ids, reference: str, k: in
     each new image's mean cosine distance to its k nearest reference images, as a percentile of
     the reference images' own (leave-one-out) distances, and a domain classifier's out-of-fold AUC
     (0.5: indistinguishable). New images at or above ``percentile_min`` are findings."""
-    from precompute.quality.labels import oof_scores
-
     if previous_ids is None:
         return table([]), {"drift": "no earlier data_quality run: these images are the reference for the next one"}
     seen = rows["image_id"].isin(set(previous_ids)).to_numpy()

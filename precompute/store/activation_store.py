@@ -12,6 +12,7 @@ from typing import Iterable
 
 import fsspec
 
+from precompute.probes import check_store
 from precompute.store.entry import COMPRESSORS, DEFAULT_COMPRESSOR, Entry, _mtime
 from precompute.store.key import CacheKey
 
@@ -103,10 +104,8 @@ class ActivationStore:
     def check_reachable(self) -> bool:
         """Fail early (ConfigError) when the store cannot be reached; True when it can be written,
         False when it is read-only (reads and training work; computing missing rows does not).
-        The probe is ``precompute.validate.check_store``: it creates nothing and gives up after
+        The probe is ``precompute.probes.check_store``: it creates nothing and gives up after
         ``PROBE_TIMEOUT_S``."""
-        from precompute.validate import check_store  # here, not above: validate imports recipe, which imports the store
-
         writable = check_store(self.root, self.storage_options, read_only_ok=True)
         if not writable:
             log.warning("activation store %s is read-only: cached rows are served, none can be added", self.root)

@@ -22,11 +22,13 @@ import os
 import shutil
 import time
 import uuid
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
-from precompute.store.activation_store import ActivationStore
 from precompute.store.entry import Entry, _modified, _mtime
 from precompute.store.key import CacheKey
+
+if TYPE_CHECKING:  # the store calls this module (ActivationStore.entries, .verify, .remove_unused)
+    from precompute.store.activation_store import ActivationStore
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Iterable
 
-# Bump when the way activations are computed changes in a way the other key parts miss.
-CODE_VERSION = "2"  # 2: bodies run channels-last (archs.channels_last); values move by float32 rounding
+from precompute.versions import CODE_VERSION  # noqa: F401 - part of every key; bump it there
 
 
 def library_versions() -> dict[str, str]:
