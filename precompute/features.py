@@ -38,7 +38,8 @@ class PrecomputeStats:
     reused: int          # rows already in the entry
     chunks: int          # chunks committed in this call
     seconds: float
-    # (image_id, path, reason) of images that failed to decode or transform: no row, never zeros
+    # (image_id, path, reason) of images that failed to read, decode or transform, or whose bytes changed since
+    # the scan (reason "changed_since_scan: ..."): no row, never zeros, never another picture's row
     failed: list[tuple[str, str, str]] = field(default_factory=list)
 
     @property
@@ -200,6 +201,9 @@ def compute_activations(body: nn.Module, manifest: pd.DataFrame, transform: Call
                         shard: tuple[int, int] = (0, 1)) -> PrecomputeStats:
     """Compute the rows of ``manifest`` (ok rows, columns image_id and path) missing from ``entry``.
 
+    An image whose bytes no longer hash to its ``image_id`` (changed since the scan) gets no row:
+    it is in ``failed`` with a reason starting ``changed_since_scan``, as any image that fails here.
+
     Memory holds one chunk of outputs at most (``chunk_rows``); each full chunk is committed
     before the next is started, so a crash loses at most one chunk of work. ``shard=(i, n)``
     takes only the images whose hash falls in shard i of n: n processes (Dagster steps) fill one
@@ -222,7 +226,10 @@ def compute_activations(body: nn.Module, manifest: pd.DataFrame, transform: Call
     if todo:
         paths = [str(first_paths[i]) for i in todo]
         on_device = entry.key.decoder == "nvjpeg"
-        images = EncodedImageDataset(paths, transform) if on_device else ImageDataset(paths, None, transform)
+        # each image's bytes are read once, checked against its image_id and decoded from those bytes: a file
+        # replaced since the scan is a failed row (changed_since_scan), never a row under the old image's hash
+        images = (EncodedImageDataset(paths, transform, image_ids=todo) if on_device
+                  else ImageDataset(paths, None, transform, image_ids=todo))
         decoder = DeviceDecoder(transform, device) if on_device else None
         feed = DeviceFeed(device)
         dtype = entry.key.dtype

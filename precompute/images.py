@@ -3,11 +3,18 @@
 ``load_rgb`` is what every stage reads images with; the manifest scan (``precompute.manifest``)
 decodes each file the same way (``to_rgb``) and refuses shapes ``shape_problem`` names, so an
 ``ok`` row is an image that loads. ``ImageLoadError`` names a file that failed later anyway.
+
+``read_checked`` is how the precompute reads an image: its bytes once, hashed with the manifest's
+hash (``image_hash``) and compared with the row's ``image_id``, then decoded from those very bytes.
+A file replaced after the scan is ``ChangedSinceScan``, never a row under the old image's hash.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +38,70 @@ class ImageLoadError(RuntimeError):
         return f"{self.path}: {self.reason}"
 
 
+CHANGED_SINCE_SCAN = "changed_since_scan"  # the reason's first word: a failed row whose file changed after the scan
+
+
+class ChangedSinceScan(ImageLoadError):
+    """The bytes read now do not hash to the manifest's ``image_id``: the file changed after the scan."""
+
+    @classmethod
+    def of(cls, path: str, expected: str, found: str) -> "ChangedSinceScan":
+        return cls(path, f"{CHANGED_SINCE_SCAN}: its bytes now hash to {found[:16]}, not to the manifest's image_id "
+                         f"{expected[:16]} (replaced or edited after the scan); nothing is stored for it. Scan again "
+                         "(build_manifest, or materialize image_manifest) to compute the image as it is now")
+
+
+def image_hash():
+    """The hash a manifest keys an image's bytes by (its ``image_id``, hex): sha256. The scan and
+    ``read_checked`` both use this one, so a row's id is the hash of the bytes decoded for it."""
+    return hashlib.sha256()
+
+
+def image_id_of(data: bytes) -> str:
+    h = image_hash()
+    h.update(data)
+    return h.hexdigest()
+
+
+def _read_local(path: str) -> bytes:
+    """A local file's bytes, refusing anything but a regular file: a file swapped for a pipe or a
+    device after the scan must not block or stream forever (opened non-blocking, checked before reading)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError("no longer a regular file (a folder, pipe, socket or device)")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read()
+    finally:
+        os.close(fd)
+
+
+def read_bytes(path: str | Path) -> bytes:
+    """The file's bytes, from a local path (a regular file only) or an object-storage URL (precompute/sources.py)."""
+    if isinstance(path, str) and "://" in path:
+        from precompute.sources import open_image
+
+        return open_image(path).getvalue()
+    return _read_local(path)
+
+
+def read_checked(path: str, image_id: str | None) -> bytes:
+    """The bytes of the image at ``path`` (a local path, following symlinks, or a URL), read once and
+    checked against the manifest's ``image_id`` (unless None): ``ChangedSinceScan`` when they hash to
+    something else, ``ImageLoadError`` naming the file when it cannot be read. Decode from what this returns."""
+    try:
+        data = read_bytes(path)
+    except Exception as e:  # noqa: BLE001 - missing, unreadable, a network error: this file's failure, named
+        raise ImageLoadError(path, f"{type(e).__name__}: {e}") from e
+    if image_id is None:
+        return data
+    found = image_id_of(data)
+    if found != image_id:
+        raise ChangedSinceScan.of(path, image_id, found)
+    return data
+
+
 def shape_problem(width: int, height: int) -> str | None:
     """Why an image of this size cannot be resized for the network (see MAX_ASPECT_RATIO); None if it can."""
     short, long = sorted((width, height))
@@ -39,15 +110,6 @@ def shape_problem(width: int, height: int) -> str | None:
     return (f"{width}x{height} pixels: aspect ratio {long / max(short, 1):.0f}:1 exceeds {MAX_ASPECT_RATIO}:1, and "
             f"resizing its shorter side to 256 would make it {long * 256 // max(short, 1):,} pixels long; "
             "crop or pad it to a saner shape")
-
-
-def read_bytes(path: str | Path) -> bytes:
-    """The file's bytes, from a local path or an object-storage URL (precompute/sources.py)."""
-    if isinstance(path, str) and "://" in path:
-        from precompute.sources import open_image
-
-        return open_image(path).getvalue()
-    return Path(path).read_bytes()
 
 
 def load_rgb(path: str | Path | io.BytesIO) -> Image.Image:

@@ -555,13 +555,18 @@ class Learner:
         """The cache entry of this backbone, transform and data; missing rows are computed first."""
         if self._entry is None:
             t0 = time.perf_counter()
+            if not self.store.check_reachable():  # read-only: ReadOnlyStore now, before the body runs, if rows lack
+                key = recipe.activation_key(self.backbone, self.transform, self.pooled, self.dtype)
+                recipe.repair_entry(self.store.entry(key), self.manifest, writable=False)
             self._entry, self.precompute_stats, self.view_key = recipe.precompute(
                 self.manifest, self.store, self.backbone, self.transform, self.pooled, self.dtype,
                 batch_size=self.bs, num_workers=self.num_workers, device=self.device)
+            s = self.precompute_stats
+            # images that failed (changed since the scan, broken): status "failed", left out as the pipeline does
+            self.manifest = recipe.without_failed(self.manifest, s.failed)
             if self.verbose:
-                s = self.precompute_stats
-                print(f"precompute: {s.images} images, {s.computed} computed, {s.reused} read from the cache "
-                      f"({time.perf_counter() - t0:.1f}s)")
+                print(f"precompute: {s.images} images, {s.computed} computed, {s.reused} read from the cache"
+                      f"{f', {len(s.failed)} failed' if s.failed else ''} ({time.perf_counter() - t0:.1f}s)")
         return self._entry
 
     def _head(self) -> nn.Module:

@@ -9,7 +9,8 @@ Status codes (``STATUSES``):
 - ``ok``            decodes fully and converts to RGB; width/height are the EXIF-oriented size ``load_rgb`` returns
 - ``missing``       a CSV row whose file does not exist, or a broken symlink
 - ``empty``         zero bytes
-- ``not_image``     PIL cannot identify the format (e.g. a text file named ``.jpg``)
+- ``not_image``     PIL cannot identify the format (e.g. a text file named ``.jpg``), or a CSV row whose path has no
+                    image extension (never read)
 - ``unreadable``    identified but fails to decode (truncated or corrupt), cannot be opened (permissions),
                     is not a regular file (a pipe, a device), or a folder that cannot be listed
 - ``too_large``     more pixels than ``PIL.Image.MAX_IMAGE_PIXELS`` (decompression-bomb guard; never decoded)
@@ -54,7 +55,7 @@ import pandas as pd
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from precompute import scan_index, sources  # below the manifest in the data layer (tests/test_layers.py)
-from precompute.images import shape_problem, to_rgb
+from precompute.images import image_hash, image_id_of, shape_problem, to_rgb
 from precompute.labels import _canonical_tags, _tags_of, class_names, is_multilabel, label_delim, split_tags
 from precompute.paths import IMAGE_EXTENSIONS, ManifestError  # noqa: F401 - re-exported
 from precompute.paths import is_image_name as _is_image_name
@@ -102,7 +103,8 @@ def build_manifest(
     ``label_delim`` (a CSV only) makes the manifest multi-label: each label cell holds several
     tags separated by it (``" "`` for fastai's planet CSV), ``classes`` then lists tags.
 
-    Files without an image extension (and hidden files) are skipped and counted in the log.
+    In a folder, files without an image extension (and hidden files) are skipped and counted in the
+    log; a CSV row naming such a file is a ``not_image`` row (the CSV asked for it).
 
     ``source`` may also be an fsspec URL (``s3://bucket/prefix/`` or ``s3://bucket/labels.csv``), read
     with ``storage_options`` (default ``$PRECOMPUTE_DATA_OPTIONS``): see ``precompute.sources``.
@@ -334,7 +336,8 @@ def _read_csv(csv: Path) -> pd.DataFrame:
 
 
 def _csv_entries(csv: Path, root: Path, delim: str | None = None) -> tuple[list[tuple[Path, str, str]], list[dict]]:
-    """(files to inspect, ``duplicate`` rows): a path listed again with the same label counts once."""
+    """(files to inspect, rows made without a read): a path listed again with the same label is a
+    ``duplicate`` row and counts once; a path without an image extension is a ``not_image`` row (never read)."""
     table = _read_csv(csv)
     table.columns = [str(c).strip().lower() for c in table.columns]
     missing = {"path", "label"} - set(table.columns)
@@ -347,7 +350,7 @@ def _csv_entries(csv: Path, root: Path, delim: str | None = None) -> tuple[list[
         log.info("ignoring columns %s in %s", sorted(extra), csv)
     has_split = "split" in table.columns
 
-    entries, skipped, duplicates = [], 0, []
+    entries, skipped, duplicates = [], [], []
     first_line: dict[tuple[Path, str], int] = {}  # (path, label) -> the line that lists it first
     for line, rec in enumerate(table.to_dict("records"), start=2):  # line 1 is the header
         raw = rec["path"].strip()
@@ -360,29 +363,37 @@ def _csv_entries(csv: Path, root: Path, delim: str | None = None) -> tuple[list[
                 f"{csv} line {line}: path {raw!r} is outside the root {root}; "
                 "move the image under the root or pass root=... that contains it"
             )
-        if not _is_image_name(path.name):
-            skipped += 1
-            continue
         label, split = rec["label"].strip(), rec["split"].strip() if has_split else ""
+        if not _is_image_name(path.name):  # listed on purpose, so a row says why it is not used
+            skipped.append(_unread_row(path, root, label, split, "not_image",
+                                       f"line {line}: extension {path.suffix or '(none)'!r} is not an image type "
+                                       f"({' '.join(sorted(IMAGE_EXTENSIONS))}); never read: convert the file to "
+                                       "JPEG or PNG, fix the path, or remove the row"))
+            continue
         # Same path, other label: both are inspected and become conflicting_label (no copy can be right).
         same = (path, label if delim is None else _canonical_tags(label, delim))
         if same in first_line:
-            duplicates.append(dict(image_id="", path=_printable(str(path)),
-                                   relpath=_printable(path.relative_to(root).as_posix()), label=_printable(label),
-                                   split=split, width=None, height=None, status="duplicate",
-                                   reason=f"line {line} repeats line {first_line[same]} (same path and label): the "
+            duplicates.append(_unread_row(path, root, label, split, "duplicate",
+                                          f"line {line} repeats line {first_line[same]} (same path and label): the "
                                           "image counts once, from that line; remove this row"))
             continue
         first_line[same] = line
         entries.append((path, label, split))
     if skipped:
-        log.info("skipped %d CSV rows without an image extension in %s", skipped, csv)
+        log.warning("%d CSV rows of %s name a file without an image extension: rows with status 'not_image', "
+                    "never read", len(skipped), csv)
     if duplicates:
         log.warning("%d CSV rows of %s repeat the path and label of an earlier row: each image counts once; "
                     "remove the repeated rows (status 'duplicate')", len(duplicates), csv)
     if not entries:
         raise ManifestError(f"{csv} lists no image files; paths must end in one of {' '.join(sorted(IMAGE_EXTENSIONS))}")
-    return entries, duplicates
+    return entries, duplicates + skipped
+
+
+def _unread_row(path: Path, root: Path, label: str, split: str, status: str, reason: str) -> dict:
+    """The row of a CSV line whose file is never read (a repeat, or no image extension)."""
+    return dict(image_id="", path=_printable(str(path)), relpath=_printable(path.relative_to(root).as_posix()),
+                label=_printable(label), split=split, width=None, height=None, status=status, reason=reason)
 
 
 def _mark_unknown_labels(rows: list[dict], classes, delim: str | None = None) -> None:
@@ -460,7 +471,7 @@ def _inspect(path: Path, root: Path, label: str, split: str, splits) -> dict:
         kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file (a pipe, socket or device)"
         return fail("unreadable", f"{kind}; never opened: replace it with an image file")
     if st.st_size == 0:
-        row["image_id"] = hashlib.sha256(b"").hexdigest()
+        row["image_id"] = image_id_of(b"")
         return fail("empty", "file has zero bytes")
     try:
         row["image_id"] = _sha256(path)
@@ -512,7 +523,7 @@ def scan_images(folder: str | Path) -> pd.DataFrame:
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
+    digest = image_hash()  # the hash precompute.images.read_checked checks the bytes it decodes against
     with open(path, "rb") as f:
         while block := f.read(_HASH_BLOCK):
             digest.update(block)

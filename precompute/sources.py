@@ -294,7 +294,7 @@ def _remote_csv_entries(source: str, data: bytes, top: RemoteRoot, label_delim: 
         entries, extra = csv_entries(_Blob(source, data), root, label_delim)
     except ManifestError as e:
         raise ManifestError(str(e).replace(f" {root};", f" {top.url};").replace(f" {root} ", f" {top.url} ")) from None
-    for row in extra:  # rows made without a read (duplicates) name the object too
+    for row in extra:  # rows made without a read (duplicates, paths without an image extension) name the object too
         row["path"] = top.url_of(row["path"][1:])
     return [(str(p)[1:], label, split) for p, label, split in entries], extra
 

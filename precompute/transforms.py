@@ -5,6 +5,7 @@
 ``train_transform`` the random augmentation of fastai 0.7's presets (``AUGMENTATION_PRESETS``).
 ``ImageDataset`` pairs a manifest's usable rows, decoded by ``load_rgb``, with a transform;
 ``EncodedImageDataset`` hands JPEGs on undecoded, for the GPU's decoder (precompute.features).
+Given the rows' ``image_ids``, both decode only bytes that hash to them (``images.read_checked``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pandas as pd
 import torch
 from torchvision.transforms import InterpolationMode, v2
 
-from precompute.images import ImageLoadError, device_decodable, load_rgb, read_bytes, shape_problem
+from precompute.images import ImageLoadError, device_decodable, load_rgb, read_checked, shape_problem
 from precompute.labels import class_names, is_multilabel, label_delim, multi_hot
 from precompute.manifest import ok_rows
 
@@ -142,15 +143,27 @@ def train_transform(
     return v2.Compose(steps + _to_normalized_tensor(ts))
 
 
+def _checked_ids(paths: list[str], image_ids) -> list[str] | None:
+    if image_ids is None:
+        return None
+    image_ids = [str(i) for i in image_ids]
+    if len(image_ids) != len(paths):
+        raise ValueError(f"{len(paths)} paths but {len(image_ids)} image ids")
+    return image_ids
+
+
 class ImageDataset(torch.utils.data.Dataset):
     """(transformed image, label) pairs; label is -1 when unlabeled.
 
     ``labels`` are class indices, or a 2-d multi-hot array (one float32 vector per image) for
-    multi-label targets.
+    multi-label targets. With ``image_ids`` (the manifest's, one per path) each image is read once,
+    checked against its id and decoded from those bytes (``images.read_checked``): a file changed
+    since the scan fails as ``ChangedSinceScan`` instead of giving another picture's pixels.
     """
 
-    def __init__(self, paths, labels, transform):
+    def __init__(self, paths, labels, transform, image_ids=None):
         self.paths = [str(p) for p in paths]
+        self.image_ids = _checked_ids(self.paths, image_ids)
         if labels is not None and len(labels) != len(self.paths):
             raise ValueError(f"{len(self.paths)} paths but {len(labels)} labels")
         if labels is not None and np.ndim(labels) == 2:
@@ -176,7 +189,8 @@ class ImageDataset(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        x = decode_transform(self.paths[i], self.transform)
+        data = None if self.image_ids is None else read_checked(self.paths[i], self.image_ids[i])
+        x = decode_transform(self.paths[i], self.transform, data)
         return x, (self.labels[i] if self.labels is not None else -1)
 
 
@@ -195,20 +209,19 @@ def decode_transform(path: str, transform, data: bytes | None = None):
 class EncodedImageDataset(torch.utils.data.Dataset):
     """For decoding on the GPU: ``(tensor, encoded)`` per image. A JPEG the device decoder takes
     (``images.device_decodable``) comes as its file's bytes, a 1-d uint8 tensor, ``encoded=True``;
-    any other image is decoded and transformed here on the CPU as ``ImageDataset`` does (``False``)."""
+    any other image is decoded and transformed here on the CPU as ``ImageDataset`` does (``False``).
+    ``image_ids``: as ``ImageDataset``'s, the bytes handed on are the bytes checked."""
 
-    def __init__(self, paths, transform):
+    def __init__(self, paths, transform, image_ids=None):
         self.paths, self.transform = [str(p) for p in paths], transform
+        self.image_ids = _checked_ids(self.paths, image_ids)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
         path = self.paths[i]
-        try:
-            data = read_bytes(path)
-        except Exception as e:  # noqa: BLE001 - a missing or unreadable file, named
-            raise ImageLoadError(path, f"{type(e).__name__}: {e}") from e
+        data = read_checked(path, None if self.image_ids is None else self.image_ids[i])
         if device_decodable(data) is None:
             return torch.frombuffer(bytearray(data), dtype=torch.uint8), True
         return decode_transform(path, self.transform, data), False

@@ -181,10 +181,12 @@ def test_csv_with_split_column(digits_root):
         f"{f[2]},two,test,\n"
         f"train/3/nothere.png,three,train,\n"
         f"{f[4]},,train,\n"
-        f"train/5/5.txt,five,train,\n"  # not an image: skipped
+        f"train/5/5.txt,five,train,\n"  # not an image: a row that says so, never read
     )
     df = build_manifest(csv).set_index("relpath")
-    assert len(df) == 5
+    assert len(df) == 6
+    assert df.loc["train/5/5.txt", ["label", "split", "status"]].tolist() == ["five", "train", "not_image"]
+    assert "line 7: extension '.txt' is not an image type" in df.loc["train/5/5.txt", "reason"]
     # "zero" has no training image: left out as unseen_class (see tests/test_bad_inputs.py)
     assert df.loc[f[0], ["label", "split", "status"]].tolist() == ["zero", "valid", "unseen_class"]
     assert df.loc[f[1], ["label", "status", "width"]].tolist() == ["one", "ok", 16]

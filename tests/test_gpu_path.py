@@ -2,6 +2,7 @@
 decoder (run here with torchvision's CPU decoder, the same calls), bfloat16 storage, the precompute
 loop's batching, and benchmarks/gpu_check.py saying it skips without CUDA."""
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -150,7 +151,7 @@ def test_precompute_loop_mixed_images_and_bfloat16_storage(tmp_path, odd_images)
     torch.manual_seed(0)
     body = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU())
     names = list(odd_images)
-    manifest = pd.DataFrame({"image_id": [f"{i:08x}" + "0" * 56 for i in range(len(names))],
+    manifest = pd.DataFrame({"image_id": [hashlib.sha256(odd_images[k].read_bytes()).hexdigest() for k in names],
                              "path": [str(odd_images[k]) for k in names]})
     store = ActivationStore(str(tmp_path / "store"))
     entries = {}
