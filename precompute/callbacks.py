@@ -70,9 +70,9 @@ PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class MixedPrecision(Callback):
-    """Forward and loss under autocast in ``precision`` ("bf16" or "fp16"; None: float32). fp16 on
-    CUDA scales the loss (torch.amp.GradScaler) so small gradients do not vanish; bf16 needs no
-    scaling and also runs on the CPU."""
+    """Forward and loss under autocast in ``precision`` ("bf16" or "fp16"; None: float32), on the
+    CPU too. fp16 scales the loss (torch.amp.GradScaler) so small gradients do not vanish; bf16
+    keeps float32's range and needs no scaling."""
 
     order = -5
 
@@ -83,8 +83,8 @@ class MixedPrecision(Callback):
 
     def before_fit(self, loop: FitLoop) -> None:
         loop.amp_dtype = PRECISIONS.get(self.precision) if self.precision else None
-        if self.precision == "fp16" and loop.device_type == "cuda":
-            loop.scaler = torch.amp.GradScaler("cuda")
+        if self.precision == "fp16":
+            loop.scaler = torch.amp.GradScaler(loop.device_type)
 
 
 class EarlyStopping(Callback):

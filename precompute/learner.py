@@ -38,7 +38,6 @@ from precompute.learner_io import LearnerFiles
 from precompute.learner_preds import LearnerPredictions
 from precompute.learner_settings import (AugTfms, aug_precompute_error, augmentation_args, default_store,
                                          trained_body_error)
-from precompute.lr_find import LRFindResult, Suggest, lr_find
 from precompute.manifest import build_manifest
 from precompute.records import ActivationsRef, StageRecord
 from precompute.rows import (DEFAULT_MEMORY_BUDGET, cached_rows, failed_images, image_loader, labelled_split,
@@ -289,6 +288,11 @@ class Learner(LearnerPredictions, LearnerFiles):
         self.precision = None
         return self
 
+    @property
+    def entry(self) -> Entry:
+        """The cache entry of the pretrained body, this transform and these images (filled first where rows lack)."""
+        return self._cache()
+
     # -- training ---------------------------------------------------------------------------------------
 
     def fit(self, lr: LearningRates, n_cycle: int, cycle_len: int | None = None, cycle_mult: int = 1,
@@ -404,28 +408,6 @@ class Learner(LearnerPredictions, LearnerFiles):
         if record.task.multilabel:
             record.task = record.task.tuned(*predict_proba(model, valid_batches, device, record.task))
         return record
-
-    def lr_find(self, start_lr: float = 1e-7, end_lr: float = 10.0, num_it: int = 100, lr: LearningRates = 1.0,
-                suggest: Suggest = "valley") -> LRFindResult:
-        """fastai's lr_find on what ``fit`` would train now: the head on the cache (cheap), or the
-        trainable groups on images. ``lr`` gives the groups' relative rates (a slice or list keeps
-        its ratios). The model is left as it was."""
-        ratios = self.lrs_for(lr)
-        if self._precompute:
-            head = self.model[1]
-            train = cached_rows(self._cache(), self.manifest, self.task, "train", self.memory_budget)
-            return lr_find(head, [head], [1.0], lambda gen: train.batches(self.bs, gen), start_lr, end_lr, num_it,
-                           self.seed, task=self.task, freeze_bn_stats=False, method=suggest, precision=self.precision,
-                           steps_per_epoch=train.n_batches(self.bs))
-        model = copy.deepcopy(self.model)  # the pretrained body the cache serves stays untouched
-        groups = layer_groups(model[0], model[1], self.spec, self.xtra_cut)
-        freeze_groups(groups, self._frozen)
-        rows = labelled_split(self.manifest, self.task, "train")
-        tf = train_transform(self.transform, **self._aug) if self._aug is not None else eval_transform(self.transform)
-        bs, nw = self.bs, self.num_workers
-        return lr_find(model, groups, ratios, lambda gen: image_loader(rows, tf, bs, True, gen, nw), start_lr, end_lr,
-                       num_it, self.seed, self.device, self.task, freeze_bn_stats=self.freeze_bn_stats, method=suggest,
-                       precision=self.precision, steps_per_epoch=-(-len(rows) // bs))
 
     # -- internals --------------------------------------------------------------------------------------
 

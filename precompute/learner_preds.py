@@ -1,23 +1,49 @@
-"""The Learner's predictions: ``get_preds``, ``validate``, ``tta``, ``predict``, ``interpret`` and
-``show_batch`` (what the next fit on images sees)."""
+"""The Learner's verbs that leave its network as it was: ``lr_find``, ``get_preds``, ``validate``,
+``tta``, ``predict``, ``interpret`` and ``show_batch`` (what the next fit on images sees)."""
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Sequence
 
 import numpy as np
 import torch
 
+from precompute.archs import freeze_to as freeze_groups
+from precompute.archs import layer_groups
 from precompute.inference import predict_paths
 from precompute.interpret import Interpretation
-from precompute.rows import labelled_split, targets
-from precompute.train import predict_proba, tensor_batches
+from precompute.lr_find import LRFindResult, Suggest, lr_find
+from precompute.rows import cached_rows, image_loader, labelled_split, targets
+from precompute.train import LearningRates, predict_proba, tensor_batches
 from precompute.transforms import eval_transform, train_transform
 
 
 class LearnerPredictions:
-    """Predictions of ``precompute.learner.Learner``'s current network on its data or on files."""
+    """lr_find and the predictions of ``precompute.learner.Learner``'s current network."""
+
+    def lr_find(self, start_lr: float = 1e-7, end_lr: float = 10.0, num_it: int = 100, lr: LearningRates = 1.0,
+                suggest: Suggest = "valley") -> LRFindResult:
+        """fastai's lr_find on what ``fit`` would train now: the head on the cache (cheap), or the
+        trainable groups on images. ``lr`` gives the groups' relative rates (a slice or list keeps
+        its ratios). The model is left as it was."""
+        ratios = self.lrs_for(lr)
+        if self._precompute:
+            head = self.model[1]
+            train = cached_rows(self._cache(), self.manifest, self.task, "train", self.memory_budget)
+            return lr_find(head, [head], [1.0], lambda gen: train.batches(self.bs, gen), start_lr, end_lr, num_it,
+                           self.seed, task=self.task, freeze_bn_stats=False, method=suggest, precision=self.precision,
+                           steps_per_epoch=train.n_batches(self.bs))
+        model = copy.deepcopy(self.model)  # the pretrained body the cache serves stays untouched
+        groups = layer_groups(model[0], model[1], self.spec, self.xtra_cut)
+        freeze_groups(groups, self._frozen)
+        rows = labelled_split(self.manifest, self.task, "train")
+        tf = train_transform(self.transform, **self._aug) if self._aug is not None else eval_transform(self.transform)
+        bs, nw = self.bs, self.num_workers
+        return lr_find(model, groups, ratios, lambda gen: image_loader(rows, tf, bs, True, gen, nw), start_lr, end_lr,
+                       num_it, self.seed, self.device, self.task, freeze_bn_stats=self.freeze_bn_stats, method=suggest,
+                       precision=self.precision, steps_per_epoch=-(-len(rows) // bs))
 
     def get_preds(self, split: str = "valid") -> tuple[np.ndarray, np.ndarray]:
         """fastai's ``get_preds``: (probabilities, targets) of ``split``, rows in manifest order;
