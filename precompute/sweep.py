@@ -186,7 +186,7 @@ def _train_group(configs: list[HeadConfig], train, valid, in_channels: int, n_cl
     M, epochs = len(configs), configs[0].epochs
     model = _HeadStack([_new_head(c, in_channels, n_classes, seed) for c in configs], configs, seed)
     opt = torch.optim.AdamW([{"params": list(p.values()), "lr": c.lr, "weight_decay": c.wd}
-                             for p, c in zip(model.params, configs)])
+                             for p, c in zip(model.params, configs)], foreach=True)
     sched = Schedule("one_cycle", epochs=epochs).build(opt, train.n_batches(batch_size))
     losses = [task.loss(c.label_smoothing) for c in configs]
     gen = torch.Generator().manual_seed(seed)
