@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from assets import LEADERBOARD_ASSETS, RECIPE_ASSETS, SWEEP_ASSETS
+from assets import LEADERBOARD_ASSETS, QUALITY_ASSETS, RECIPE_ASSETS, SWEEP_ASSETS
 from assets.partitions import RUN_CONFIGS, PartitionConfigError, arch_cut, config_file
 from pipelines.housekeeping import cache_housekeeping
 from pipelines.local import quiet_warnings
@@ -17,8 +17,12 @@ recipe_job = dg.define_asset_job(
     "recipe", selection=dg.AssetSelection.assets(*RECIPE_ASSETS), partitions_def=arch_cut,
     description="images -> manifest -> activations -> head on cache -> augmented head -> fine-tuned -> report")
 
-defs = dg.Definitions(assets=RECIPE_ASSETS + SWEEP_ASSETS + LEADERBOARD_ASSETS,
-                      jobs=[recipe_job, cache_housekeeping, precompute_sharded], schedules=SCHEDULES,
+data_quality_job = dg.define_asset_job(
+    "quality", selection=dg.AssetSelection.assets(*QUALITY_ASSETS), partitions_def=arch_cut,
+    description="duplicates, train/valid leaks, label errors, outliers and drift from the cached activations")
+
+defs = dg.Definitions(assets=RECIPE_ASSETS + SWEEP_ASSETS + LEADERBOARD_ASSETS + QUALITY_ASSETS,
+                      jobs=[recipe_job, data_quality_job, cache_housekeeping, precompute_sharded], schedules=SCHEDULES,
                       sensors=SENSORS, resources=default_resources())
 
 

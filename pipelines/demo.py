@@ -38,7 +38,7 @@ def _registered_model(tracking_uri: str, partition: str) -> str:
     if not versions:
         return f"none registered as {name}"
     uri = f"models:/{name}/{max(int(v.version) for v in versions)}"
-    return f"{uri}  (mlflow models serve -m {uri} --env-manager local)"
+    return f"{uri}  (.venv/bin/precompute serve -m {uri})"
 
 
 def main() -> int:

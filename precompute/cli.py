@@ -22,10 +22,13 @@ def cmd_list(args) -> int:
     print(f"{'entry':<52} {'rows':>7} {'MiB':>9}  {'last used (UTC)':<16}  status")
     for e in entries:
         when = dt.datetime.fromtimestamp(e["last_used"], dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
-        status = e["status"] + (f", {e['writers']} writer(s)" if e["writers"] else "")
+        status = e["status"] + (f", {e['writers']} writer(s)" if e["writers"] else "") + (
+            f", {len(e['stale_leases'])} stale lease(s)" if e["stale_leases"] else "")
         print(f"{e['entry']:<52} {e['rows']:>7} {e['bytes'] / 2**20:>9.2f}  {when:<16}  {status}")
         for problem in e["problems"]:
             print(f"    damaged: {problem}")
+        for lease in e["stale_leases"]:  # holds nothing: gc removes it
+            print(f"    stale lease: {lease}")
     damaged = sum(e["status"] != "ok" for e in entries)
     print(f"{len(entries)} entries, {sum(e['bytes'] for e in entries) / 2**20:.2f} MiB"
           + (f", {damaged} damaged: `precompute cache verify --repair` drops what is damaged" if damaged else ""))
@@ -75,6 +78,13 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from precompute.serving import serve
+
+    serve(args.model_uri, args.port, args.host, args.image_root, args.allow_url, args.workers)  # does not return
+    return 0
+
+
 def cmd_rerun(args) -> int:
     """The recipe of an MLflow run again: same job, assets, partition and run config (pipelines.local)."""
     try:
@@ -115,6 +125,16 @@ def main(argv: list[str] | None = None) -> int:
     pred.add_argument("--tracking-uri", default=tracking_default,
                       help="MLflow tracking URI for a run id (default: $MLFLOW_TRACKING_URI)")
     pred.set_defaults(fn=cmd_predict)
+    srv = sub.add_parser("serve", help="serve a logged model over HTTP (mlflow models serve, this environment)")
+    srv.add_argument("-m", "--model-uri", required=True, help="models:/precompute-<arch>-cut<n>/<version>, runs:/...")
+    srv.add_argument("-p", "--port", type=int, default=5000, help="port (default: %(default)s)")
+    srv.add_argument("--host", help="interface to bind (mlflow's default: 127.0.0.1)")
+    srv.add_argument("--workers", type=int, help="uvicorn workers (mlflow's default: 1)")
+    srv.add_argument("--image-root", action="append", default=[],
+                     help="a folder whose images clients may name by path (repeatable; also $PRECOMPUTE_SERVE_ROOTS)")
+    srv.add_argument("--allow-url", action="append", default=[],
+                     help="a URL prefix clients may name (repeatable; also $PRECOMPUTE_SERVE_URLS)")
+    srv.set_defaults(fn=cmd_serve)
     again = sub.add_parser("rerun", help="launch the recipe an MLflow run logged again, on the local Dagster instance")
     again.add_argument("run_id", help="the MLflow run id of a recipe stage (or of the run grouping them)")
     again.add_argument("--tracking-uri", default=tracking_default, help="MLflow tracking URI (default: %(default)s)")

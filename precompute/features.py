@@ -213,7 +213,7 @@ def compute_activations(body: nn.Module, manifest: pd.DataFrame, transform: Call
     index, count = shard
     if count > 1:
         first_paths = first_paths[[in_shard(i, index, count) for i in first_paths.index]]
-    todo = entry.missing(first_paths.index)
+    todo = entry.claim(first_paths.index)  # the lease first: gc sees it, or took the entry before this
     n_images = len(first_paths)
     device = torch.device(device)
     body = channels_last(body.eval().to(device))  # faster on CPU and GPU: see archs.channels_last
@@ -281,6 +281,7 @@ def compute_activations(body: nn.Module, manifest: pd.DataFrame, transform: Call
             if decoder is not None and decoder.fallbacks:
                 log.warning("precompute %s: the device decoder failed on %d image(s), decoded on the CPU instead",
                             entry.key.arch, decoder.fallbacks)
+    entry.confirm(set(first_paths.index) - {f[0] for f in failed})  # every row reported is there, or an error
     stats = PrecomputeStats(n_images, len(todo) - len(failed), n_images - len(todo), committed,
                             time.perf_counter() - start, failed)
     log.info("precompute %s: %d computed, %d reused, %d failed, %.1f img/s", entry.rel, stats.computed,

@@ -27,6 +27,7 @@ Status codes (``STATUSES``):
 - ``unseen_class``  a validation image whose class has no usable training image: the model cannot
                     predict it, so it is left out of training and of the accuracy (logged as a warning)
 - ``conflicting_label``  identical bytes under two or more labels: every copy is left out
+- ``excluded``      not set here: dropped by a user's override CSV (``precompute.quality.overrides``); the file stays
 
 Multi-label manifests (``build_manifest(csv, label_delim=" ")``, fastai's planet-style CSV with
 several tags per image) keep one row per image; ``label`` holds its tags, sorted, without
@@ -63,7 +64,8 @@ IMAGE_EXTENSIONS = frozenset(
      ".apng", ".avif", ".heic", ".heif"}  # phone formats: a row either way (not_image where PIL lacks the codec)
 )
 STATUSES = ("ok", "missing", "empty", "not_image", "unreadable", "too_large", "bad_shape", "outside_root", "bad_name",
-            "unknown_label", "unknown_split", "empty_class", "unseen_class", "conflicting_label", "duplicate", "failed")
+            "unknown_label", "unknown_split", "empty_class", "unseen_class", "conflicting_label", "duplicate", "failed",
+            "excluded")
 _HASH_BLOCK = 1 << 20
 _EXIF_ORIENTATION = 0x0112
 

@@ -65,7 +65,8 @@ def test_whole_recipe_materializes(env):
     import pandas as pd
     mlflow.set_tracking_uri(uri)
     paths = [str(p) for p in sorted((tmp_path / "images" / "valid").rglob("*.jpg"))[:2]]
-    served = mlflow.pyfunc.load_model(model_uri).predict(pd.DataFrame({"path": paths}))  # the model serves images
+    served = mlflow.pyfunc.load_model(model_uri, model_config={"image_roots": [str(tmp_path / "images")]}).predict(
+        pd.DataFrame({"path": paths}))  # the model serves images, by path under a root the operator names
     assert list(served["status"]) == ["ok", "ok"] and served.filter(like="prob_").shape == (2, 2)
     head = by_stage["head_on_cache"].data
     assert head.params["arch"] == "tf_efficientnet_lite0" and head.params["seed"] == "0"

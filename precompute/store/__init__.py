@@ -4,6 +4,7 @@ Layout under the store root (a local path or any fsspec URL, e.g. ``s3://bucket/
 
     <arch>/cut=<xtra_cut>/<entry-key>/    one entry (see ``entry``): key.json, chunks/, commits/,
                                           leases/, last_used, results/
+    .trash/<id>/<arch>/cut=<n>/<entry-key>/  an entry gc is removing (renamed there first, local stores)
 
 An entry is addressed by everything that determines the numbers except the image set (arch,
 weights identity, cut, transform, pooled or spatial, dtype, library and code versions: ``key``).

@@ -6,12 +6,13 @@ import contextlib
 import json
 import logging
 import os
+import time
 import uuid
 from typing import Iterable
 
 import fsspec
 
-from precompute.store.entry import COMPRESSORS, DEFAULT_COMPRESSOR, Entry
+from precompute.store.entry import COMPRESSORS, DEFAULT_COMPRESSOR, Entry, _mtime
 from precompute.store.key import CacheKey
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,26 @@ class ActivationStore:
         self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
 
     def url(self, rel: str) -> str:
-        return f"{self.root}/{rel}"
+        """What zarr opens for ``rel``: a plain path on a local store (zarr takes ``file://`` URLs for
+        remote-style stores that do not create folders), the URL otherwise."""
+        return f"{self.base}/{rel}" if self.local else f"{self.root}/{rel}"
+
+    def now(self) -> float:
+        """The store's clock: the modification time it gives a file written now. Lease ages are
+        measured on it, so a writer's or housekeeper's clock that is off changes nothing. This
+        machine's clock where the store takes no writes (nothing is removed there anyway)."""
+        rel = f".probe-clock-{uuid.uuid4().hex}"  # a leftover is collected with the other probes
+        try:
+            self.put(rel, b"", durable=False)
+        except OSError:
+            return time.time()
+        try:
+            return _mtime(self.fs.info(f"{self.base}/{rel}"))
+        except OSError:
+            return time.time()
+        finally:
+            with contextlib.suppress(OSError):
+                self.fs.rm(f"{self.base}/{rel}")
 
     def put(self, rel: str, data: bytes, durable: bool = True) -> None:
         """Write a file under the root atomically: a reader sees the old bytes or the new, never part."""
@@ -75,6 +95,9 @@ class ActivationStore:
             raise ValueError(f"{rel}/key.json is missing") from None
         except (ValueError, TypeError) as exc:
             raise ValueError(f"{rel}/key.json is damaged ({type(exc).__name__}: {exc})") from None
+        if key.rel() != rel.strip("/"):  # the folder's name is its key's digest
+            raise ValueError(f"{rel}/key.json is the key of entry {key.rel()}, not of this folder (copied or "
+                             "swapped)")
         return Entry(self, rel, key)
 
     def check_reachable(self) -> bool:

@@ -4,16 +4,25 @@ An entry's folder (``<arch>/cut=<n>/<key digest>/``)::
 
     key.json              every part of the key, readable by a person
     chunks/<chunk>/       a Zarr v3 array per committed chunk, blocks ending in a crc32c trailer
-    commits/<chunk>.json  the commit record, written last: the chunk's image hashes, its layout,
-                          each block's CRC-32C, the CRC-32C of its zarr.json, and its own sha256
-    leases/<id>.json      one per running writer, with an expiry: housekeeping leaves the entry alone
+    commits/<chunk>.json  the commit record, written last: the entry it belongs to, the chunk's image
+                          hashes, its layout, each block's CRC-32C, the CRC-32C of its zarr.json, and
+                          its own sha256
+    leases/<id>.json      one per running writer (host, pid, time to live): housekeeping leaves the
+                          entry alone while one is live, measured on the store's clock (its mtime)
     last_used             when the entry was last read or written (best effort)
 
 A chunk counts only once its commit record exists; records are written last and atomically, and
 a chunk's data folder is unique to its writer, so a reader never sees a partial row and two
 concurrent writers never overwrite each other's files. A record that does not parse or fails its
 own checksum marks that chunk damaged: its rows count as missing (the next precompute computes
-them again) and everything else keeps working.
+them again) and everything else keeps working. So does a record or chunk that names another entry
+(copied or moved in by hand): it is never served, reading its rows is ``CacheCorruption`` naming
+both entries, and repair drops it. Records written before format 3 carry no entry; their chunk's
+zarr.json does (its ``entry`` and ``key`` attributes), and that is checked instead.
+
+A writer ``claim``s the entry (its lease first, then the listing of what is there to reuse) and
+``confirm``s at the end that every row it reports is still committed; housekeeping makes an entry
+unreachable before it checks leases a last time, so one of the two always sees the other.
 """
 
 from __future__ import annotations
@@ -44,7 +53,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-RECORD_FORMAT = 2  # 2: block and zarr.json digests, and the record's own sha256
+RECORD_FORMAT = 3  # 2: block and zarr.json digests, and the record's own sha256; 3: the entry it belongs to
 BLOCK_BYTES = 4 << 20  # a chunk's rows are stored in Zarr blocks of about this size
 TOUCH_EVERY_S = 60.0  # reads and writes record a use (last_used) at most this often per Entry object
 LEASE_TTL_S = 900.0  # a writer's lease lasts this long unless renewed (each commit renews it)
@@ -79,7 +88,24 @@ def parse_record(chunk: str, blob: bytes) -> dict:
         body = {k: v for k, v in r.items() if k != "sha256"}
         if r.get("sha256") != digest(body):
             raise ValueError("fails its sha256 (edited or damaged)")
+    if r.get("format", 1) >= 3 and not (isinstance(r.get("entry"), str) and isinstance(r.get("key_digest"), str)):
+        raise ValueError("does not name the entry it belongs to")
     return r
+
+
+def not_ours(rel: str, their_entry, their_key_digest) -> str:
+    """Why a record or chunk naming ``their_entry`` / ``their_key_digest`` is not part of the entry
+    at ``rel`` ("" when it is). An entry's folder name is its key's digest."""
+    if their_entry == rel and their_key_digest == rel.rsplit("/", 1)[-1]:
+        return ""
+    return f"belongs to entry {their_entry} (key {their_key_digest}), not to {rel}"
+
+
+@dataclass(frozen=True)
+class Lease:
+    path: str
+    state: str  # live | expired | gone | junk
+    detail: str
 
 
 @dataclass
@@ -106,9 +132,11 @@ class Entry:
         self._index: dict[str, tuple[str, int]] | None = None
         self.records: dict[str, dict] = {}   # chunk -> commit record, as of the last index()
         self.damaged: dict[str, str] = {}    # chunk -> why its commit record is not used
+        self.foreign: dict[str, list[str]] = {}  # chunk -> its ids, for records naming another entry
         self._layouts: dict[str, ChunkLayout] = {}
         self._lease: str | None = None
         self._lease_renewed = 0.0
+        self._claimed = False
         self._written: list[str] = []
         self._use_warned = False
 
@@ -149,16 +177,22 @@ class Entry:
     def index(self, refresh: bool = False) -> dict[str, tuple[str, int]]:
         """image hash -> (chunk, row) over every committed chunk whose record is sound."""
         if self._index is None or refresh:
-            records, damaged = {}, {}
+            records, damaged, foreign = {}, {}, {}
             for chunk, blob in self._commit_blobs():
                 if isinstance(blob, FileNotFoundError):
                     continue  # dropped between the listing and the read
                 try:
                     if isinstance(blob, Exception):
                         raise ValueError(f"cannot be read ({blob})")
-                    records[chunk] = parse_record(chunk, blob)
+                    record = parse_record(chunk, blob)
                 except ValueError as exc:
                     damaged[chunk] = f"commits/{chunk}.json {exc}"
+                    continue
+                why = not_ours(self.rel, record["entry"], record["key_digest"]) if "entry" in record else ""
+                if why:  # copied or moved in from another entry: never served
+                    damaged[chunk], foreign[chunk] = f"commits/{chunk}.json {why}", record["ids"]
+                else:
+                    records[chunk] = record
             if damaged:
                 log.warning("entry %s: %d damaged commit record(s), their rows count as missing: %s",
                             self.rel, len(damaged), "; ".join(damaged.values()))
@@ -168,7 +202,7 @@ class Entry:
             for r in reversed(list(records.values())):
                 n = len(r["ids"])
                 index.update(zip(reversed(r["ids"]), zip(itertools.repeat(r["chunk"], n), range(n - 1, -1, -1))))
-            self.records, self.damaged, self._index = records, damaged, index
+            self.records, self.damaged, self.foreign, self._index = records, damaged, foreign, index
         return self._index
 
     def missing(self, image_ids: Iterable[str]) -> list[str]:
@@ -185,39 +219,105 @@ class Entry:
     @contextlib.contextmanager
     def writing(self) -> Iterator["Entry"]:
         """Hold a lease while writing, so housekeeping leaves the entry alone, and check at the end
-        that every row this writer committed is still there (``RuntimeError`` if not)."""
-        self._lease, self._written = f"leases/{uuid.uuid4().hex}.json", []
-        try:
-            self._renew_lease()
-        except OSError as exc:  # a read-only store: nothing will be written (commit would say so)
-            log.info("no lease on %s (%s): the store does not take writes", self.rel, exc)
-            self._lease = None
+        that every row this writer committed is still there (``RuntimeError`` if not). Inside a
+        ``claim``, the claim's lease is used and ``confirm`` does the check and gives it back."""
+        claimed = self._claimed
+        if not claimed:
+            self._written = []
+            self._take_lease()
         try:
             yield self
             if self._written:
-                lost = self.missing(self._written)
-                if lost:
-                    raise RuntimeError(f"{len(lost)} of the {len(self._written)} rows this run committed to "
-                                       f"{self.rel} were removed while it ran (by `precompute cache gc` or by "
-                                       "hand); run the precompute again to compute them")
+                if not claimed:
+                    self._check_rows(self._written, "this run committed")
                 self.store.entry(self.key)  # key.json too, so housekeeping never takes the entry for a leftover
+        except BaseException:
+            self._claimed = False  # the claim ends with the failed write
+            self._release_lease()
+            raise
+        if not claimed:
+            self._release_lease()
+
+    def claim(self, image_ids: Iterable[str]) -> list[str]:
+        """A writer's start: take a lease, then list which of ``image_ids`` are missing. Because the
+        lease comes first, housekeeping (which makes an entry unreachable, then checks its leases)
+        either sees it and keeps the entry, or took the entry before this listing, which then finds
+        nothing to reuse. End with ``confirm``, which gives the lease back."""
+        self._written = []
+        self._take_lease()
+        self._claimed = True
+        return self.missing(image_ids)
+
+    def confirm(self, image_ids: Iterable[str]) -> None:
+        """A writer's end: every row it reports, computed or reused, is committed in this entry and
+        its block files are there; ``RuntimeError`` naming how many are not. Records a use, then
+        gives the claim's lease back."""
+        try:
+            self._check_rows(list(dict.fromkeys(image_ids)), "this run reports (computed or reused)")
+            self._used()
         finally:
-            lease, self._lease = self._lease, None
-            if lease:
-                with contextlib.suppress(OSError):
-                    self.store.fs.rm(f"{self.path}/{lease}")
+            self._claimed = False
+            self._release_lease()
+
+    def _check_rows(self, ids: list[str], what: str) -> None:
+        lost, wanted = set(self.missing(ids)), set(ids)
+        chunks = {self._index[i][0] for i in ids if i not in lost}
+        for chunk in self._chunks_without_blocks(chunks):
+            lost.update(i for i in self.records[chunk]["ids"] if i in wanted)
+        if lost:
+            raise RuntimeError(f"{len(lost)} of the {len(ids)} rows {what} are missing from {self.rel} "
+                               "(removed while it ran, by `precompute cache gc` or by hand); run the precompute "
+                               "again to compute them")
+
+    def _chunks_without_blocks(self, chunks: Iterable[str]) -> list[str]:
+        """Chunks some of whose block files (or zarr.json) are gone."""
+        chunks = list(chunks)
+        want = {c: [f"{self.path}/chunks/{c}/zarr.json"] + [f"{self.path}/chunks/{c}/{self._layout(c).block_file(i)}"
+                                                            for i in range(len(self._layout(c).blocks()))]
+                for c in chunks}
+        if self.store.local:
+            return [c for c, files in want.items() if not all(os.path.exists(f) for f in files)]
+        fs = self.store.fs
+        with contextlib.suppress(FileNotFoundError):
+            fs.invalidate_cache(f"{self.path}/chunks")
+        try:
+            have = {p.rstrip("/") for p in fs.find(f"{self.path}/chunks")}
+        except FileNotFoundError:
+            have = set()
+        return [c for c, files in want.items() if not all(f in have for f in files)]
+
+    def _take_lease(self) -> None:
+        self._lease = f"leases/{uuid.uuid4().hex}.json"
+        for attempt in range(3):
+            try:
+                self._renew_lease()
+                return
+            except FileNotFoundError:  # the folder moved away under the write (housekeeping): write it again
+                continue
+            except OSError as exc:  # a read-only store: nothing will be written (commit would say so)
+                log.info("no lease on %s (%s): the store does not take writes", self.rel, exc)
+                break
+        self._lease = None
+
+    def _release_lease(self) -> None:
+        lease, self._lease = self._lease, None
+        if lease:
+            with contextlib.suppress(OSError):
+                self.store.fs.rm(f"{self.path}/{lease}")
 
     def _renew_lease(self) -> None:
-        now = time.time()
-        self._put(self._lease, json.dumps({"expires": now + LEASE_TTL_S, "host": socket.gethostname(),
-                                           "pid": os.getpid()}).encode(), durable=False)
-        self._lease_renewed = now
+        # Its age is measured by its mtime on the store's clock (``ttl_s``), never by this writer's
+        # clock; host, pid and pid namespace let a listing on the same host tell a dead writer.
+        self._put(self._lease, json.dumps({"ttl_s": LEASE_TTL_S, "host": socket.gethostname(), "pid": os.getpid(),
+                                           "pidns": _pid_namespace(), "expires": time.time() + LEASE_TTL_S}).encode(),
+                  durable=False)
+        self._lease_renewed = time.monotonic()
 
     def commit(self, image_ids: list[str], features: np.ndarray) -> str:
         """Write one chunk of rows, then its commit record; returns the chunk name."""
         if len(image_ids) != len(features):
             raise ValueError(f"{len(image_ids)} ids for {len(features)} feature rows")
-        if self._lease and time.time() - self._lease_renewed > LEASE_TTL_S / 3:
+        if self._lease and time.monotonic() - self._lease_renewed > LEASE_TTL_S / 3:
             self._renew_lease()
         features = encode(features, self.key.dtype)  # bfloat16: its bits as uint16 (store/dtypes.py)
         chunk = f"{digest(image_ids)[:16]}-{uuid.uuid4().hex[:8]}"
@@ -238,7 +338,8 @@ class Entry:
         # The blocks' CRC-32C, from their trailers, go into the record: a block lost, swapped or
         # damaged later is caught on every read.
         crcs = self._block_trailers(chunk, layout)
-        record = {"format": RECORD_FORMAT, "chunk": chunk, "ids": list(image_ids), "shape": list(features.shape),
+        record = {"format": RECORD_FORMAT, "chunk": chunk, "entry": self.rel, "key_digest": self.rel.rsplit("/", 1)[-1],
+                  "ids": list(image_ids), "shape": list(features.shape),
                   "dtype": str(features.dtype), "committed_at": time.time(), "layout": layout.as_dict(),
                   "blocks": crcs, "zarr_json_crc32c": _crc(meta)}
         record["sha256"] = digest(record)
@@ -276,20 +377,24 @@ class Entry:
 
     # -- reading -----------------------------------------------------------------------------
     def _layout(self, chunk: str) -> ChunkLayout:
-        """A committed chunk's layout: from its record (format 2), else from its zarr.json."""
+        """A committed chunk's layout: from its record (format 2), else from its zarr.json. A record
+        older than format 3 does not name its entry: the chunk's zarr.json is checked for it instead."""
         layout = self._layouts.get(chunk)
         if layout is None:
             record = self.records[chunk]
+            meta = None
+            if "layout" not in record or "entry" not in record:
+                meta = self._fetch([f"chunks/{chunk}/zarr.json"])[0]
+                where = (self.rel, chunk, f"chunks/{chunk}/zarr.json")
+                if isinstance(meta, Exception):
+                    raise CacheCorruption(*where, "is missing" if isinstance(meta, FileNotFoundError)
+                                          else f"cannot be read ({meta})")
+                self._check_bound(chunk, meta)
             if "layout" in record:
                 layout = ChunkLayout.from_dict(record["layout"])
             else:
-                blob = self._fetch([f"chunks/{chunk}/zarr.json"])[0]
-                where = (self.rel, chunk, f"chunks/{chunk}/zarr.json")
-                if isinstance(blob, Exception):
-                    raise CacheCorruption(*where, "is missing" if isinstance(blob, FileNotFoundError)
-                                          else f"cannot be read ({blob})")
                 try:
-                    layout = ChunkLayout.from_zarr_json(blob)
+                    layout = ChunkLayout.from_zarr_json(meta)
                 except ValueError as exc:
                     raise CacheCorruption(*where, str(exc)) from None
                 if list(layout.shape) != record["shape"] or layout.dtype != record["dtype"]:
@@ -298,12 +403,29 @@ class Entry:
             self._layouts[chunk] = layout
         return layout
 
+    def _check_bound(self, chunk: str, meta: bytes) -> None:
+        """CacheCorruption when the chunk's zarr.json names another entry (its ``entry`` and ``key``
+        attributes, there since the first checksummed format). A chunk without them cannot tell."""
+        try:
+            attrs = json.loads(meta).get("attributes") or {}
+        except (ValueError, AttributeError):
+            return  # not JSON: the layout check (or verify's digest) says what is wrong with it
+        if "entry" in attrs or "key" in attrs:
+            theirs = digest(attrs.get("key"))[:24] if isinstance(attrs.get("key"), dict) else None
+            why = not_ours(self.rel, attrs.get("entry"), theirs)
+            if why:
+                raise CacheCorruption(self.rel, chunk, f"chunks/{chunk}/zarr.json", why)
+
     def _rows_by_chunk(self, image_ids: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """chunk -> (positions in ``image_ids``, rows in the chunk); KeyError if any is not committed."""
         index = self.index()
         if any(i not in index for i in image_ids):  # commits are immutable: list again only for new ids
             index = self.index(refresh=True)
         lost = [i for i in image_ids if i not in index]
+        for chunk, ids in self.foreign.items() if lost else ():  # a row only another entry's chunk holds: say so
+            if not set(ids).isdisjoint(lost):
+                raise CacheCorruption(self.rel, chunk, f"commits/{chunk}.json",
+                                      self.damaged[chunk].split(" ", 1)[1])
         if lost:
             damaged = f" ({len(self.damaged)} damaged commit records)" if self.damaged else ""
             raise KeyError(f"{len(lost)} of {len(image_ids)} images have no activations in entry "
@@ -385,8 +507,10 @@ class Entry:
             record = self.records[chunk]
             try:
                 layout = self._layout(chunk)
+                meta = self._fetch([f"chunks/{chunk}/zarr.json"])[0]
+                if not isinstance(meta, Exception):
+                    self._check_bound(chunk, meta)
                 if "zarr_json_crc32c" in record:
-                    meta = self._fetch([f"chunks/{chunk}/zarr.json"])[0]
                     if isinstance(meta, Exception) or _crc(meta) != record["zarr_json_crc32c"]:
                         raise CacheCorruption(self.rel, chunk, f"chunks/{chunk}/zarr.json",
                                               "is missing" if isinstance(meta, FileNotFoundError)
@@ -455,21 +579,44 @@ class Entry:
         except (FileNotFoundError, ValueError):
             return _modified(fs, f"{self.path}/key.json")
 
-    def live_leases(self) -> list[str]:
-        """Leases of writers still running (not expired); an unreadable lease counts as live."""
-        fs, now, live = self.store.fs, time.time(), []
+    def leases(self, now: float | None = None) -> list[Lease]:
+        """Every lease file and what it is: ``live`` (a writer holds the entry), ``expired`` (not
+        renewed within its time to live, measured on the store's clock: the file's mtime against
+        ``now``, by default ``ActivationStore.now()``), ``gone`` (its writer, on this host, has
+        exited) or ``junk`` (not a lease: leases are written atomically, so never half a one)."""
+        fs = self.store.fs
         with contextlib.suppress(FileNotFoundError):
             fs.invalidate_cache(f"{self.path}/leases")
-        for path in fs.glob(f"{self.path}/leases/*.json"):
+        paths = fs.glob(f"{self.path}/leases/*.json")
+        if not paths:
+            return []
+        now = self.store.now() if now is None else now
+        out = []
+        for path in paths:
             try:
-                expires = float(json.loads(fs.cat_file(path))["expires"])
+                mtime, blob = _mtime(fs.info(path)), fs.cat_file(path)
             except FileNotFoundError:
+                continue  # released meanwhile
+            name = path.rsplit("/", 1)[-1]
+            try:
+                d = json.loads(blob)
+                ttl, pid = float(d.get("ttl_s", LEASE_TTL_S)), int(d["pid"])
+            except (ValueError, KeyError, TypeError, AttributeError):
+                out.append(Lease(path, "junk", f"leases/{name} is not a lease"))
                 continue
-            except (ValueError, KeyError, TypeError):
-                expires = _modified(fs, path) + LEASE_TTL_S
-            if expires > now:
-                live.append(path)
-        return live
+            who = f"writer pid {pid} on {d.get('host')}"
+            if mtime + ttl <= now:
+                out.append(Lease(path, "expired", f"leases/{name}: {who} has not renewed it for "
+                                                  f"{(now - mtime) / 60:.0f} min"))
+            elif _writer_gone(d, pid):
+                out.append(Lease(path, "gone", f"leases/{name}: {who} has exited"))
+            else:
+                out.append(Lease(path, "live", f"leases/{name}: {who}"))
+        return out
+
+    def live_leases(self, now: float | None = None) -> list[str]:
+        """Leases of writers still running."""
+        return [lease.path for lease in self.leases(now) if lease.state == "live"]
 
     # -- sizes ---------------------------------------------------------------------------------
     def row_nbytes(self) -> int:
@@ -500,6 +647,36 @@ def _crc(data: bytes) -> int:
 def _in_order(rows: np.ndarray, n: int) -> bool:
     """``rows`` is exactly 0, 1, ..., n - 1."""
     return len(rows) == n and bool((rows == np.arange(n)).all())
+
+
+def _mtime(info: dict) -> float:
+    """A file's modification time from ``fs.info`` (local ``mtime``, S3 ``LastModified``): the store's clock."""
+    for name in ("mtime", "LastModified", "last_modified"):
+        value = info.get(name)
+        if value is not None:
+            return value if isinstance(value, (int, float)) else value.timestamp()
+    return time.time()  # unknown age counts as new: never a reason to delete
+
+
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
+def _writer_gone(lease: dict, pid: int) -> bool:
+    """The lease's writer ran on this host, in this pid namespace, and no such process exists now.
+    Anything else (another host, another container) cannot be told from here: not gone."""
+    if lease.get("host") != socket.gethostname() or lease.get("pidns", "") != _pid_namespace() or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False  # exists, owned by someone else
+    return False
 
 
 def _modified(fs, path: str) -> float:
