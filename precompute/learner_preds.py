@@ -1,5 +1,6 @@
 """The Learner's verbs that leave its network as it was: ``lr_find``, ``get_preds``, ``validate``,
-``tta``, ``predict``, ``interpret`` and ``show_batch`` (what the next fit on images sees)."""
+``tta``, ``predict``, ``interpret``, ``show_batch`` (what the next fit on images sees) and
+``data_quality``."""
 
 from __future__ import annotations
 
@@ -100,3 +101,11 @@ class LearnerPredictions:
             ax.axis("off")
         fig.tight_layout()
         return fig
+
+    def data_quality(self, options=None):
+        """The data-quality report of this Learner's images (precompute.quality): near-duplicates,
+        train/valid leaks, likely label errors and outliers, from the cached vectors (the body runs
+        only for rows the cache lacks). ``options``: a ``precompute.quality.QualityOptions``."""
+        from precompute.quality import data_quality_tables  # faiss and cleanlab: only when asked
+
+        return data_quality_tables(self._cache(), self.manifest, options=options)
