@@ -17,19 +17,40 @@ import copy
 import logging
 import math
 import sys
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 from torch import nn
+from torch.optim import lr_scheduler
 
 from precompute.archs import set_frozen_bn_eval
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from precompute.train import FitLoop
-
 log = logging.getLogger("precompute.train")
+
+
+@dataclass(eq=False)
+class FitLoop:
+    """The state of one fit as its callbacks see it."""
+
+    model: nn.Module
+    groups: Sequence[nn.Module]
+    opt: torch.optim.Optimizer
+    sched: lr_scheduler.LRScheduler
+    steps_per_epoch: int
+    n_epochs: int
+    device_type: str
+    amp_dtype: torch.dtype | None = None   # autocast dtype (MixedPrecision); None: float32
+    scaler: torch.amp.GradScaler | None = None
+    epoch: int = 0
+    loss: float = 0.0                      # the last batch's training loss
+    lr: float = 0.0                        # the last group's rate for the last batch
+    row: dict = field(default_factory=dict)  # the last epoch's row
+    history: list[dict] = field(default_factory=list)
+    stop: bool = False                     # a callback ends the fit after the current batch
 
 
 class Callback:
@@ -173,23 +194,22 @@ class Recorder(Callback):
 
 class ProgressBar(Callback):
     """A tqdm bar over each epoch's batches (an unfrozen epoch on a few thousand photos takes minutes
-    on a CPU), with the running loss; ``file``: where it is drawn (default stderr)."""
+    on a CPU), with the running loss; ``file``: where it is drawn (default stderr); redrawn at most
+    every ``mininterval`` seconds."""
 
     order = 30
 
-    def __init__(self, desc: str = "fit", file=None):
-        self.desc, self.file = desc, file
+    def __init__(self, desc: str = "fit", file=None, mininterval: float = 0.1):
+        self.desc, self.file, self.mininterval = desc, file, mininterval
 
     def before_epoch(self, loop: FitLoop) -> None:
         from tqdm import tqdm
 
         self.bar = tqdm(total=loop.steps_per_epoch, desc=f"{self.desc} epoch {loop.epoch}", leave=False,
-                        file=self.file or sys.stderr, dynamic_ncols=True)
-        self.shown = 0
+                        file=self.file or sys.stderr, dynamic_ncols=True, mininterval=self.mininterval)
 
     def after_batch(self, loop: FitLoop) -> None:
         self.bar.update(1)
-        self.shown += 1
         self.bar.set_postfix(loss=f"{loop.loss:.4f}", refresh=False)
 
     def after_epoch(self, loop: FitLoop) -> None:

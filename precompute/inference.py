@@ -1,5 +1,5 @@
-"""Probabilities of a stage record's network: for image files (with test-time augmentation), on the
-validation images, or on the validation rows of the cache."""
+"""A stage record's network rebuilt (``rebuild``), and its probabilities: for image files (with
+test-time augmentation), on the validation images, or on the validation rows of the cache."""
 
 from __future__ import annotations
 
@@ -8,13 +8,25 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 import torch
+from torch import nn
 
-from precompute.backbone import rebuild
+from precompute.archs import ArchSpec, body_output_shape, cut_body, get_arch, layer_groups
+from precompute.heads import build_head
 from precompute.records import StageRecord
 from precompute.rows import cached_split, image_loader, labelled_split, targets
 from precompute.store import Entry
 from precompute.train import predict_proba, tensor_batches
 from precompute.transforms import eval_transform, train_transform
+
+
+def rebuild(record: StageRecord, size: int) -> tuple[ArchSpec, nn.Sequential, list[nn.Module]]:
+    """The network of a stage record, without loading pretrained weights again."""
+    spec = get_arch(record.arch)
+    body = cut_body(spec.build(), spec, record.xtra_cut)
+    head = build_head(body_output_shape(body, size)[0], len(record.classes), **record.head_config)
+    model = nn.Sequential(body, head)
+    model.load_state_dict(record.state_dict)
+    return spec, model, layer_groups(body, head, spec, record.xtra_cut)
 
 
 def predict_paths(record: StageRecord, paths: Sequence[str], tta: int = 0, augmentation: dict | None = None,

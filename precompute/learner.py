@@ -31,7 +31,8 @@ from torch import nn
 
 from precompute.archs import ArchSpec, body_output_shape, describe_groups, get_arch, layer_groups
 from precompute.archs import freeze_to as freeze_groups
-from precompute.backbone import Backbone, load_backbone, rebuild, transform_for, with_size
+from precompute.backbone import Backbone, load_backbone, transform_for, with_size
+from precompute.inference import rebuild
 from precompute.callbacks import Callback, EpochTable, ProgressBar, Recorder
 from precompute.heads import HeadConfig, build_head
 from precompute.learner_io import LearnerFiles

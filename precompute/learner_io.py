@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from precompute.archs import describe_groups
-from precompute.backbone import rebuild
+from precompute.inference import rebuild
 from precompute.learner_settings import describe_aug
 from precompute.manifest import ok_rows
 from precompute.records import checked_record

@@ -32,7 +32,7 @@ from precompute.task import Task
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from precompute.train import FitLoop
+    from precompute.callbacks import FitLoop
 
 log = logging.getLogger(__name__)
 LR_FIND_MIN_IT = 10  # fastai 0.7: the best loss counts (and divergence can stop the sweep) from iteration 10

@@ -12,8 +12,8 @@ other names callers used keep working:
 - ``precompute.stages.report``: ``evaluation_report``; ``precompute.inference``: predictions.
 """
 
-from precompute.backbone import Backbone, load_backbone, rebuild, transform_for  # noqa: F401
-from precompute.inference import evaluate_on_cache, evaluate_on_images, predict_paths  # noqa: F401
+from precompute.backbone import Backbone, load_backbone, transform_for, with_size  # noqa: F401
+from precompute.inference import evaluate_on_cache, evaluate_on_images, predict_paths, rebuild  # noqa: F401
 from precompute.records import ActivationsRef, StageRecord, checked_record, save_model  # noqa: F401
 from precompute.rows import (DEFAULT_MEMORY_BUDGET, Classes, cached_rows, cached_split, failed_images,  # noqa: F401
                              image_loader, labelled_split, targets, without_failed)

@@ -15,7 +15,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
@@ -24,7 +24,7 @@ from torch import nn
 from torch.optim import lr_scheduler
 
 from precompute.archs import as_channels_last, channels_last
-from precompute.callbacks import (BatchNormPolicy, Callback, EarlyStopping, MixedPrecision, OnEpoch,
+from precompute.callbacks import (BatchNormPolicy, Callback, EarlyStopping, FitLoop, MixedPrecision, OnEpoch,
                                   sorted_callbacks)
 from precompute.task import SingleLabel, Task
 
@@ -301,27 +301,6 @@ def evaluate_batches(model: nn.Module, batches: Iterable, device="cpu", task: Ta
         correct += task.correct(out, y)
         n += len(y)
     return loss / max(n, 1), correct / max(n, 1)
-
-
-@dataclass(eq=False)
-class FitLoop:
-    """The state of one fit as its callbacks see it."""
-
-    model: nn.Module
-    groups: Sequence[nn.Module]
-    opt: torch.optim.Optimizer
-    sched: lr_scheduler.LRScheduler
-    steps_per_epoch: int
-    n_epochs: int
-    device_type: str
-    amp_dtype: torch.dtype | None = None   # autocast dtype (MixedPrecision); None: float32
-    scaler: torch.amp.GradScaler | None = None
-    epoch: int = 0
-    loss: float = 0.0                      # the last batch's training loss
-    lr: float = 0.0                        # the last group's rate for the last batch
-    row: dict = field(default_factory=dict)  # the last epoch's row
-    history: list[dict] = field(default_factory=list)
-    stop: bool = False                     # a callback ends the fit after the current batch
 
 
 def _event(callbacks: Sequence[Callback], name: str, loop: FitLoop) -> None:

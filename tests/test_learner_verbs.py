@@ -2,6 +2,8 @@
 mixed precision, the progress bar inside an epoch, BatchNorm policy, lr_find's suggestion functions,
 and one clear error when precompute comes back after fine-tuning. Real photos, the offline backbone."""
 
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from precompute import Learner, recipe
+from precompute.callbacks import ProgressBar
 from precompute.lr_find import SUGGESTIONS, suggest
 from precompute.train import ConfigError
 from tests.conftest import copy_tree
@@ -107,10 +110,13 @@ def test_to_bf16_trains_under_autocast_on_the_cpu(tree):
 
 def test_progress_bar_moves_inside_each_epoch(tree, capsys):
     learn = new_learner(tree)
-    learn.progress = True
+    learn.progress = True  # verbose Learners show it
     learn.fit(3e-3, 1)
-    err = capsys.readouterr().err
-    assert "head_on_cache epoch 0" in err and "2/2" in err and "loss=" in err
+    assert "head_on_cache epoch 0" in capsys.readouterr().err
+    learn.progress = False
+    drawn = io.StringIO()
+    learn.fit(3e-3, 1, cbs=[ProgressBar("head", file=drawn, mininterval=0)])  # every batch drawn
+    assert "head epoch 0:  50%" in drawn.getvalue() and "2/2" in drawn.getvalue() and "loss=" in drawn.getvalue()
 
 
 @pytest.mark.parametrize("freeze_bn_stats", [True, False])
