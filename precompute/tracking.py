@@ -175,10 +175,16 @@ def _fluent_tracking_uri(uri: str) -> Iterator[None]:
     $MLFLOW_TRACKING_URI as they were (mlflow.set_tracking_uri also writes the variable)."""
     from unittest import mock
 
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
-
-    with mock.patch.dict(os.environ), _use_tracking_uri(uri):  # patch.dict restores the variables after
-        yield
+    before, variable = mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        with mock.patch.dict(os.environ):  # set_tracking_uri writes the variable: patch.dict restores it after
+            mlflow.set_tracking_uri(uri)
+            yield
+    finally:
+        with mock.patch.dict(os.environ):
+            mlflow.set_tracking_uri(None)  # no URI of our own: the variable or MLflow's default decides again
+            if (variable or mlflow.get_tracking_uri()) != before:
+                mlflow.set_tracking_uri(before)  # the caller had set one: put it back
 
 
 @dataclass(frozen=True)

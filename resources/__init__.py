@@ -1,9 +1,10 @@
-"""Dagster resources: everything that talks to the outside (images, the store, MLflow, the device)."""
+"""Dagster resources: everything that talks to the outside (images, the store, MLflow, the device, a Dask cluster)."""
 
 from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -107,13 +108,61 @@ class ComputeDevice(dg.ConfigurableResource):
     num_workers: int = 0   # DataLoader decode workers
 
     def setup(self) -> str:
-        import torch
+        return resolve_device(self.device, self.num_threads)
 
-        if self.num_threads:
-            torch.set_num_threads(self.num_threads)
-        if self.device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        return self.device
+
+def resolve_device(device: str = "auto", num_threads: int = 0) -> str:
+    """ComputeDevice's rule, where the tensors run (a Dask worker resolves "auto" on its own machine)."""
+    import torch
+
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+class DaskCluster(dg.ConfigurableResource):
+    """Where sharded precompute runs its shard tasks: a dask.distributed cluster, through Dask's public API.
+
+    ``scheduler_address`` (``tcp://host:8786``, $PRECOMPUTE_DASK_SCHEDULER) connects to a running
+    scheduler, whichever cluster manager started it (dask-kubernetes, dask-jobqueue, ``dask scheduler``
+    + ``dask worker``). Left empty, each run starts a LocalCluster of ``local_workers`` processes
+    ($PRECOMPUTE_DASK_WORKERS) on 127.0.0.1 and stops it at the end. ``task_retries`` is Dask's
+    ``retries=`` for a shard task that raised; a task whose worker died is rescheduled by the scheduler
+    itself (up to its ``distributed.scheduler.allowed-failures``). Committed chunks survive both.
+    """
+
+    scheduler_address: str = ""
+    local_workers: int = 2
+    threads_per_worker: int = 1
+    task_retries: int = 2
+    connect_timeout_s: float = 30.0
+    no_workers_timeout_s: float = 120.0  # fail a run whose cluster has had no worker this long
+
+    @contextmanager
+    def client(self):
+        """A ``distributed.Client`` for one run (and the LocalCluster behind it, when there is no address)."""
+        import distributed
+
+        if self.scheduler_address.strip():
+            try:
+                client = distributed.Client(self.scheduler_address.strip(), timeout=self.connect_timeout_s)
+            except OSError as e:
+                raise ConnectionError(
+                    f"no Dask scheduler answered at {self.scheduler_address} within {self.connect_timeout_s:.0f} s ({e}): "
+                    "start one (`dask scheduler`, or your cluster manager), or leave PRECOMPUTE_DASK_SCHEDULER empty "
+                    "for a LocalCluster on this machine") from e
+            with client:
+                yield client
+            return
+        if self.local_workers < 1:
+            raise ValueError(f"local_workers {self.local_workers}: a LocalCluster needs 1 or more worker processes "
+                             "(PRECOMPUTE_DASK_WORKERS), or set scheduler_address")
+        with distributed.LocalCluster(n_workers=self.local_workers, threads_per_worker=self.threads_per_worker,
+                                      processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0") as cluster, \
+                distributed.Client(cluster) as client:
+            yield client
 
 
 def scan_index_location(store_root: str) -> Optional[str]:
@@ -152,4 +201,6 @@ def default_resources() -> dict:
             "PRECOMPUTE_ARTIFACTS", str(home / "mlartifacts") if tracking_uri.startswith("sqlite:") else None)),
         "compute": ComputeDevice(device=os.environ.get("PRECOMPUTE_DEVICE", "auto"),
                                  num_workers=int(os.environ.get("PRECOMPUTE_WORKERS", "0"))),
+        "dask": DaskCluster(scheduler_address=os.environ.get("PRECOMPUTE_DASK_SCHEDULER", ""),
+                            local_workers=int(os.environ.get("PRECOMPUTE_DASK_WORKERS", "2"))),
     }

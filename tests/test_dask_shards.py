@@ -1,7 +1,8 @@
-"""`precompute_sharded` on a dask.distributed cluster of worker processes (PRECOMPUTE_EXECUTOR=dask).
+"""`precompute_sharded` against a running dask.distributed scheduler (the resource's scheduler_address).
 
 The cluster is a LocalCluster on 127.0.0.1 with 2 worker processes behind nannies: the scheduler,
-the task hand-off and the workers' own job loading are the code path a remote cluster takes.
+the task hand-off, Dask's rescheduling of a lost worker's task and the workers' events are the code
+path a remote cluster (dask-kubernetes, dask-jobqueue) takes.
 """
 
 import os
@@ -18,76 +19,49 @@ from distributed import Client, LocalCluster, WorkerPlugin
 from precompute.data import build_manifest, ok_rows
 from precompute.features import in_shard
 from precompute.store import ActivationStore
+from resources import DaskCluster
 from tests.conftest import copy_tree
-from tests.test_sharding import PARTITION, assert_same_entry, single_run
-
-SHARD_STEPS = ("compute_shard[shard_0]", "compute_shard[shard_1]")
-
-
-def dask_sharded_job():
-    """The job with the executor $PRECOMPUTE_EXECUTOR picks (dask here), as the orchestrator and each
-    worker load it. Dagster caches a loaded job per process: test_sharding's target is another function."""
-    from pipelines.definitions import defs
-    from pipelines.sharding import executor_from_env
-
-    return defs.resolve_job_def("precompute_sharded").with_executor_def(executor_from_env())
+from tests.test_sharding import PARTITION, assert_same_entry, run_sharded, single_run
 
 
 @pytest.fixture(scope="module")
 def dask(tmp_path_factory, dogscats):
-    """2 Dask worker processes with the pipeline's settings in their env, a persistent Dagster home."""
+    """2 Dask worker processes (1 thread each) on loopback, and the resource pointed at their scheduler."""
     root = tmp_path_factory.mktemp("dask")
     images = copy_tree(dogscats, root / "images", {"train": 6, "valid": 3})
-    home = root / "dagster_home"
-    home.mkdir()
-    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     with pytest.MonkeyPatch.context() as mp:
-        # the workers are spawned with this env: they build the job's resources and executor from it
-        for var, value in {"PRECOMPUTE_HOME": root / "home", "PRECOMPUTE_DATA": images, "PRECOMPUTE_STORE": root / "store",
-                           "DAGSTER_HOME": home, "PRECOMPUTE_EXECUTOR": "dask", "OMP_NUM_THREADS": 1}.items():
-            mp.setenv(var, str(value))
+        mp.setenv("OMP_NUM_THREADS", "1")  # the workers are spawned with this env
         with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
                           dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as client:
-            mp.setenv("PRECOMPUTE_DASK_SCHEDULER", cluster.scheduler_address)
             manifest = build_manifest(images)
-            yield SimpleNamespace(root=root, client=client, manifest=manifest,
+            yield SimpleNamespace(root=root, images=images, client=client, manifest=manifest,
+                                  resource=DaskCluster(scheduler_address=cluster.scheduler_address),
                                   ids=list(ok_rows(manifest)["image_id"]), store=ActivationStore(str(root / "store")))
 
 
-def run_sharded(config: dict, partition: str = PARTITION) -> tuple[bool, list, dict]:
-    """One run of the job (executor config from $PRECOMPUTE_DASK_SCHEDULER): success, events, shard outputs."""
-    ops = {op: {"config": {**config, "shards": 2}} for op in ("plan_shards", "compute_shard")}
-    with dg.DagsterInstance.get() as instance:
-        with dg.execute_job(dg.reconstructable(dask_sharded_job), instance, tags={"dagster/partition": partition},
-                            run_config={"ops": ops}, raise_on_error=False) as result:
-            outputs = dict(result.output_for_node("compute_shard")) if result.success else {}
-            # the run's event log, which has what a killed worker wrote too (result.all_events does not)
-            events = [r.dagster_event for r in instance.all_logs(result.run_id) if r.dagster_event]
-            return result.success, events, outputs
+def messages(instance: dg.DagsterInstance, run_id: str) -> list[str]:
+    return [r.user_message for r in instance.all_logs(run_id)]
 
 
-def step_pids(events, event_type: str) -> dict[str, list[int]]:
-    pids: dict[str, list[int]] = {}
-    for e in events:
-        if e.event_type_value == event_type and e.step_key:
-            pids.setdefault(e.step_key, []).append(e.pid)
-    return pids
-
-
-def test_two_dask_shards_equal_one(dask):
-    config = {"size": 32, "chunk_rows": 4}
-    ok, events, outputs = run_sharded(config)
-    assert ok, [e.message for e in events if e.event_type_value in ("STEP_FAILURE", "ENGINE_EVENT")]
-    # the shards ran in the cluster's two worker processes, not in this one (no silent fallback)
+def test_two_dask_shards_equal_one_and_log_progress(dask):
+    with dg.DagsterInstance.ephemeral() as instance:
+        result = run_sharded(dask.images, dask.root / "store", dask.resource, {"size": 32, "chunk_rows": 4, "shards": 2},
+                             instance=instance)
+        assert result.success
+        logged = messages(instance, result.run_id)
+    shards = result.output_for_node("precompute_shards")["shards"]
+    # the shards ran in the cluster's two worker processes, not in this one
     workers = dask.client.run(os.getpid)  # worker address -> pid
-    shard_pids = {step: pids for step, pids in step_pids(events, "STEP_START").items() if step in SHARD_STEPS}
-    assert set(shard_pids) == set(SHARD_STEPS)
-    pids = [p for ps in shard_pids.values() for p in ps]
-    assert len(pids) == len(set(pids)) == 2 and set(pids) <= set(workers.values()) and os.getpid() not in pids
-    started = [e for e in events if e.event_type_value == "STEP_WORKER_STARTED" and e.step_key in SHARD_STEPS]
-    assert {e.event_specific_data.metadata["dask_worker"].value for e in started} == set(workers)
-    assert all(r["computed"] > 0 for r in outputs.values())
-    assert sum(r["computed"] for r in outputs.values()) == len(set(dask.ids))
+    assert {s["worker"] for s in shards} == set(workers) and {s["pid"] for s in shards} == set(workers.values())
+    assert all(s["computed"] > 0 for s in shards)
+    assert sum(s["computed"] for s in shards) == len(set(dask.ids))
+    # the workers' events reached the Dagster log: where each shard started, its progress, its end
+    for s in shards:
+        k = s["shard"]
+        assert f"shard {k}/2 started on Dask worker {s['worker']} (pid {s['pid']})" in logged
+        n = sum(in_shard(i, k, 2) for i in set(dask.ids))
+        assert any(m.startswith(f"shard {k}/2 on Dask worker {s['worker']}: {n}/{n} images") for m in logged)
+        assert any(m.startswith(f"shard {k}/2 done on {s['worker']}: {s['computed']} computed") for m in logged)
 
     single = single_run(dask.manifest, dask.root / "single32", size=32, chunk_rows=4)
     assert_same_entry(dask.store.entry(single.key), single, dask.ids)
@@ -120,9 +94,9 @@ class SlowCommits(WorkerPlugin):
 
 
 def test_killed_worker_mid_shard(dask):
-    """SIGKILL the worker computing a shard after its first commit: Dask reruns the step on a live
-    worker, which keeps the committed chunks; a rerun computes nothing; the entry verifies."""
-    config = {"size": 32, "chunk_rows": 1, "batch_size": 1}
+    """SIGKILL the worker computing a shard after its first commit: the Dask scheduler reruns the task
+    on the other worker, which keeps the committed chunks; a rerun computes nothing; the entry verifies."""
+    config = {"size": 32, "chunk_rows": 1, "batch_size": 2, "shards": 2}
     partition = "tf_efficientnet_lite0|1"  # cut 1: an entry of its own, not the one the other test filled
     single = single_run(dask.manifest, dask.root / "single_cut1", size=32, chunk_rows=1, xtra_cut=1)
     commits = Path(dask.store.entry(single.key).path) / "commits"
@@ -132,47 +106,46 @@ def test_killed_worker_mid_shard(dask):
     def kill_after_first_commit():
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and not killed:
-            records = sorted(commits.glob("*.json")) if commits.is_dir() else []
-            if records:
+            if commits.is_dir() and any(commits.glob("*.json")):
                 entry = dask.store.entry(single.key)
                 entry.index(refresh=True)
                 committed = [sum(in_shard(i, k, 2) for r in entry.records.values() for i in r["ids"]) for k in (0, 1)]
                 shard = 0 if committed[0] else 1
-                # the worker whose task is that shard's step
-                for address, keys in dask.client.processing().items():
-                    if any(str(key).startswith(f"compute_shard[shard_{shard}]") for key in keys):
+                for address, keys in dask.client.processing().items():  # the worker running that shard's task
+                    if any(str(key).endswith(f"-shard-{shard}") for key in keys):
                         pid = dask.client.run(os.getpid, workers=[address])[address]
                         os.kill(pid, signal.SIGKILL)
-                        killed.update(step=f"compute_shard[shard_{shard}]", pid=pid, committed=committed[shard])
+                        killed.update(shard=shard, pid=pid, worker=address, committed=committed[shard])
                         return
             time.sleep(0.02)
 
     killer = threading.Thread(target=kill_after_first_commit, daemon=True)
     killer.start()
     try:
-        ok, events, outputs = run_sharded(config, partition)
+        with dg.DagsterInstance.ephemeral() as instance:
+            result = run_sharded(dask.images, dask.root / "store", dask.resource, config, partition, instance)
+            logged = messages(instance, result.run_id)
     finally:
         killer.join(timeout=5)
         dask.client.unregister_worker_plugin(SlowCommits.name)
-    assert killed, "the killer found no shard step to kill"
-    step = killed["step"]
-    assert ok, [e.message for e in events if e.event_type_value in ("STEP_FAILURE", "ENGINE_EVENT")]
-    # the step ran twice: first in the killed worker, then in another one, which succeeded
-    started = step_pids(events, "STEP_WORKER_STARTED")[step]
-    assert len(started) == 2 and started[0] == killed["pid"] and started[1] != killed["pid"]
-    assert step_pids(events, "STEP_SUCCESS")[step] == started[1:]
-    second = [e.message for e in events if e.event_type_value == "STEP_WORKER_STARTED" and e.step_key == step][1]
-    assert "started before on Dask worker(s) " in second and f"(pid {killed['pid']})" in second  # the log says why
+    assert killed, "the killer found no shard task to kill"
+    assert result.success, [m for m in logged if "rror" in m]
+    k = killed["shard"]
+    shard = result.output_for_node("precompute_shards")["shards"][k]
+    assert shard["pid"] != killed["pid"]  # finished in another worker process
+    # the log says the shard started twice, and where it ran before
+    starts = [m for m in logged if m.startswith(f"shard {k}/2 started on")]
+    assert len(starts) == 2 and f"(pid {killed['pid']})" in starts[0]
+    assert f"started before on {killed['worker']} (pid {killed['pid']}) (Dask runs it again" in starts[1]
     # the retry kept what was committed before the kill and computed only the rest
-    shard = outputs[step.split("[")[1].rstrip("]")]
-    n_shard = sum(in_shard(i, int(step[-2]), 2) for i in set(dask.ids))
+    n_shard = sum(in_shard(i, k, 2) for i in set(dask.ids))
     assert shard["reused"] >= killed["committed"] >= 1 and shard["reused"] + shard["computed"] == n_shard
     assert shard["computed"] >= 1  # the kill came before the shard was done
 
     dask.client.wait_for_workers(2, timeout=120)  # the nanny restarted the killed one
-    ok, events, outputs = run_sharded(config, partition)  # a rerun: every row is there, nothing is computed
-    assert ok and sum(r["computed"] for r in outputs.values()) == 0
-    assert sum(r["reused"] for r in outputs.values()) == len(set(dask.ids))
+    again = run_sharded(dask.images, dask.root / "store", dask.resource, config, partition)
+    out = again.output_for_node("precompute_shards")  # a rerun: every row is there, nothing is computed
+    assert again.success and out["computed"] == 0 and out["reused"] == len(set(dask.ids))
     entry = dask.store.entry(single.key)
     report = entry.verify()
     assert report.ok and report.damaged == {} and len(report.verified) == len(entry.records)
@@ -181,16 +154,13 @@ def test_killed_worker_mid_shard(dask):
     assert_same_entry(entry, single, dask.ids, mean_atol=None)
 
 
-def test_dask_without_scheduler_says_what_to_set(tmp_path, tiny_tree, monkeypatch):
-    for var, value in {"PRECOMPUTE_HOME": tmp_path / "home", "PRECOMPUTE_DATA": tiny_tree,
-                       "PRECOMPUTE_STORE": tmp_path / "store", "PRECOMPUTE_EXECUTOR": "dask"}.items():
-        monkeypatch.setenv(var, str(value))
-    monkeypatch.delenv("PRECOMPUTE_DASK_SCHEDULER", raising=False)
-    (tmp_path / "dh").mkdir()
-    with dg.DagsterInstance.local_temp(str(tmp_path / "dh")) as instance:
-        with dg.execute_job(dg.reconstructable(dask_sharded_job), instance, tags={"dagster/partition": PARTITION},
-                            raise_on_error=False) as result:
-            assert not result.success
-            (failure,) = instance.all_logs(result.run_id, of_type=dg.DagsterEventType.RUN_FAILURE)
-            assert "PRECOMPUTE_DASK_SCHEDULER=tcp://HOST:8786" in failure.dagster_event.event_specific_data.error.message
-            assert not instance.all_logs(result.run_id, of_type=dg.DagsterEventType.STEP_START)  # nothing ran
+def test_unreachable_scheduler_says_what_to_do(tmp_path, tiny_tree):
+    with dg.DagsterInstance.ephemeral() as instance:
+        result = run_sharded(tiny_tree, tmp_path / "store",
+                             DaskCluster(scheduler_address="tcp://127.0.0.1:9", connect_timeout_s=2),
+                             {"size": 32}, instance=instance)
+        assert not result.success
+        (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+        message = failure.step_failure_data.error.message
+    assert "no Dask scheduler answered at tcp://127.0.0.1:9" in message and "PRECOMPUTE_DASK_SCHEDULER" in message
+    assert not (tmp_path / "store").exists() or not any((tmp_path / "store").rglob("commits/*.json"))

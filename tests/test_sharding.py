@@ -1,4 +1,6 @@
-"""A 2-shard precompute on Dagster's multiprocess executor gives exactly the cache of a 1-shard run."""
+"""A 2-shard precompute on Dask (a LocalCluster the resource starts) gives exactly the cache of a 1-shard run."""
+
+import os
 
 import dagster as dg
 import numpy as np
@@ -7,18 +9,9 @@ from precompute import recipe
 from precompute.data import build_manifest, ok_rows
 from precompute.features import in_shard
 from precompute.store import ActivationStore
+from resources import ActivationStoreResource, ComputeDevice, DaskCluster, ImageSource
 
 PARTITION = "tf_efficientnet_lite0|0"
-
-
-def sharded_job():
-    """The job as Dagster's multiprocess executor loads it in each step's process (env-configured).
-
-    The executor is named, not taken from $PRECOMPUTE_EXECUTOR at import: test_dask_shards may have
-    imported the job in this process with the dask one."""
-    from pipelines.definitions import defs
-
-    return defs.resolve_job_def("precompute_sharded").with_executor_def(dg.multiprocess_executor)
 
 
 def single_run(manifest, store_root, size: int, chunk_rows: int, xtra_cut: int = 0):
@@ -43,35 +36,47 @@ def assert_same_entry(sharded, single, ids, mean_atol: float | None = 1e-6) -> N
         assert np.abs(got - want).mean() < mean_atol  # the bulk agrees far more tightly than the worst element
 
 
-def test_two_shards_equal_one(tmp_path, tiny_tree, monkeypatch):
-    for var, value in {"PRECOMPUTE_HOME": tmp_path / "home", "PRECOMPUTE_DATA": tiny_tree,
-                       "PRECOMPUTE_STORE": tmp_path / "sharded"}.items():
-        monkeypatch.setenv(var, str(value))  # the step processes build their resources from these
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    (tmp_path / "dh").mkdir()
-    with dg.DagsterInstance.local_temp(str(tmp_path / "dh")) as instance:
-        with dg.execute_job(
-                dg.reconstructable(sharded_job), instance, tags={"dagster/partition": PARTITION},
-                run_config={"ops": {op: {"config": {"size": 32, "chunk_rows": 4, "shards": 2}}
-                                    for op in ("plan_shards", "compute_shard")},
-                            "execution": {"config": {"max_concurrent": 2}}}) as result:
-            assert result.success
-            steps = {e.step_key: e.pid for e in result.all_events if e.event_type_value == "STEP_START"}
-            shard_results = dict(result.output_for_node("compute_shard"))
-    assert len({pid for step, pid in steps.items() if step.startswith("compute_shard")}) == 2  # two processes
-    # one scan for the run: the shards get its manifest and cannot reach the image source themselves
-    assert [step for step in steps if "scan" in step] == ["scan_manifest"]
-    from pipelines.sharding import compute_shard
-    assert "images" not in compute_shard.required_resource_keys
-    assert set(shard_results) == {"shard_0", "shard_1"}
-    assert all(r["computed"] > 0 for r in shard_results.values())  # both shards did work
+def run_sharded(images, store_root, dask: DaskCluster, config: dict, partition: str = PARTITION,
+                instance: dg.DagsterInstance | None = None) -> dg.ExecuteInProcessResult:
+    """The job's one step in this process; its shard tasks on ``dask``'s cluster."""
+    from pipelines.sharding import precompute_sharded
+
+    resources = {"images": ImageSource(source=str(images)), "store": ActivationStoreResource(root=str(store_root)),
+                 "compute": ComputeDevice(device="cpu", num_threads=1), "dask": dask}
+    return precompute_sharded.execute_in_process(
+        run_config={"ops": {"precompute_shards": {"config": config}}}, resources=resources, partition_key=partition,
+        instance=instance or dg.DagsterInstance.ephemeral(), raise_on_error=False)
+
+
+def test_two_shards_on_a_local_cluster_equal_one(tmp_path, tiny_tree):
+    """No scheduler address: the resource starts a 2-worker LocalCluster for the run and stops it."""
+    result = run_sharded(tiny_tree, tmp_path / "sharded", DaskCluster(local_workers=2),
+                         {"size": 32, "chunk_rows": 4, "shards": 2})
+    assert result.success
+    out = result.output_for_node("precompute_shards")
+    shards = out["shards"]
+    assert [s["shard"] for s in shards] == [0, 1]
+    # each shard ran in a worker process of its own, not in this one (no silent fallback)
+    pids = {s["pid"] for s in shards}
+    assert len(pids) == 2 and os.getpid() not in pids
+    assert all(s["computed"] > 0 for s in shards)  # both shards did work
     manifest = build_manifest(tiny_tree)
     ids = list(ok_rows(manifest)["image_id"])
-    assert sum(r["computed"] for r in shard_results.values()) == len(set(ids))
+    assert out["computed"] == sum(s["computed"] for s in shards) == len(set(ids)) and out["reused"] == 0
 
     single = single_run(manifest, tmp_path / "single", size=32, chunk_rows=4)
     sharded = ActivationStore(str(tmp_path / "sharded")).entry(single.key)
     assert_same_entry(sharded, single, ids)
     # disjoint chunks: every committed chunk holds images of one shard only
-    for record in (sharded.index(refresh=True), sharded.records)[1].values():  # chunk -> its commit record
-        assert len({in_shard(i, 0, 2) for i in record["ids"]}) == 1
+    sharded.index(refresh=True)
+    assert sharded.records and all(len({in_shard(i, 0, 2) for i in r["ids"]}) == 1 for r in sharded.records.values())
+
+
+def test_sharded_job_is_one_step_with_the_dask_resource():
+    """The shards are Dask tasks inside one step, not Dagster steps (no custom executor, no DynamicOut)."""
+    from pipelines.definitions import defs
+
+    job = defs.resolve_job_def("precompute_sharded")
+    assert [n.name for n in job.graph.nodes] == ["precompute_shards"]
+    assert {"images", "store", "compute", "dask"} <= job.graph.node_named("precompute_shards").definition.required_resource_keys
+    assert isinstance(defs.resources["dask"], DaskCluster)
