@@ -31,7 +31,8 @@ HEAD_CODE_VERSION = "1"  # bump when training on the cache changes its result fo
 def _head_learner(entry: Entry, manifest: pd.DataFrame, bb: Backbone, ts: TransformSpec, head_config: dict,
                   batch_size: int, seed: int, memory_budget: int | None) -> Learner:
     learn = Learner.from_backbone(bb, manifest, ts, head_config, entry, bs=batch_size, seed=seed, verbose=False)
-    learn.memory_budget = memory_budget or learn.memory_budget
+    if memory_budget is not None:  # 0: every row streamed from the store
+        learn.memory_budget = memory_budget
     return learn
 
 
