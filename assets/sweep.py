@@ -83,11 +83,14 @@ def head_sweep(context: dg.AssetExecutionContext, config: HeadSweepConfig, image
                          f"MLflow run {found.get('mlflow_run_id')}; nothing trained")
         return dg.Output(found, data_version=dg.DataVersion(fingerprint),
                          metadata=_metadata(found, fingerprint, True, tracking.tracking_uri))
-    classes = labels.class_names(image_manifest)
-    train = recipe.cached_rows(entry, image_manifest, classes, "train", recipe.DEFAULT_MEMORY_BUDGET)
-    valid = recipe.cached_rows(entry, image_manifest, classes, "valid", recipe.DEFAULT_MEMORY_BUDGET)
+    from precompute.task import Task
+
+    task = Task.from_manifest(image_manifest)  # one class per image, or several labels: the sweep trains either
+    classes = list(task.classes)
+    train = recipe.cached_rows(entry, image_manifest, task, "train", recipe.DEFAULT_MEMORY_BUDGET)
+    valid = recipe.cached_rows(entry, image_manifest, task, "valid", recipe.DEFAULT_MEMORY_BUDGET)
     try:
-        result = sweep.head_sweep(train, valid, len(classes), configs, config.batch_size, config.seed)
+        result = sweep.head_sweep(train, valid, len(classes), configs, config.batch_size, config.seed, task=task)
     except ConfigError as exc:
         raise dg.Failure(str(exc), allow_retries=False) from exc
     summary = sweep.summary(result)

@@ -66,8 +66,8 @@ class HeadOnCacheConfig(ScheduleConfig):
     def head_config(self) -> dict:
         return {"ps": self.ps, "xtra_fc": self.xtra_fc, "custom": self.custom_head}
 
-    def stage(self, finder: Optional[dict] = None) -> "recipe.HeadStage":
-        lr = float(finder["suggestion"]) if self.lr_from_finder and finder and finder["suggestion"] is not None else self.lr
+    def stage(self, finder=None) -> "recipe.HeadStage":
+        lr = finder.suggestion if self.lr_from_finder and finder and finder.suggestion is not None else self.lr
         return recipe.HeadStage(self.head_config(), self.to_schedule(), lr, self.batch_size, self.seed,
                                 self.precompute, self.augment, self.fit_options())
 
@@ -89,12 +89,12 @@ class ImageStageConfig(ScheduleConfig):
     def augmentation_args(self) -> dict:
         return {"preset": self.augmentation, "max_zoom": self.max_zoom}
 
-    def learning_rates(self, finder: Optional[dict] = None):
-        if self.lr_from_finder and finder and finder.get("suggestion") is not None:
-            return float(finder["suggestion"])
+    def learning_rates(self, finder=None):
+        if self.lr_from_finder and finder and finder.suggestion is not None:
+            return finder.suggestion
         return self.lrs or self.lr_range or self.lr
 
-    def stage(self, name: str, freeze_to: int, finder: Optional[dict] = None) -> "recipe.ImageStage":
+    def stage(self, name: str, freeze_to: int, finder=None) -> "recipe.ImageStage":
         """The stage this config describes; ``freeze_to`` as fastai's (-1: the head trains, 0: every group)."""
         return recipe.ImageStage(name, freeze_to, self.to_schedule(), self.learning_rates(finder), self.lr_spread,
                                  self.batch_size, self.augment, self.precompute, self.augmentation_args(),
@@ -157,15 +157,16 @@ def _stage_output(record: "recipe.StageRecord", tracking: MlflowTracking, data_v
                      data_version=dg.DataVersion(data_version) if data_version else None)
 
 
-def _lr_find_output(context, tracking: MlflowTracking, stage: str, result: dict, params: dict, manifest):
-    folder = Path(tempfile.mkdtemp(prefix="lr_find-"))
-    plot = evaluate.plot_lr_find(result, folder / f"{stage}.png")
+def _lr_find_output(context, tracking: MlflowTracking, stage: str, result, params: dict, manifest):
+    """``result``: a precompute.lr_find.LRFindResult (its suggestion: fastai's valley)."""
+    plot = Path(tempfile.mkdtemp(prefix="lr_find-")) / f"{stage}.png"
+    result.plot().savefig(plot, dpi=100)
     with _mlflow_run(context, tracking, stage, params, manifest) as run:
-        if result["suggestion"] is not None:
-            run.metrics({"suggested_lr": result["suggestion"]})
-        run.series("lr_find_loss", result["losses"])
+        if result.suggestion is not None:
+            run.metrics({"suggested_lr": result.suggestion})
+        run.series("lr_find_loss", result.losses)
         run.artifact(plot)
-    said = (f"{result['suggestion']:.2e}" if result["suggestion"] is not None
+    said = (f"{result.suggestion:.2e}" if result.suggestion is not None
             else "none: the loss never fell; stages keep their configured lr")
     context.log.info(f"{stage}: suggested learning rate {said}")
     return dg.Output(result, metadata={"suggested_lr": said, "mlflow_run_id": run.run_id,
@@ -225,7 +226,7 @@ def _image_stage(context, config: ImageStageConfig, image_manifest, previous, st
 
 
 def _checked_image_stage(context, config: ImageStageConfig, name: str, freeze_to: int, tracking: MlflowTracking,
-                         finder: Optional[dict] = None) -> "recipe.ImageStage":
+                         finder=None) -> "recipe.ImageStage":
     arch, xtra_cut = arch_and_cut(context)
     return _checked(lambda: config.stage(name, freeze_to, finder), arch=arch, xtra_cut=xtra_cut, size=config.size,
                     lr=config.learning_rates(finder), frozen=freeze_to % train.N_LAYER_GROUPS, precompute=config.precompute,

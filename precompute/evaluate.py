@@ -124,36 +124,6 @@ def plot_image_grid(paths: Sequence[str], captions: Sequence[str], path: Path, c
     return path
 
 
-def plot_tensor_grid(images, path: Path, mean, std, cols: int = 4) -> Path:
-    """Augmented training samples as the model sees them (normalization undone)."""
-    rows = max(1, -(-len(images) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(2.5 * cols, 2.5 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    m, s = np.asarray(mean)[:, None, None], np.asarray(std)[:, None, None]
-    for ax, img in zip(axes.flat, images):
-        ax.imshow(np.clip(img.numpy() * s + m, 0, 1).transpose(1, 2, 0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
-
-
-def plot_lr_find(result: dict, path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(result["lrs"], result["losses"])
-    if result["suggestion"] is not None:
-        ax.axvline(result["suggestion"], color="red", linestyle="--", label=f"suggested {result['suggestion']:.2e}")
-    ax.set(xscale="log", xlabel="learning rate", ylabel="smoothed loss",
-           title=None if result["suggestion"] is not None else "the loss never fell: no suggestion")
-    if result["suggestion"] is not None:
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
 def plot_confusion(targets: np.ndarray, preds: np.ndarray, classes: Sequence[str], path: Path) -> Path:
     cm = confusion_matrix(targets, preds, labels=list(range(len(classes))))
     size = max(4.0, 0.5 * len(classes) + 2)

@@ -9,16 +9,18 @@ reads back; ``from_dict`` also reads the flat dicts written before these classes
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING
 
+import torch
+
+from precompute.backbone import Backbone, load_backbone
+from precompute.heads import UnknownHead, check_head_config
 from precompute.store import CacheKey, Entry
 from precompute.task import Task
 from precompute.train import FitOptions, Schedule
 from precompute.transforms import TransformSpec
-
-if TYPE_CHECKING:
-    from precompute.recipe import Backbone
 
 # Keys a file needs to be a stage record at all (checked before anything is built from it).
 REQUIRED_KEYS = ("arch", "classes", "head_config", "state_dict")
@@ -140,8 +142,32 @@ class ActivationsRef:
     def transform(self) -> TransformSpec:
         return TransformSpec(**self.key["transform"])
 
-    def backbone(self) -> "Backbone":
+    def backbone(self) -> Backbone:
         """The frozen body the rows were computed with (its weights as configured then)."""
-        from precompute.recipe import load_backbone
-
         return load_backbone(self.key["arch"], self.key["xtra_cut"], self.weights, self.weights_path)
+
+
+def checked_record(record, source: str) -> StageRecord:
+    """A stage record read from a file or a shared cache is data: its head must be one the code
+    registers or the operator allows (precompute.heads), checked before anything is built or imported.
+    A dict (a file's content, this version's or an earlier one's) becomes a ``StageRecord``."""
+    if isinstance(record, dict) and set(REQUIRED_KEYS) <= record.keys():
+        head_config = record["head_config"]
+    elif isinstance(record, StageRecord):
+        head_config = record.head_config
+    else:
+        raise ValueError(f"{source} is not a stage record (a dict with arch, classes, head_config, state_dict): "
+                         "pass a model .pt saved by a training stage")
+    try:
+        check_head_config(head_config)
+    except UnknownHead as e:
+        raise UnknownHead(f"{source}: {e}") from None
+    return StageRecord.coerce(record)
+
+
+def save_model(record: StageRecord, run_id: str, folder: str | None = None) -> str:
+    """The stage record (state dict, arch, task, transform) as one file for predict/reload."""
+    folder = folder or tempfile.mkdtemp(prefix=f"model-{run_id[:8]}-")
+    path = os.path.join(folder, f"{record.stage}.pt")
+    torch.save(record.to_dict(groups=False), path)
+    return path

@@ -1,29 +1,28 @@
 """Many heads on one cache: a grid or random search over lr, dropout, hidden sizes, epochs, weight
-decay and label smoothing, trained in one process.
+decay and label smoothing, trained in one process, single- or multi-label.
 
-Heads of the same shape (``xtra_fc`` and ``epochs``) train together as one wide batched model:
-their parameters are stacked along a leading "model" dimension, every linear layer is one
-``torch.baddbmm`` and every BatchNorm one ``batch_norm`` call over ``models x features`` channels.
-Each head keeps its own learning rate, weight decay, one-cycle schedule (lr and Adam's beta1, as
-torch's ``OneCycleLR`` moves them), dropout rates and label smoothing; AdamW is applied per model.
+Heads of the same shape (``xtra_fc`` and ``epochs``) train together: ``torch.func.vmap`` of
+``functional_call`` runs them as one batched forward over their parameters, stacked each step (as
+``torch.func.stack_module_state`` would, but from leaves the optimizer holds). Each head is one parameter group of torch's
+AdamW, with its own learning rate, weight decay and one-cycle schedule (torch's OneCycleLR moves
+lr and beta1 per group); its loss is the task's (cross-entropy with its label smoothing, or BCE).
 
 The batched sweep computes what ``train.fit_head_on_cache`` computes for each configuration alone,
 within float tolerance, dropout included:
 
-- each head starts from ``torch.manual_seed(seed); build_head(...)``, as ``recipe`` builds a head;
+- each head starts from ``torch.manual_seed(seed); build_head(...)``, as the Learner builds a head;
 - the batches come in the same order (one ``torch.Generator`` seeded with ``seed``);
 - each head's dropout masks come from its own generator seeded with ``seed``, drawn in the order and
   the shapes ``nn.Dropout`` draws them from the global generator in ``fit`` (which seeds it with
-  ``seed``); a rate of 0 draws nothing, as in torch;
-- the first BatchNorm sees the same rows in every head, so its statistics are computed once.
+  ``seed``); a rate of 0 draws nothing, as in torch.
 
 ``head_sweep(..., batched=False)`` trains the same configurations one by one through
 ``fit_head_on_cache``: the reference the tests and ``benchmarks/head_sweep.py`` compare against.
-Single-label heads of fastai's shape only (no custom head, no multi-label targets).
+Heads of fastai's shape only (no custom head).
 """
-
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import random
@@ -38,7 +37,8 @@ import torch
 from torch import nn
 
 from precompute.heads import _expand_ps, build_head, concat_pool
-from precompute.train import ArrayRows, ConfigError, Schedule, StreamedRows, fit_head_on_cache
+from precompute.task import MultiLabel, Task
+from precompute.train import SINGLE_LABEL, ArrayRows, ConfigError, Schedule, StreamedRows, fit_head_on_cache
 from precompute.versions import SWEEP_CODE_VERSION
 
 CONFIG_COLUMNS = ["lr", "ps", "xtra_fc", "epochs", "wd", "label_smoothing"]
@@ -123,174 +123,90 @@ def best_index(table: pd.DataFrame) -> int:
     return int(order["_i"].iloc[0])
 
 
-# -- schedules: what torch's scheduler does to one optimizer, step by step --------------------------
+# -- the stacked heads: torch.func over one module, torch's AdamW and OneCycleLR ----------------------
 
-def _schedule_trace(cfg: HeadConfig, steps_per_epoch: int) -> tuple[list[float], list[float]]:
-    """(lr, beta1) in force at each optimizer step of ``fit`` for this config (one_cycle, as
-    fit_head_on_cache runs it): replayed on a dummy AdamW so it is torch's own schedule."""
-    schedule = Schedule("one_cycle", epochs=cfg.epochs)
-    dummy = torch.zeros(1, requires_grad=True)
-    opt = torch.optim.AdamW([dummy], lr=cfg.lr, weight_decay=cfg.wd)
-    sched = schedule.build(opt, steps_per_epoch)
-    lrs, betas = [], []
-    for _ in range(max(1, steps_per_epoch) * schedule.total_epochs):
-        lrs.append(opt.param_groups[0]["lr"])
-        betas.append(opt.param_groups[0]["betas"][0])
-        opt.step()  # keeps torch from warning that the scheduler stepped first (no grad: a no-op)
-        sched.step()
-    return lrs, betas
+class _MaskDropout(nn.Module):
+    """Dropout with its mask given (a buffer passed to ``functional_call``): each head's mask is drawn
+    from its own generator, so the heads can share one vmapped forward."""
 
-
-# -- the batched model ----------------------------------------------------------------------------------
-
-class _Stacked:
-    """M heads of one shape as stacked tensors: per block BN (weight, bias, running stats) + Linear."""
-
-    def __init__(self, heads: Sequence[nn.Module], dropouts: list[tuple[float, ...]]):
-        seqs = [list(h.classifier) for h in heads]
-        self.n_blocks = len(dropouts[0])
-        self.bn_w, self.bn_b, self.rm, self.rv, self.lin_w, self.lin_b = [], [], [], [], [], []
-        for i in range(self.n_blocks):
-            bns = [s[4 * i] for s in seqs]
-            lins = [s[4 * i + 2] for s in seqs]
-            self.bn_w.append(torch.stack([b.weight.detach() for b in bns]).requires_grad_())
-            self.bn_b.append(torch.stack([b.bias.detach() for b in bns]).requires_grad_())
-            if i == 0:  # every head sees the same rows: one set of running statistics
-                self.rm.append(bns[0].running_mean.clone())
-                self.rv.append(bns[0].running_var.clone())
-            else:
-                self.rm.append(torch.stack([b.running_mean for b in bns]).contiguous())
-                self.rv.append(torch.stack([b.running_var for b in bns]).contiguous())
-            self.lin_w.append(torch.stack([l.weight.detach().transpose(0, 1) for l in lins]).contiguous().requires_grad_())
-            self.lin_b.append(torch.stack([l.bias.detach() for l in lins]).unsqueeze(1).contiguous().requires_grad_())
-        self.eps = [b.eps for b in [seqs[0][4 * i] for i in range(self.n_blocks)]]
-        self.momentum = [b.momentum for b in [seqs[0][4 * i] for i in range(self.n_blocks)]]
-        self.p = torch.tensor(dropouts, dtype=torch.float32)  # (M, n_blocks)
-        self.n_models = len(heads)
-        self.batches_tracked = 0
-        self._mask_buffers: dict[tuple, torch.Tensor] = {}
-
-    def params(self) -> list[torch.Tensor]:
-        return [t for i in range(self.n_blocks) for t in (self.bn_w[i], self.bn_b[i], self.lin_w[i], self.lin_b[i])]
-
-    def forward(self, x: torch.Tensor, train: bool, gens: list[torch.Generator | None] | None = None) -> torch.Tensor:
-        """x (B, F) shared by every head -> scores (M, B, n_classes)."""
-        M = self.n_models
-        h = x
-        for i in range(self.n_blocks):
-            if i == 0:
-                xhat = nn.functional.batch_norm(x, self.rm[0], self.rv[0], None, None, train, self.momentum[0], self.eps[0])
-                h = torch.addcmul(self.bn_b[0].unsqueeze(1), xhat.unsqueeze(0), self.bn_w[0].unsqueeze(1))
-            else:
-                B, n = h.shape[1], h.shape[2]
-                flat = h.transpose(0, 1).reshape(B, M * n)
-                flat = nn.functional.batch_norm(flat, self.rm[i].view(-1), self.rv[i].view(-1), self.bn_w[i].reshape(-1),
-                                                self.bn_b[i].reshape(-1), train, self.momentum[i], self.eps[i])
-                h = flat.reshape(B, M, n).transpose(0, 1)
-            if train:
-                h = h * self._masks(i, h.shape[1:], gens)
-            h = torch.baddbmm(self.lin_b[i], h, self.lin_w[i])
-            if i < self.n_blocks - 1:
-                h = torch.relu(h)
-        if train:
-            self.batches_tracked += 1
-        return h
-
-    def _masks(self, block: int, shape, gens) -> torch.Tensor:
-        """Inverted-dropout masks, each head's from its own generator, as nn.Dropout draws them."""
-        p = self.p[:, block]
-        if not (p > 0).any():
-            return torch.ones(1)
-        key = (block, *shape)
-        if key not in self._mask_buffers:  # rows of heads without dropout stay 1
-            self._mask_buffers[key] = torch.ones((self.n_models, *shape))
-        masks = self._mask_buffers[key]
-        for m in torch.nonzero(p > 0).flatten().tolist():
-            keep = 1.0 - float(p[m])
-            masks[m].bernoulli_(keep, generator=gens[m]).div_(keep)
-        return masks
-
-    def state_dict(self, m: int) -> dict:
-        """Model ``m``'s parameters under the key names of ``heads.Head``."""
-        out = {}
-        for i in range(self.n_blocks):
-            bn, lin = f"classifier.{4 * i}", f"classifier.{4 * i + 2}"
-            out[f"{bn}.weight"] = self.bn_w[i][m].detach().clone()
-            out[f"{bn}.bias"] = self.bn_b[i][m].detach().clone()
-            out[f"{bn}.running_mean"] = (self.rm[i] if i == 0 else self.rm[i][m]).clone()
-            out[f"{bn}.running_var"] = (self.rv[i] if i == 0 else self.rv[i][m]).clone()
-            out[f"{bn}.num_batches_tracked"] = torch.tensor(self.batches_tracked)
-            out[f"{lin}.weight"] = self.lin_w[i][m].detach().transpose(0, 1).clone()
-            out[f"{lin}.bias"] = self.lin_b[i][m, 0].detach().clone()
-        return out
-
-
-def _pooled(x: torch.Tensor) -> torch.Tensor:
-    return concat_pool(x) if x.ndim == 4 else x
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.mask if self.training else x
 
 
 def _new_head(cfg: HeadConfig, in_channels: int, n_classes: int, seed: int) -> nn.Module:
-    torch.manual_seed(seed)  # as recipe builds the head for head_on_cache
+    torch.manual_seed(seed)  # as the Learner builds the head for head_on_cache
     return build_head(in_channels, n_classes, cfg.ps, cfg.xtra_fc)
 
 
-def _adamw_step(params, exp_avg, exp_avg_sq, buffers, step: int, lr: torch.Tensor, beta1: torch.Tensor,
-                wd: torch.Tensor, beta2: float = 0.999, eps: float = 1e-8) -> None:
-    """torch's AdamW (single-tensor path), with lr, beta1 and weight decay per model (dim 0, float64);
-    in place, in preallocated buffers: the update is memory-bound, a fresh tensor costs page faults."""
-    decay, b1 = (1 - lr * wd).float(), beta1.float()
-    step_size = (lr / (1 - beta1 ** step)).float()
-    bc2_sqrt = (1 - beta2 ** step) ** 0.5
-    for p, m, v, buf in zip(params, exp_avg, exp_avg_sq, buffers):
-        g, shape = p.grad, (-1,) + (1,) * (p.ndim - 1)
-        p.mul_(decay.view(shape))
-        m.lerp_(g, (1 - b1).view(shape))
-        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        torch.sqrt(v, out=buf)
-        buf.div_(bc2_sqrt).add_(eps).div_(step_size.view(shape))
-        p.addcdiv_(m, buf, value=-1.0)
+class _HeadStack:
+    """M heads of one shape: per head its own parameters (one AdamW param group each, so its lr,
+    beta1 and weight decay follow its own OneCycleLR), stacked each step for one ``vmap`` of
+    ``functional_call`` over a stateless copy of the head; buffers (BatchNorm statistics) stacked."""
+
+    def __init__(self, heads: Sequence[nn.Module], configs: Sequence[HeadConfig], seed: int):
+        self.params = [{k: v.detach().clone().requires_grad_() for k, v in h.named_parameters()} for h in heads]
+        self.buffers = {k: torch.stack([dict(h.named_buffers())[k] for h in heads]) for k, _ in heads[0].named_buffers()}
+        self.base = copy.deepcopy(heads[0]).to("meta")
+        self.drops = []  # (mask buffer name, rate per head)
+        for i, m in enumerate(self.base.classifier):
+            if isinstance(m, nn.Dropout):
+                self.base.classifier[i] = _MaskDropout()
+                self.drops.append((f"classifier.{i}.mask", [c.dropouts()[len(self.drops)] for c in configs]))
+        self.gens = [torch.Generator().manual_seed(seed) for _ in heads]  # as nn.Dropout draws in fit, seeded so
+        self.forward = torch.func.vmap(lambda p, b, x: torch.func.functional_call(self.base, (p, b), (x,)),
+                                       in_dims=(0, 0, None))
+
+    def __call__(self, x: torch.Tensor, train: bool) -> torch.Tensor:
+        """x (B, ...) shared by every head -> scores (M, B, n_classes)."""
+        self.base.train(train)
+        stacked = {k: torch.stack([p[k] for p in self.params]) for k in self.params[0]}
+        return self.forward(stacked, {**self.buffers, **(self._masks(x) if train else {})}, x)
+
+    def _masks(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Inverted-dropout masks, each head's from its own generator, in the order and shapes
+        nn.Dropout draws them; a rate of 0 draws nothing, as in torch."""
+        out, width = {}, x.shape[0]
+        for block, (name, rates) in enumerate(self.drops):
+            n = self.base.classifier[4 * block + 2].in_features
+            masks = torch.ones(len(rates), width, n)
+            for m, p in enumerate(rates):
+                if p > 0:
+                    masks[m].bernoulli_(1 - p, generator=self.gens[m]).div_(1 - p)
+            out[name] = masks
+        return out
+
+    def state_dict(self, m: int) -> dict:
+        """Head ``m``'s state under the key names of ``heads.Head``."""
+        return {**{k: v.detach().clone() for k, v in self.params[m].items()},
+                **{k: v[m].clone() for k, v in self.buffers.items()}}
 
 
 def _train_group(configs: list[HeadConfig], train, valid, in_channels: int, n_classes: int, batch_size: int,
-                 seed: int, on_epoch: Callable[[int, dict], None] | None, indices: list[int]):
+                 seed: int, on_epoch: Callable[[int, dict], None] | None, indices: list[int], task: Task):
     M, epochs = len(configs), configs[0].epochs
-    model = _Stacked([_new_head(c, in_channels, n_classes, seed) for c in configs], [c.dropouts() for c in configs])
-    steps_per_epoch = train.n_batches(batch_size)
-    traces = [_schedule_trace(c, steps_per_epoch) for c in configs]
-    lr_steps = torch.tensor([t[0] for t in traces], dtype=torch.float64)     # (M, steps)
-    beta_steps = torch.tensor([t[1] for t in traces], dtype=torch.float64)
-    wd = torch.tensor([c.wd for c in configs], dtype=torch.float64)
-    smooth = torch.tensor([c.label_smoothing for c in configs]).view(M, 1)
-    params = model.params()
-    exp_avg = [torch.zeros_like(p) for p in params]
-    exp_avg_sq = [torch.zeros_like(p) for p in params]
-    buffers = [torch.empty_like(p) for p in params]
+    model = _HeadStack([_new_head(c, in_channels, n_classes, seed) for c in configs], configs, seed)
+    opt = torch.optim.AdamW([{"params": list(p.values()), "lr": c.lr, "weight_decay": c.wd}
+                             for p, c in zip(model.params, configs)], foreach=True)
+    sched = Schedule("one_cycle", epochs=epochs).build(opt, train.n_batches(batch_size))
+    losses = [task.loss(c.label_smoothing) for c in configs]
     gen = torch.Generator().manual_seed(seed)
-    drop_gens = [torch.Generator().manual_seed(seed) if any(p > 0 for p in c.dropouts()) else None for c in configs]
     histories: list[list[dict]] = [[] for _ in configs]
-    step = 0
     for epoch in range(epochs):
         t0 = time.perf_counter()
-        total, n, last_lr = torch.zeros(M, dtype=torch.float64), 0, [0.0] * M
+        total, n = np.zeros(M), 0
         for x, y in train.batches(batch_size, gen):
             if len(x) < 2:  # as fit: a batch of one breaks BatchNorm1d in train mode
                 continue
-            x, y = _pooled(x.float()), y.long()
-            out = model.forward(x, True, drop_gens)                    # (M, B, C)
-            logp = torch.log_softmax(out, -1)
-            nll = -logp.gather(-1, y.view(1, -1, 1).expand(M, -1, 1)).squeeze(-1)
-            per_model = ((1 - smooth) * nll + smooth * -logp.mean(-1)).mean(1)  # cross_entropy(label_smoothing)
-            for p in params:
-                p.grad = None
-            per_model.sum().backward()
-            lr_t, b1_t = lr_steps[:, step], beta_steps[:, step]
-            step += 1
-            with torch.no_grad():
-                _adamw_step(params, exp_avg, exp_avg_sq, buffers, step, lr_t, b1_t, wd)
-            last_lr = lr_t.tolist()
-            total += per_model.detach().double() * len(x)
+            out = model(x.float(), True)                                   # (M, B, C)
+            per_model = [loss(out[m], y) for m, loss in enumerate(losses)]
+            opt.zero_grad()
+            torch.stack(per_model).sum().backward()
+            opt.step()
+            last_lr = [g["lr"] for g in opt.param_groups]
+            sched.step()
+            total += np.array([v.item() for v in per_model]) * len(x)
             n += len(x)
-        valid_loss, valid_acc = _evaluate(model, valid)
+        valid_loss, valid_acc = _evaluate(model, valid, task)
         seconds = (time.perf_counter() - t0) / M  # the group's epoch, shared by its heads
         for m in range(M):
             row = {"epoch": epoch, "train_loss": float(total[m]) / max(n, 1), "valid_loss": float(valid_loss[m]),
@@ -302,22 +218,20 @@ def _train_group(configs: list[HeadConfig], train, valid, in_channels: int, n_cl
 
 
 @torch.no_grad()
-def _evaluate(model: _Stacked, valid) -> tuple[np.ndarray, np.ndarray]:
-    M = model.n_models
-    loss, correct, n = torch.zeros(M, dtype=torch.float64), torch.zeros(M, dtype=torch.float64), 0
+def _evaluate(model: _HeadStack, valid, task: Task) -> tuple[np.ndarray, np.ndarray]:
+    criterion, M = task.loss(), len(model.params)
+    loss, correct, n = np.zeros(M), np.zeros(M), 0
     for x, y in valid.batches(512):
-        x, y = _pooled(x.float()), y.long()
-        out = model.forward(x, False)
-        nll = -torch.log_softmax(out, -1).gather(-1, y.view(1, -1, 1).expand(M, -1, 1)).squeeze(-1)
-        loss += nll.double().mean(1) * len(y)
-        correct += (out.argmax(-1) == y).double().sum(1)
+        out = model(x.float(), False)
+        loss += np.array([criterion(out[m], y).item() for m in range(M)]) * len(y)
+        correct += np.array([task.correct(out[m], y) for m in range(M)])
         n += len(y)
-    return (loss / max(n, 1)).numpy(), (correct / max(n, 1)).numpy()
+    return loss / max(n, 1), correct / max(n, 1)
 
 
 def _shape(rows) -> int:
     for x, _ in rows.batches(2):
-        return _pooled(x.float()).shape[1]
+        return (concat_pool(x.float()) if x.ndim == 4 else x).shape[1]
     raise ConfigError("no cached rows to train on")
 
 
@@ -334,7 +248,7 @@ def _chunks(idx: list[int], cfg: HeadConfig, in_channels: int, n_classes: int) -
 
 def head_sweep(train: ArrayRows | StreamedRows, valid: ArrayRows | StreamedRows, n_classes: int,
                configs: Iterable[HeadConfig], batch_size: int = 64, seed: int = 0, batched: bool = True,
-               on_epoch: Callable[[int, dict], None] | None = None) -> SweepResult:
+               on_epoch: Callable[[int, dict], None] | None = None, task: Task | None = None) -> SweepResult:
     """Train every config on the cached rows; ``on_epoch(config_index, row)`` after each epoch.
 
     batched: heads of one shape (xtra_fc, epochs) train together; False: one by one through
@@ -345,8 +259,11 @@ def head_sweep(train: ArrayRows | StreamedRows, valid: ArrayRows | StreamedRows,
         raise ConfigError("the sweep has no configurations")
     if len(train) < 2:
         raise ConfigError(f"{len(train)} training rows: a head needs at least 2 training images")
-    if np.asarray(train.y).ndim != 1:
-        raise ConfigError("the head sweep trains single-label heads; this manifest is multi-label")
+    multi_hot = np.asarray(train.y).ndim == 2
+    task = task or (MultiLabel([str(i) for i in range(n_classes)]) if multi_hot else SINGLE_LABEL)
+    if task.multilabel != multi_hot:
+        raise ConfigError(f"the rows' targets are {'multi-hot' if multi_hot else 'class indices'}, the task is "
+                          f"{task.kind}: pass the task the rows were read for (Task.from_manifest)")
     in_channels = _shape(train) // 2
     t0 = time.perf_counter()
     histories: list[list[dict]] = [[] for _ in configs]
@@ -360,7 +277,7 @@ def head_sweep(train: ArrayRows | StreamedRows, valid: ArrayRows | StreamedRows,
         for idx in chunks:
             g0 = time.perf_counter()
             hs, sds = _train_group([configs[i] for i in idx], train, valid, in_channels, n_classes, batch_size,
-                                   seed, on_epoch, idx)
+                                   seed, on_epoch, idx, task)
             for i, h, sd in zip(idx, hs, sds):
                 histories[i], states[i], seconds[i] = h, sd, (time.perf_counter() - g0) / len(idx)
     else:
@@ -369,7 +286,7 @@ def head_sweep(train: ArrayRows | StreamedRows, valid: ArrayRows | StreamedRows,
             head = _new_head(c, in_channels, n_classes, seed)
             histories[i] = fit_head_on_cache(head, train, valid, lr=c.lr, batch_size=batch_size, seed=seed, wd=c.wd,
                                              schedule=Schedule("one_cycle", epochs=c.epochs),
-                                             label_smoothing=c.label_smoothing,
+                                             label_smoothing=c.label_smoothing, task=task,
                                              on_epoch=(lambda row, i=i: on_epoch(i, row)) if on_epoch else None)
             for row in histories[i]:
                 row.pop("lr_steps", None)

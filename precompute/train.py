@@ -1,14 +1,16 @@
-"""Fit loops, learning-rate schedules and lr_find, for the head on the cache and the whole network.
+"""The one fit loop, learning-rate schedules and learning rates per layer group.
 
-One loop serves both: batches come from cached rows (``ArrayRows``/``StreamedRows``) or from a
-DataLoader over images. Optimizer: AdamW, or SGD with momentum (``FitOptions``), one parameter
-group per layer group, so earlier groups take lower rates. Schedules are torch's: OneCycleLR (fastai v1's fit_one_cycle) or SGDR, cosine
-with warm restarts (fastai 0.7's ``cycle_len``/``cycle_mult``) after a short warm-up at lr/100.
+One loop (``fit``) serves the head on the cache and the whole network on images: batches come from
+cached rows (``ArrayRows``/``StreamedRows``) or from a DataLoader over images. What happens around
+it (BatchNorm policy, mixed precision, early stopping, recording, progress, tracking) is a callback
+(precompute.callbacks), as in fastai v2; lr_find is one too (precompute.lr_find). Optimizer: AdamW,
+or SGD with momentum (``FitOptions``), one parameter group per layer group, so earlier groups take
+lower rates. Schedules are torch's: OneCycleLR (fastai v1's fit_one_cycle) or SGDR, cosine with warm
+restarts (fastai 0.7's ``cycle_len``/``cycle_mult``) after a short warm-up at lr/100.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import random
@@ -21,7 +23,9 @@ import torch
 from torch import nn
 from torch.optim import lr_scheduler
 
-from precompute.archs import as_channels_last, channels_last, set_frozen_bn_eval
+from precompute.archs import as_channels_last, channels_last
+from precompute.callbacks import (BatchNormPolicy, Callback, EarlyStopping, FitLoop, MixedPrecision, OnEpoch,
+                                  sorted_callbacks)
 from precompute.errors import ConfigError  # noqa: F401 - defined torch-free, re-exported here
 from precompute.task import SingleLabel, Task
 
@@ -296,172 +300,98 @@ def evaluate_batches(model: nn.Module, batches: Iterable, device="cpu", task: Ta
     return loss / max(n, 1), correct / max(n, 1)
 
 
-def _train_mode(model: nn.Module, groups: Sequence[nn.Module], freeze_bn_stats: bool) -> None:
-    """Train mode, except BatchNorm whose statistics stay fixed: always those of frozen groups (as
-    fastai), and with ``freeze_bn_stats`` every BatchNorm, the head's included: the head's
-    statistics were set on the cache's un-augmented rows, and letting them learn on augmented
-    images (fastai's rule) cost fine-tuned accuracy on ``make demo`` (the figures are in the
-    README). ``freeze_bn_stats=False`` gives fastai's rule."""
-    model.train()
-    set_frozen_bn_eval(groups)
-    if freeze_bn_stats:
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
+def _event(callbacks: Sequence[Callback], name: str, loop: FitLoop) -> None:
+    for cb in callbacks:
+        getattr(cb, name)(loop)
 
 
 def fit(model: nn.Module, groups: Sequence[nn.Module], lrs: Sequence[float],
-        train_batches: Callable[[torch.Generator], Iterable], valid_batches: Callable[[], Iterable],
+        train_batches: Callable[[torch.Generator], Iterable], valid_batches: Callable[[], Iterable] | None,
         steps_per_epoch: int, schedule: Schedule = Schedule(), seed: int = 0, wd: float = 1e-2,
         device="cpu", task: Task = SINGLE_LABEL, freeze_bn_stats: bool = True,
         on_epoch: EpochCallback | None = None, label_smoothing: float = 0.0,
-        options: FitOptions | None = None) -> list[dict]:
-    """Train ``model``; one row per epoch (losses, accuracy, seconds, and the lr of every step).
+        options: FitOptions | None = None, callbacks: Sequence[Callback] = (),
+        precision: str | None = None) -> list[dict]:
+    """Train ``model``: the one loop every stage and the Learner run. One row per epoch (losses,
+    accuracy, seconds, and the lr of every step); without ``valid_batches`` no validation runs.
 
     ``options`` (optimizer, weight decay, label smoothing, early stopping) default to AdamW with
-    ``wd`` and ``label_smoothing``. With early stopping the model ends with the weights of its
-    epoch of lowest validation loss, and the history stops at the epoch that ended training.
-
-    Frozen groups' BatchNorm always keeps its running statistics (fastai). ``freeze_bn_stats``
-    also keeps those of the body's trainable groups fixed (Keras' advice for fine-tuning): with
-    small batches, batch statistics of a pretrained body differ so much from its running ones
-    (on EfficientNet-Lite0 by about their own size) that the head's inputs shift and accuracy
-    collapses; the head's too (see ``_train_mode``). BN scale and shift still train where their
-    group is trainable.
+    ``wd`` and ``label_smoothing``. Around the loop are callbacks (precompute.callbacks), these
+    always: ``BatchNormPolicy(freeze_bn_stats)``, ``MixedPrecision(precision)`` (None: bf16 on a
+    GPU, float32 on the CPU), ``EarlyStopping`` when the options ask for it, ``OnEpoch(on_epoch)``.
     """
     seed_everything(seed)
     gen = torch.Generator().manual_seed(seed)
     channels_last(model.to(device))  # before the optimizer: it holds the parameters it is given
     options = options or FitOptions(weight_decay=wd, label_smoothing=label_smoothing)
     opt = _optimizer(groups, lrs, options)
-    sched = schedule.build(opt, steps_per_epoch)
+    device_type = torch.device(device).type
+    loop = FitLoop(model, groups, opt, schedule.build(opt, steps_per_epoch), steps_per_epoch,
+                   schedule.total_epochs, device_type)
+    precision = precision or ("bf16" if device_type == "cuda" else None)
+    cbs = [BatchNormPolicy(freeze_bn_stats), MixedPrecision(precision), *callbacks]
+    if options.early_stopping_patience is not None:
+        cbs.append(EarlyStopping(options.early_stopping_patience))
+    if on_epoch:
+        cbs.append(OnEpoch(on_epoch))
+    cbs = sorted_callbacks(cbs)
     criterion = loss_fn(task, options.label_smoothing)  # validation loss stays the plain one
-    history, best = [], (math.inf, None, -1)  # (valid loss, state dict, epoch) of the best epoch so far
-    for epoch in range(schedule.total_epochs):
+    _event(cbs, "before_fit", loop)
+    for epoch in range(loop.n_epochs):
         t0 = time.perf_counter()
-        _train_mode(model, groups, freeze_bn_stats)
+        loop.epoch = epoch
+        model.train()
+        _event(cbs, "before_epoch", loop)
         total, n, lr_steps = 0.0, 0, []
         for x, y in train_batches(gen):
             if len(x) < 2:  # a batch of one breaks BatchNorm1d in train mode
                 continue
             x, y = as_channels_last(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda"):
-                loss = criterion(model(x), y)  # bf16 on a GPU; the CPU path is unchanged float32
+            with torch.autocast(device_type, dtype=loop.amp_dtype, enabled=loop.amp_dtype is not None):
+                loss = criterion(model(x), y)
             opt.zero_grad()
-            loss.backward()
-            opt.step()
-            lr_steps.append(opt.param_groups[-1]["lr"])
-            sched.step()
-            total, n = total + loss.item() * len(x), n + len(x)
-        valid_loss, valid_acc = evaluate_batches(model, valid_batches(), device, task)
-        row = {"epoch": epoch, "train_loss": total / max(n, 1), "valid_loss": valid_loss,
-               "valid_accuracy": valid_acc, "lr": lr_steps[-1] if lr_steps else 0.0,
-               "seconds": time.perf_counter() - t0, "lr_steps": lr_steps}
-        history.append(row)
-        if on_epoch:
-            on_epoch(row)
-        if options.early_stopping_patience is None:
+            if loop.scaler is not None:
+                loop.scaler.scale(loss).backward()
+                loop.scaler.step(opt)
+                loop.scaler.update()
+            else:
+                loss.backward()
+                opt.step()
+            loop.lr, loop.loss = opt.param_groups[-1]["lr"], loss.item()
+            lr_steps.append(loop.lr)
+            loop.sched.step()
+            total, n = total + loop.loss * len(x), n + len(x)
+            _event(cbs, "after_batch", loop)
+            if loop.stop:
+                break
+        if valid_batches is None:
+            if loop.stop:
+                break
             continue
-        if valid_loss < best[0]:
-            best = (valid_loss, copy.deepcopy(model.state_dict()), epoch)
-        elif epoch - best[2] >= options.early_stopping_patience:
-            log.info("early stopping after epoch %d: no lower validation loss for %d epoch(s); keeping epoch %d's "
-                     "weights (valid loss %.4f)", epoch, epoch - best[2], best[2], best[0])
+        valid_loss, valid_acc = evaluate_batches(model, valid_batches(), device, task)
+        loop.row = {"epoch": epoch, "train_loss": total / max(n, 1), "valid_loss": valid_loss,
+                    "valid_accuracy": valid_acc, "lr": lr_steps[-1] if lr_steps else 0.0,
+                    "seconds": time.perf_counter() - t0, "lr_steps": lr_steps}
+        loop.history.append(loop.row)
+        _event(cbs, "after_epoch", loop)
+        if loop.stop:
             break
-    if best[1] is not None and best[2] != len(history) - 1:
-        model.load_state_dict(best[1])
-    return history
+    _event(cbs, "after_fit", loop)
+    return loop.history
 
 
 def fit_head_on_cache(head: nn.Module, train: ArrayRows | StreamedRows, valid: ArrayRows | StreamedRows,
                       epochs: int = 3, lr: float = 1e-3, batch_size: int = 64, seed: int = 0, wd: float = 1e-2,
                       on_epoch: EpochCallback | None = None, schedule: Schedule | None = None,
                       task: Task = SINGLE_LABEL, label_smoothing: float = 0.0,
-                      options: FitOptions | None = None) -> list[dict]:
+                      options: FitOptions | None = None, callbacks: Sequence[Callback] = ()) -> list[dict]:
     """Train the head on cached activations: no image is decoded, no body run."""
     if len(train) < 2:
         raise ConfigError(f"{len(train)} training rows: the head needs at least 2 training images")
     schedule = schedule or Schedule("one_cycle", epochs=epochs)
     return fit(head, [head], [lr], lambda gen: train.batches(batch_size, gen), lambda: valid.batches(512),
                train.n_batches(batch_size), schedule, seed, wd, "cpu", task, freeze_bn_stats=False,
-               on_epoch=on_epoch, label_smoothing=label_smoothing, options=options)
-
-
-# -- lr_find -------------------------------------------------------------------------------------
-
-LR_FIND_MIN_IT = 10  # fastai 0.7: the best loss counts (and divergence can stop the sweep) from iteration 10
-
-def lr_find(model: nn.Module, groups: Sequence[nn.Module], lrs: Sequence[float],
-            train_batches: Callable[[torch.Generator], Iterable], start: float = 1e-7, end: float = 10.0,
-            num_it: int = 100, seed: int = 0, device="cpu", task: Task = SINGLE_LABEL,
-            freeze_bn_stats: bool = True, min_it: int = LR_FIND_MIN_IT) -> dict:
-    """fastai's lr_find: raise the rate exponentially each step, record the smoothed loss.
-
-    The loss is smoothed as fastai does: an exponential moving average (beta 0.98) with bias
-    correction. The sweep stops when the loss is no longer finite, or when the smoothed loss
-    exceeds 4x the best one seen after the first ``min_it`` iterations (fastai 0.7 counts the best
-    from iteration 10 on): on a trained model the first, near-zero losses are noise, and a rise
-    over them is no divergence.
-
-    ``lrs`` gives the groups' rates relative to the last group's (frozen groups 0). The model is
-    restored afterwards. The suggestion is the rate at the steepest fall of the smoothed loss
-    before its minimum, a common choice (fastai v2's ``steep``); always a rate of the sweep
-    (within [start, end]); None when the loss never fell.
-    """
-    if not 0 < start < end:
-        raise ConfigError(f"lr_find sweep {start}..{end}: needs 0 < start < end")
-    seed_everything(seed)
-    gen = torch.Generator().manual_seed(seed)
-    saved = copy.deepcopy(model.state_dict())
-    channels_last(model.to(device))
-    ratios = [lr / lrs[-1] for lr in lrs]
-    opt = _optimizer(groups, [r * start for r in ratios], FitOptions(weight_decay=0.0))
-    sched = lr_scheduler.ExponentialLR(opt, gamma=(end / start) ** (1 / max(1, num_it - 1)))
-    criterion = loss_fn(task)
-    rates, losses, avg, best = [], [], 0.0, math.inf
-    _train_mode(model, groups, freeze_bn_stats)
-    step, stopped = 0, None
-    while step < num_it:
-        seen = 0
-        for x, y in train_batches(gen):
-            if len(x) < 2:
-                continue
-            seen += 1
-            loss = criterion(model(as_channels_last(x.to(device))), y.to(device))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            avg = 0.98 * avg + 0.02 * loss.item()
-            smoothed = avg / (1 - 0.98 ** (step + 1))
-            rates.append(opt.param_groups[-1]["lr"])
-            losses.append(smoothed)
-            if step >= min_it:
-                best = min(best, smoothed)
-            sched.step()
-            step += 1
-            if not math.isfinite(smoothed):
-                stopped = f"the loss is no longer finite at lr {rates[-1]:.2e}"
-            elif smoothed > 4 * best:
-                stopped = f"the smoothed loss passed 4x its best at lr {rates[-1]:.2e}"
-            if step >= num_it or stopped:
-                break
-        if stopped or not seen:
-            break
-    model.load_state_dict(saved)
-    if stopped:
-        log.info("lr_find stopped after %d of %d iterations: %s", step, num_it, stopped)
-    finite = [i for i, v in enumerate(losses) if math.isfinite(v)]
-    best_at = min(finite, key=lambda i: losses[i]) if finite else 0
-    skip = min(10, best_at // 2)  # fastai skips the first points: the smoothed loss is still noise there
-    if best_at - skip >= 2:
-        grads = np.gradient(np.asarray(losses[skip:best_at + 1]), np.log10(rates[skip:best_at + 1]))
-        suggestion = float(rates[skip + int(np.argmin(grads))])
-    elif best_at > 0:  # too few points to differentiate: a tenth of the best rate, the older rule ...
-        suggestion = max(float(rates[best_at]) / 10, float(rates[0]))  # ... kept inside the sweep
-    else:  # the loss never fell (e.g. an already converged model): no rate to suggest
-        suggestion = None
-    return {"lrs": rates, "losses": losses, "suggestion": suggestion, "iterations": len(losses),
-            "min_loss_lr": float(rates[best_at]) if losses else float(start)}
+               on_epoch=on_epoch, label_smoothing=label_smoothing, options=options, callbacks=callbacks)
 
 
 @torch.no_grad()

@@ -13,7 +13,8 @@ from precompute.archs import freeze_to
 from precompute.data import build_manifest
 from precompute.heads import build_head
 from precompute.store import ActivationStore
-from precompute.train import LR_FIND_MIN_IT, ArrayRows, Schedule, fit, fit_head_on_cache, lr_find
+from precompute.lr_find import LR_FIND_MIN_IT, lr_find
+from precompute.train import ArrayRows, Schedule, fit, fit_head_on_cache
 
 
 def separable(n: int = 256, d: int = 16, seed: int = 0):
@@ -42,10 +43,10 @@ def test_lr_find_on_a_trained_head_runs_the_sweep_and_suggests_inside_it(trained
     result = lr_find(head, [head], [1.0], lambda gen: train.batches(16, gen), start, end, num_it=50,
                      freeze_bn_stats=False)
     # the near-zero losses of the first iterations are no divergence: the sweep goes on well past them
-    assert result["iterations"] == len(result["losses"]) >= 25
-    assert result["lrs"][-1] > 1e-3
-    assert result["suggestion"] is not None and start <= result["suggestion"] <= end
-    assert result["lrs"][0] <= result["suggestion"] <= result["lrs"][-1]
+    assert result.iterations == len(result.losses) >= 25
+    assert result.lrs[-1] > 1e-3
+    assert result.suggestion is not None and start <= result.suggestion <= end
+    assert result.lrs[0] <= result.suggestion <= result.lrs[-1]
     assert all(torch.equal(before[k], v) for k, v in head.state_dict().items())  # model restored
 
 
@@ -60,8 +61,8 @@ def test_lr_find_does_not_stop_when_its_first_batch_happens_to_be_an_easy_one(tr
     batches = [(train.x[easy], train.y[easy])] + [(train.x[rest[i:i + 16]], train.y[rest[i:i + 16]])
                                                    for i in range(0, len(rest), 16)]
     result = lr_find(head, [head], [1.0], lambda gen: batches, 1e-7, 10.0, num_it=50, freeze_bn_stats=False)
-    assert result["iterations"] >= 40  # counting the best from the first iteration on stopped at 11
-    assert result["suggestion"] is None or 1e-7 <= result["suggestion"] <= 10.0
+    assert result.iterations >= 40  # counting the best from the first iteration on stopped at 11
+    assert result.suggestion is None or 1e-7 <= result.suggestion <= 10.0
 
 
 def test_lr_find_smooths_with_bias_correction():
@@ -72,7 +73,7 @@ def test_lr_find_smooths_with_bias_correction():
                      freeze_bn_stats=False)
     # three near-identical raw losses at tiny rates: the bias-corrected average equals the raw loss
     # from the first point on (an uncorrected one would start at 2% of it)
-    assert result["losses"][0] == pytest.approx(result["losses"][-1], rel=1e-3)
+    assert result.losses[0] == pytest.approx(result.losses[-1], rel=1e-3)
 
 
 def test_lr_find_suggestion_never_leaves_the_sweep_when_the_loss_blows_up_at_once():
@@ -84,7 +85,7 @@ def test_lr_find_suggestion_never_leaves_the_sweep_when_the_loss_blows_up_at_onc
         start, end = 1e-1, 1e6  # diverges within a few steps
         result = lr_find(head, [head], [1.0], lambda gen: rows.batches(16, gen), start, end, num_it=50,
                          seed=seed, freeze_bn_stats=False, min_it=0)
-        assert result["suggestion"] is None or start <= result["suggestion"] <= end
+        assert result.suggestion is None or start <= result.suggestion <= end
 
 
 def test_lr_find_on_images_after_a_trained_head(tmp_path, tiny_tree):
@@ -97,9 +98,9 @@ def test_lr_find_on_images_after_a_trained_head(tmp_path, tiny_tree):
     num_it = LR_FIND_MIN_IT + 6
     result = recipe.lr_find_on_images(head, manifest, 0, batch_size=4, num_it=num_it,
                                       augmentation={"preset": "side_on"})
-    assert result["iterations"] > LR_FIND_MIN_IT  # no stop during the first iterations
-    assert result["suggestion"] is None or 1e-7 <= result["suggestion"] <= 10.0
-    assert all(b > a for a, b in zip(result["lrs"], result["lrs"][1:]))
+    assert result.iterations > LR_FIND_MIN_IT  # no stop during the first iterations
+    assert result.suggestion is None or 1e-7 <= result.suggestion <= 10.0
+    assert all(b > a for a, b in zip(result.lrs, result.lrs[1:]))
 
 
 def test_one_cycle_too_short_warns_and_says_what_it_runs(caplog):

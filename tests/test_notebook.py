@@ -36,7 +36,9 @@ def test_lesson1_notebook_runs_and_learns(dogscats, tmp_path, monkeypatch):
     accuracy = float(re.search(r"TTA accuracy: ([0-9.]+)", text).group(1))
     assert accuracy > 0.6  # 32 validation photos, chance is 0.5
     shown = outputs(nb, "display_data") + outputs(nb, "execute_result")
-    assert sum("image/png" in o.get("data", {}) for o in shown) == 4  # samples, lr_find, confusion matrix, top losses
+    # lr_find, the recorder's losses, show_batch, confusion matrix, top losses
+    assert sum("image/png" in o.get("data", {}) for o in shown) == 5
+    assert re.search(r"valid accuracy [0-9.]+ on 32 images; Sequential of 2", text)
     assert any("inputs: images" in o.get("data", {}).get("text/plain", "") for o in shown)
     model = torch.load(tmp_path / "out" / "lesson1.pt", weights_only=True)
     assert model["stage"] == "finetuned" and model["classes"] == ["cats", "dogs"]

@@ -15,7 +15,8 @@ from precompute.cli import main as cli
 from precompute.data import build_manifest
 from precompute.predict import load_model, predict_folder
 from precompute.store import ActivationStore
-from precompute.train import ConfigError, Schedule, group_lrs, lr_find
+from precompute.lr_find import lr_find
+from precompute.train import ConfigError, Schedule, group_lrs
 
 
 def lrs_over(schedule: Schedule, steps_per_epoch: int, base: float = 1.0) -> list[float]:
@@ -112,8 +113,8 @@ def test_same_configuration_twice_gives_the_same_metrics(trained):
 def test_lr_find_suggests_a_rate_and_restores_the_model(trained):
     _, _, manifest, bb, ts, entry, head = trained
     result = recipe.lr_find_on_cache(entry, manifest, bb, ts, head.head_config, batch_size=4, num_it=40)
-    assert 1e-7 <= result["suggestion"] <= 10 and len(result["lrs"]) == len(result["losses"]) > 5
-    assert all(b > a for a, b in zip(result["lrs"], result["lrs"][1:]))  # exponential sweep
+    assert 1e-7 <= result.suggestion <= 10 and len(result.lrs) == len(result.losses) > 5
+    assert all(b > a for a, b in zip(result.lrs, result.lrs[1:]))  # exponential sweep
     _, model, groups = recipe.rebuild(head, ts.size)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rows = recipe.labelled_split(manifest, head.classes, "train")
