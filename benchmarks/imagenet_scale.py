@@ -161,8 +161,8 @@ def _scan(folder: Path, work: Path) -> dict:
     t = _start()
     manifest = build_manifest(folder, scan=scan)
     seconds = time.perf_counter() - t
-    blob = pickle.dumps(manifest, protocol=pickle.HIGHEST_PROTOCOL)
-    (work / "manifest.pkl").write_bytes(blob)
+    blob = pickle.dumps(manifest, protocol=pickle.HIGHEST_PROTOCOL)  # measured only: what Dagster's IO manager keeps
+    manifest.to_parquet(work / "manifest.parquet")  # what the later stages read back (no pickle loads)
     index = Path(scan.stats["index"])
     return {"seconds": seconds, "images": len(manifest), "read": scan.stats["read"],
             "ok": int((manifest["status"] == "ok").sum()), "manifest_bytes": int(manifest.memory_usage(deep=True).sum()),
@@ -187,7 +187,9 @@ def _entry(work: Path):
 
 
 def _manifest(work: Path):
-    return pickle.loads((work / "manifest.pkl").read_bytes())
+    import pandas as pd
+
+    return pd.read_parquet(work / "manifest.parquet")
 
 
 def stage(name: str, folder: Path, work: Path, n: int) -> dict:
@@ -239,7 +241,7 @@ def stage(name: str, folder: Path, work: Path, n: int) -> dict:
         record = recipe.train_head_on_cache(entry, manifest, bb, ts, {"xtra_fc": []}, lr=3e-2, batch_size=256,
                                             memory_budget=0, schedule=Schedule("one_cycle", epochs=1))
         seconds = time.perf_counter() - t
-        torch.save(record, work / "head.pt")
+        torch.save(record.to_dict(), work / "head.pt")
         train = int(((manifest["split"] == "train") & (manifest["status"] == "ok")).sum())
         out = {"seconds": seconds, "images": train, "streamed": bool(record.streamed),
                "valid_accuracy": float(record.history[-1]["valid_accuracy"])}
@@ -250,7 +252,7 @@ def stage(name: str, folder: Path, work: Path, n: int) -> dict:
 
         manifest = _manifest(work)
         _, _, entry = _entry(work)
-        record = torch.load(work / "head.pt", weights_only=False)
+        record = recipe.checked_record(torch.load(work / "head.pt", weights_only=True), "head.pt")
         t = _start()
         probs, y = recipe.evaluate_on_cache(record, entry, manifest)
         seconds = time.perf_counter() - t
