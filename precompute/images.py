@@ -48,7 +48,9 @@ class ChangedSinceScan(ImageLoadError):
     def of(cls, path: str, expected: str, found: str) -> "ChangedSinceScan":
         return cls(path, f"{CHANGED_SINCE_SCAN}: its bytes now hash to {found[:16]}, not to the manifest's image_id "
                          f"{expected[:16]} (replaced or edited after the scan); nothing is stored for it. Scan again "
-                         "(build_manifest, or materialize image_manifest) to compute the image as it is now")
+                         "(build_manifest, or materialize image_manifest) to compute the image as it is now; a file "
+                         "rewritten with the same size and modification time needs a full rescan (the images "
+                         "resource's full_rescan, or Scan(full_rescan=True))")
 
 
 def image_hash():
