@@ -231,10 +231,11 @@ def test_learner_on_a_read_only_store_lacking_rows_fails_before_the_body_runs(tm
         from pathlib import Path
         from precompute import Learner, recipe
         from precompute.manifest import build_manifest
+        from precompute.stages import cache_fill  # where the cache fill calls the body
 
         def body_runs(*a, **k):
             raise SystemExit("the body ran")
-        compute_activations, recipe.compute_activations = recipe.compute_activations, body_runs
+        compute_activations, cache_fill.compute_activations = cache_fill.compute_activations, body_runs
         tree, new = Path({str(tiny_tree)!r}), Path({str(tiny_tree / "train" / "dogs" / "new.jpg")!r})
         kw = dict(size={SIZE}, store={str(store)!r}, weights_path={str(weights)!r}, bs=8, verbose=False)
         try:
@@ -244,7 +245,7 @@ def test_learner_on_a_read_only_store_lacking_rows_fails_before_the_body_runs(tm
             print("REFUSED", e)
         old = build_manifest(tree)
         old = old[old.path != str(new)]
-        recipe.compute_activations = compute_activations
+        cache_fill.compute_activations = compute_activations
         learn = Learner.pretrained("resnet18", old, **kw)  # every row there: served read-only
         print("SERVED", learn.precompute_stats.computed, learn.precompute_stats.reused)
     """)
