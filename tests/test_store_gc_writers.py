@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import precompute.store.entry as entry_module
+import precompute.store.leases as leases_module
 import precompute.store.housekeeping as housekeeping
 from precompute.cli import main as cli
 from precompute.data import eval_transform
@@ -171,6 +172,7 @@ def test_lease_age_is_measured_on_the_store_clock(tmp_path, monkeypatch):
     behind = types.SimpleNamespace(time=lambda: time.time() - 1000, monotonic=time.monotonic)
     writer = store.entry(entry.key)
     monkeypatch.setattr(entry_module, "time", behind)
+    monkeypatch.setattr(leases_module, "time", behind)
     with writer.writing():
         monkeypatch.undo()  # the writer's lease is written; gc runs on a right clock
         assert store.remove_unused(unused_for_s=30 * DAY) == []

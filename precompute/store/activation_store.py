@@ -13,7 +13,8 @@ from typing import Iterable
 import fsspec
 
 from precompute.probes import check_store
-from precompute.store.entry import COMPRESSORS, DEFAULT_COMPRESSOR, Entry, _mtime
+from precompute.store.entry import COMPRESSORS, DEFAULT_COMPRESSOR, Entry
+from precompute.store.leases import _mtime
 from precompute.store.key import CacheKey
 
 log = logging.getLogger(__name__)

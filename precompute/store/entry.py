@@ -20,9 +20,8 @@ them again) and everything else keeps working. So does a record or chunk that na
 both entries, and repair drops it. Records written before format 3 carry no entry; their chunk's
 zarr.json does (its ``entry`` and ``key`` attributes), and that is checked instead.
 
-A writer ``claim``s the entry (its lease first, then the listing of what is there to reuse) and
-``confirm``s at the end that every row it reports is still committed; housekeeping makes an entry
-unreachable before it checks leases a last time, so one of the two always sees the other.
+Writers' leases and the record of use are ``Leasing``'s (precompute.store.leases); codecs are in
+precompute.store.codecs.
 """
 
 from __future__ import annotations
@@ -32,7 +31,6 @@ import itertools
 import json
 import logging
 import os
-import socket
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -45,67 +43,18 @@ import zarr.codecs
 
 from precompute.store.blocks import (CRC32C_RESIDUE, CacheCorruption, ChunkLayout, block_crc, decode_block,
                                      read_pool, read_raw_block_into)
+from precompute.store.codecs import AUTO_COMPRESSOR, COMPRESSORS, DEFAULT_COMPRESSOR  # noqa: F401 - re-exported
+from precompute.store.commit_records import RECORD_FORMAT, not_ours, parse_record  # noqa: F401 - re-exported
 from precompute.store.dtypes import decode, encode, storage_dtype
 from precompute.store.key import CacheKey, digest
+from precompute.store.leases import LEASE_TTL_S, Leasing
 
 if TYPE_CHECKING:
     from precompute.store.activation_store import ActivationStore
 
 log = logging.getLogger(__name__)
 
-RECORD_FORMAT = 3  # 2: block and zarr.json digests, and the record's own sha256; 3: the entry it belongs to
 BLOCK_BYTES = 4 << 20  # a chunk's rows are stored in Zarr blocks of about this size
-TOUCH_EVERY_S = 60.0  # reads and writes record a use (last_used) at most this often per Entry object
-LEASE_TTL_S = 900.0  # a writer's lease lasts this long unless renewed (each commit renews it)
-
-COMPRESSORS = {
-    # Blosc from numcodecs (zarr's BloscCodec wraps numcodecs.blosc). Activations after ReLU/ReLU6
-    # hold runs of exact zeros (and 6.0s), which LZ4 finds in whole 4-byte words; byte shuffling
-    # splits them (benchmarks/store_compression.py compares the codecs).
-    "blosc-lz4-noshuffle": lambda: zarr.codecs.BloscCodec(cname="lz4", clevel=9, shuffle="noshuffle"),
-    "blosc-zstd": lambda: zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"),
-    "blosc-lz4": lambda: zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),
-    "zstd": lambda: zarr.codecs.ZstdCodec(level=3),
-    "none": lambda: None,
-}
-# "auto", the default: LZ4 for spatial maps, which it shrinks several times, and raw bytes for
-# pooled vectors, which it barely shrinks while decoding them costs read speed (see RESULTS.md).
-AUTO_COMPRESSOR = {"spatial": "blosc-lz4-noshuffle", "pooled": "none"}
-DEFAULT_COMPRESSOR = "auto"
-
-
-def parse_record(chunk: str, blob: bytes) -> dict:
-    """A commit record checked for shape and, from format 2 on, against its own sha256."""
-    try:
-        r = json.loads(blob)
-        ok = (isinstance(r, dict) and r.get("chunk") == chunk and isinstance(r.get("ids"), list)
-              and isinstance(r.get("shape"), list) and r["shape"] and r["shape"][0] == len(r["ids"]))
-    except (ValueError, TypeError, KeyError) as exc:
-        raise ValueError(f"does not parse ({type(exc).__name__}: {exc})") from None
-    if not ok:
-        raise ValueError("is not a commit record of this chunk")
-    if r.get("format", 1) >= 2:
-        body = {k: v for k, v in r.items() if k != "sha256"}
-        if r.get("sha256") != digest(body):
-            raise ValueError("fails its sha256 (edited or damaged)")
-    if r.get("format", 1) >= 3 and not (isinstance(r.get("entry"), str) and isinstance(r.get("key_digest"), str)):
-        raise ValueError("does not name the entry it belongs to")
-    return r
-
-
-def not_ours(rel: str, their_entry, their_key_digest) -> str:
-    """Why a record or chunk naming ``their_entry`` / ``their_key_digest`` is not part of the entry
-    at ``rel`` ("" when it is). An entry's folder name is its key's digest."""
-    if their_entry == rel and their_key_digest == rel.rsplit("/", 1)[-1]:
-        return ""
-    return f"belongs to entry {their_entry} (key {their_key_digest}), not to {rel}"
-
-
-@dataclass(frozen=True)
-class Lease:
-    path: str
-    state: str  # live | expired | gone | junk
-    detail: str
 
 
 @dataclass
@@ -123,9 +72,7 @@ class VerifyReport:
         return not self.damaged
 
 
-class Entry:
-    _touched = 0.0  # when this object last recorded a use
-
+class Entry(Leasing):
     def __init__(self, store: "ActivationStore", rel: str, key: CacheKey):
         self.store, self.rel, self.key = store, rel, key
         self.path = f"{store.base}/{rel}"
@@ -215,103 +162,6 @@ class Entry:
         if self.store.compressor == "auto":
             return AUTO_COMPRESSOR["pooled" if self.key.pooled else "spatial"]
         return self.store.compressor
-
-    @contextlib.contextmanager
-    def writing(self) -> Iterator["Entry"]:
-        """Hold a lease while writing, so housekeeping leaves the entry alone, and check at the end
-        that every row this writer committed is still there (``RuntimeError`` if not). Inside a
-        ``claim``, the claim's lease is used and ``confirm`` does the check and gives it back."""
-        claimed = self._claimed
-        if not claimed:
-            self._written = []
-            self._take_lease()
-        try:
-            yield self
-            if self._written:
-                if not claimed:
-                    self._check_rows(self._written, "this run committed")
-                self.store.entry(self.key)  # key.json too, so housekeeping never takes the entry for a leftover
-        except BaseException:
-            self._claimed = False  # the claim ends with the failed write
-            self._release_lease()
-            raise
-        if not claimed:
-            self._release_lease()
-
-    def claim(self, image_ids: Iterable[str]) -> list[str]:
-        """A writer's start: take a lease, then list which of ``image_ids`` are missing. Because the
-        lease comes first, housekeeping (which makes an entry unreachable, then checks its leases)
-        either sees it and keeps the entry, or took the entry before this listing, which then finds
-        nothing to reuse. End with ``confirm``, which gives the lease back."""
-        self._written = []
-        self._take_lease()
-        self._claimed = True
-        return self.missing(image_ids)
-
-    def confirm(self, image_ids: Iterable[str]) -> None:
-        """A writer's end: every row it reports, computed or reused, is committed in this entry and
-        its block files are there; ``RuntimeError`` naming how many are not. Records a use, then
-        gives the claim's lease back."""
-        try:
-            self._check_rows(list(dict.fromkeys(image_ids)), "this run reports (computed or reused)")
-            self._used()
-        finally:
-            self._claimed = False
-            self._release_lease()
-
-    def _check_rows(self, ids: list[str], what: str) -> None:
-        lost, wanted = set(self.missing(ids)), set(ids)
-        chunks = {self._index[i][0] for i in ids if i not in lost}
-        for chunk in self._chunks_without_blocks(chunks):
-            lost.update(i for i in self.records[chunk]["ids"] if i in wanted)
-        if lost:
-            raise RuntimeError(f"{len(lost)} of the {len(ids)} rows {what} are missing from {self.rel} "
-                               "(removed while it ran, by `precompute cache gc` or by hand); run the precompute "
-                               "again to compute them")
-
-    def _chunks_without_blocks(self, chunks: Iterable[str]) -> list[str]:
-        """Chunks some of whose block files (or zarr.json) are gone."""
-        chunks = list(chunks)
-        want = {c: [f"{self.path}/chunks/{c}/zarr.json"] + [f"{self.path}/chunks/{c}/{self._layout(c).block_file(i)}"
-                                                            for i in range(len(self._layout(c).blocks()))]
-                for c in chunks}
-        if self.store.local:
-            return [c for c, files in want.items() if not all(os.path.exists(f) for f in files)]
-        fs = self.store.fs
-        with contextlib.suppress(FileNotFoundError):
-            fs.invalidate_cache(f"{self.path}/chunks")
-        try:
-            have = {p.rstrip("/") for p in fs.find(f"{self.path}/chunks")}
-        except FileNotFoundError:
-            have = set()
-        return [c for c, files in want.items() if not all(f in have for f in files)]
-
-    def _take_lease(self) -> None:
-        self._lease = f"leases/{uuid.uuid4().hex}.json"
-        for attempt in range(3):
-            try:
-                self._renew_lease()
-                return
-            except FileNotFoundError:  # the folder moved away under the write (housekeeping): write it again
-                continue
-            except OSError as exc:  # a read-only store: nothing will be written (commit would say so)
-                log.info("no lease on %s (%s): the store does not take writes", self.rel, exc)
-                break
-        self._lease = None
-
-    def _release_lease(self) -> None:
-        lease, self._lease = self._lease, None
-        if lease:
-            with contextlib.suppress(OSError):
-                self.store.fs.rm(f"{self.path}/{lease}")
-
-    def _renew_lease(self) -> None:
-        # Its age is measured by its mtime on the store's clock (``ttl_s``), never by this writer's
-        # clock; host, pid and pid namespace let a listing on the same host tell a dead writer.
-        self._put(self._lease, json.dumps({"ttl_s": LEASE_TTL_S, "host": socket.gethostname(), "pid": os.getpid(),
-                                           "pidns": _pid_namespace(), "expires": time.time() + LEASE_TTL_S}).encode(),
-                  durable=False)
-        self._lease_renewed = time.monotonic()
 
     def commit(self, image_ids: list[str], features: np.ndarray) -> str:
         """Write one chunk of rows, then its commit record; returns the chunk name."""
@@ -544,80 +394,6 @@ class Entry:
         self.drop_chunks(report.damaged)
         return report
 
-    # -- bookkeeping -------------------------------------------------------------------------
-    def _used(self) -> None:
-        """Record a use at most once a minute: plenty for housekeeping, and it spares a write per
-        streamed chunk. Best effort: a read-only or full store still serves reads."""
-        now = time.time()
-        if now - self._touched <= TOUCH_EVERY_S:
-            return
-        self._touched = now
-        if self.store.local:
-            try:
-                with open(f"{self.path}/last_used", "rb") as f:
-                    if now - float(f.read()) <= TOUCH_EVERY_S:  # another reader just recorded it
-                        return
-            except (OSError, ValueError):
-                pass
-        try:
-            self.touch()
-        except OSError as exc:
-            if not self._use_warned:
-                log.warning("could not record a use of cache entry %s (%s): reads go on; housekeeping may "
-                            "take the entry for unused", self.rel, exc)
-                self._use_warned = True
-
-    def touch(self) -> None:
-        """Record a use, so housekeeping never removes an entry that is being read."""
-        # not synced: a use lost in a power cut only makes the entry look older to housekeeping
-        self._put("last_used", str(time.time()).encode(), durable=False)
-
-    def last_used(self) -> float:
-        fs = self.store.fs
-        try:
-            return float(fs.cat_file(f"{self.path}/last_used"))
-        except (FileNotFoundError, ValueError):
-            return _modified(fs, f"{self.path}/key.json")
-
-    def leases(self, now: float | None = None) -> list[Lease]:
-        """Every lease file and what it is: ``live`` (a writer holds the entry), ``expired`` (not
-        renewed within its time to live, measured on the store's clock: the file's mtime against
-        ``now``, by default ``ActivationStore.now()``), ``gone`` (its writer, on this host, has
-        exited) or ``junk`` (not a lease: leases are written atomically, so never half a one)."""
-        fs = self.store.fs
-        with contextlib.suppress(FileNotFoundError):
-            fs.invalidate_cache(f"{self.path}/leases")
-        paths = fs.glob(f"{self.path}/leases/*.json")
-        if not paths:
-            return []
-        now = self.store.now() if now is None else now
-        out = []
-        for path in paths:
-            try:
-                mtime, blob = _mtime(fs.info(path)), fs.cat_file(path)
-            except FileNotFoundError:
-                continue  # released meanwhile
-            name = path.rsplit("/", 1)[-1]
-            try:
-                d = json.loads(blob)
-                ttl, pid = float(d.get("ttl_s", LEASE_TTL_S)), int(d["pid"])
-            except (ValueError, KeyError, TypeError, AttributeError):
-                out.append(Lease(path, "junk", f"leases/{name} is not a lease"))
-                continue
-            who = f"writer pid {pid} on {d.get('host')}"
-            if mtime + ttl <= now:
-                out.append(Lease(path, "expired", f"leases/{name}: {who} has not renewed it for "
-                                                  f"{(now - mtime) / 60:.0f} min"))
-            elif _writer_gone(d, pid):
-                out.append(Lease(path, "gone", f"leases/{name}: {who} has exited"))
-            else:
-                out.append(Lease(path, "live", f"leases/{name}: {who}"))
-        return out
-
-    def live_leases(self, now: float | None = None) -> list[str]:
-        """Leases of writers still running."""
-        return [lease.path for lease in self.leases(now) if lease.state == "live"]
-
     # -- sizes ---------------------------------------------------------------------------------
     def row_nbytes(self) -> int:
         self.index()
@@ -647,40 +423,3 @@ def _crc(data: bytes) -> int:
 def _in_order(rows: np.ndarray, n: int) -> bool:
     """``rows`` is exactly 0, 1, ..., n - 1."""
     return len(rows) == n and bool((rows == np.arange(n)).all())
-
-
-def _mtime(info: dict) -> float:
-    """A file's modification time from ``fs.info`` (local ``mtime``, S3 ``LastModified``): the store's clock."""
-    for name in ("mtime", "LastModified", "last_modified"):
-        value = info.get(name)
-        if value is not None:
-            return value if isinstance(value, (int, float)) else value.timestamp()
-    return time.time()  # unknown age counts as new: never a reason to delete
-
-
-def _pid_namespace() -> str:
-    try:
-        return os.readlink("/proc/self/ns/pid")
-    except OSError:
-        return ""
-
-
-def _writer_gone(lease: dict, pid: int) -> bool:
-    """The lease's writer ran on this host, in this pid namespace, and no such process exists now.
-    Anything else (another host, another container) cannot be told from here: not gone."""
-    if lease.get("host") != socket.gethostname() or lease.get("pidns", "") != _pid_namespace() or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except OSError:
-        return False  # exists, owned by someone else
-    return False
-
-
-def _modified(fs, path: str) -> float:
-    try:
-        return fs.modified(path).timestamp()
-    except (FileNotFoundError, NotImplementedError, AttributeError):
-        return time.time()  # unknown age counts as new: never a reason to delete

@@ -24,7 +24,8 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Callable, Iterable
 
-from precompute.store.entry import Entry, _modified, _mtime
+from precompute.store.entry import Entry
+from precompute.store.leases import _modified, _mtime
 from precompute.store.key import CacheKey
 
 if TYPE_CHECKING:  # the store calls this module (ActivationStore.entries, .verify, .remove_unused)
