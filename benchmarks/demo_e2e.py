@@ -60,6 +60,7 @@ def run_demo() -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("DAGSTER_HOME", "PRECOMPUTE_DATA", "PRECOMPUTE_STORE",
                                                              "MLFLOW_TRACKING_URI")}
     env["PRECOMPUTE_HOME"] = str(HOME)
+    OUT.mkdir(parents=True, exist_ok=True)  # benchmarks/out is git-ignored: absent on a fresh clone
     log = OUT / "demo_e2e.log"
     start = time.perf_counter()
     with log.open("w") as out:
@@ -100,7 +101,7 @@ def write_readme(r: dict) -> None:
         *r["table"],
         "report:        var/reports/tf_efficientnet_lite0/cut=0/report.md",
         "MLflow run:    ... in sqlite:///.../var/mlflow.db",
-        "model:         models:/precompute-tf_efficientnet_lite0-cut0/1  (mlflow models serve -m ... --env-manager local)",
+        "model:         models:/precompute-tf_efficientnet_lite0-cut0/1  (.venv/bin/precompute serve -m ...)",
         "```",
         README_END])
     text = README.read_text()

@@ -2,10 +2,11 @@
 
 `benchmarks/demo_e2e.py` writes the README's demo block from a real run; this test runs `make demo`
 as a user would (the digits, the demo's settings, a fresh project home) and compares every stage's
-valid accuracy and loss with the block. Tolerances, also stated in the README: 0.01 accuracy
-(about 4 of the ~360 validation digits) and 0.03 loss. On one machine two fresh runs print the same
-table; across machines the cached stages agree to the last digit and the image stages move a little
-(finetuned 0.9387 / 0.2011 here on 2026-11-27 and 2026-12-07, 0.9443 / 0.1769 in issue 20's clones).
+valid accuracy and loss with the block. Tolerances, also stated in the README: the cached stages
+0.002 (they agree to the last digit everywhere); the image stages 0.025 accuracy (about 9 of the ~360
+validation digits) and 0.03 loss, the spread seen so far: finetuned 0.9387 / 0.2011 on 2026-11-27
+and twice on 2026-12-07, 0.9499 / 0.2215 once inside the full suite, 0.9443 / 0.1769 in issue 20's
+clones, 0.9582 in an older README.
 """
 
 import os
@@ -14,8 +15,14 @@ import subprocess
 
 from tests.conftest import PROJECT, project_copy
 
-ACCURACY_TOLERANCE = 0.01
+CACHED_TOLERANCE = 0.002  # accuracy and loss of the stages trained on the cache
+ACCURACY_TOLERANCE = 0.025  # the image stages (augmented, fine-tuned)
 LOSS_TOLERANCE = 0.03
+
+
+def tolerances(stage: str) -> tuple[float, float]:
+    return (CACHED_TOLERANCE, CACHED_TOLERANCE) if stage.startswith("head_on_cache") else \
+        (ACCURACY_TOLERANCE, LOSS_TOLERANCE)
 STAGE_LINE = re.compile(r"^\s+(.+?)\s+valid accuracy ([\d.]+)\s+loss ([\d.]+)$", re.M)
 
 
@@ -47,7 +54,7 @@ def test_readme_demo_table_matches_make_demo(tmp_path):
     printed, documented = stages(done.stdout), readme_table()
     assert set(printed) == set(documented), f"stages: make demo {sorted(printed)}, README {sorted(documented)}"
     off = {name: (printed[name], documented[name]) for name in documented
-           if abs(printed[name][0] - documented[name][0]) > ACCURACY_TOLERANCE
-           or abs(printed[name][1] - documented[name][1]) > LOSS_TOLERANCE}
+           if abs(printed[name][0] - documented[name][0]) > tolerances(name)[0]
+           or abs(printed[name][1] - documented[name][1]) > tolerances(name)[1]}
     assert not off, (f"make demo printed (accuracy, loss) {off} (printed, README): run benchmarks/demo_e2e.py "
                      "to write the README's table from a fresh run")
