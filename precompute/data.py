@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from precompute.images import MAX_ASPECT_RATIO, ImageLoadError, load_rgb, shape_problem, to_rgb
 from precompute.labels import _canonical_tags, _tags_of, class_names, is_multilabel, label_delim, multi_hot, split_tags
+from precompute.listing import _csv_entries, _folder_entries, _folder_row, _is_utf8, _read_csv, _under_root
 from precompute.manifest import (_EXIF_ORIENTATION, _HASH_BLOCK, IMAGE_EXTENSIONS, MANIFEST_COLUMNS, STATUSES,
-                                 ManifestError, _csv_entries, _folder_entries, _folder_row, _hash_split, _inspect,
-                                 _is_image_name, _is_inside, _is_utf8, _local_entries, _mark_conflicting_labels,
-                                 _mark_unknown_labels, _mark_unseen_classes, _printable, _read_csv, _sha256,
-                                 _under_root, build_manifest, log, manifest_summary, ok_rows, scan_images)
+                                 ManifestError, _hash_split, _inspect, _is_image_name, _is_inside, _local_entries,
+                                 _mark_conflicting_labels, _mark_unknown_labels, _mark_unseen_classes, _printable,
+                                 _sha256, build_manifest, log, manifest_summary, ok_rows, scan_images)
 from precompute.transforms import (_INTERPOLATIONS, AUGMENTATION_PRESETS, ImageDataset, TransformSpec,
                                    _to_normalized_tensor, eval_transform, train_transform)
 

@@ -25,7 +25,7 @@ LAYERS = {
     "core": ["errors", "versions", "probes", "labels", "archs", "weights", "heads", "task", "train", "callbacks",
              "lr_find"],
     # images and their manifests: names and roots, decoding, object storage, the scan index, transforms
-    "data": ["paths", "images", "sources", "scan_index", "manifest", "transforms", "demo_data", "data"],
+    "data": ["paths", "images", "sources", "scan_index_file", "scan_index", "listing", "manifest", "transforms", "demo_data", "data"],
     "store": ["store"],  # the Zarr activation cache, every module of precompute/store/
     # what the Learner stands on: the cut body, the cache fill, rows from the manifest, the cache or image
     # files, predictions, typed records, metrics, the sweep and the data-quality findings
