@@ -65,7 +65,7 @@ def _severity(name: str):
         raise dg.Failure(f"leak_severity={name!r}: use WARN or ERROR", allow_retries=False) from None
 
 
-@dg.asset(group_name="quality", partitions_def=arch_cut, tags={"precompute/cacheable": "false"},
+@dg.asset(group_name="recipe", partitions_def=arch_cut, tags={"precompute/cacheable": "false"},
           check_specs=[dg.AssetCheckSpec(name, asset="data_quality", description=d) for name, d in CHECKS.items()])
 def data_quality(context: dg.AssetExecutionContext, config: DataQualityConfig, image_manifest, activations,
                  store: ActivationStoreResource, tracking: MlflowTracking):
