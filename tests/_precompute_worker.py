@@ -8,6 +8,8 @@ Options that exist only to make crashes and races reproducible:
   --sleep-per-batch S   the body sleeps S seconds per batch (a slow GPU, in short)
   --commit-delay S      sleep S seconds between a chunk's data and its commit record, i.e.
                         widen the crash window that the atomic commit must survive
+  --pause-while F       after its first batch the body waits while file F exists: holds a
+                        writer mid-write (lease taken, rows half done) for as long as a test needs
   --ready F / --go F    touch F when everything is imported and the entry opened, then wait
                         until file --go exists: lines several workers up on one start signal
 The last line on stdout is the ``PrecomputeStats`` as JSON.
@@ -52,14 +54,19 @@ def manifest_of(images: str | Path):
 class SlowBody(nn.Module):
     """The CountingBody of test_store.py, seeded identically in every process, optionally slow."""
 
-    def __init__(self, sleep_per_batch: float = 0.0):
+    def __init__(self, sleep_per_batch: float = 0.0, pause_while: str | None = None):
         super().__init__()
+        self.pause_while = pause_while
         torch.manual_seed(0)
         self.net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=4), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2))
         self.sleep_per_batch = sleep_per_batch
         self.seen = 0
 
     def forward(self, x):
+        if self.seen and self.pause_while:
+            deadline = time.monotonic() + 300
+            while os.path.exists(self.pause_while) and time.monotonic() < deadline:
+                time.sleep(0.01)
         self.seen += len(x)
         if self.sleep_per_batch:
             time.sleep(self.sleep_per_batch)
@@ -90,6 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--sleep-per-batch", type=float, default=0.0)
     p.add_argument("--commit-delay", type=float, default=0.0)
+    p.add_argument("--pause-while")
     p.add_argument("--ready")
     p.add_argument("--go")
     args = p.parse_args(argv)
@@ -114,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
             if time.monotonic() > deadline:
                 sys.exit("no go signal")
             time.sleep(0.005)
-    body = SlowBody(args.sleep_per_batch)
+    body = SlowBody(args.sleep_per_batch, args.pause_while)
     stats = compute_activations(body, manifest, eval_transform(TRANSFORM), entry,
                                 batch_size=args.batch_size, chunk_rows=args.chunk_rows)
     print(json.dumps({**stats.as_dict(), "seen": body.seen}), flush=True)

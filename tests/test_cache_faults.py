@@ -303,7 +303,8 @@ def test_full_disk_leaves_no_temp_files_and_reads_go_on(tmp_path, namespaces):
 def test_gc_during_a_write_loses_nothing(tmp_path):
     """An entry last used 90 days ago gets new images; two `cache gc` runs at once, again and
     again, while the precompute adds them: the writer's lease (and its commits, which count as
-    a use) keep the entry, every row lands, both gcs exit 0 every time."""
+    a use) keep the entry, every row lands, both gcs exit 0 every time. The writer is held after
+    its first batch until two rounds of gc have run, so the overlap does not depend on timing."""
     images = tmp_path / "images"
     write_images(images, 16)
     store_root = tmp_path / "store"
@@ -312,10 +313,12 @@ def test_gc_during_a_write_loses_nothing(tmp_path):
     old = time.time() - 90 * 86400
     store.put(f"{entry.rel}/last_used", str(old).encode())
     write_images(images, 48, seed=1, prefix="new")
+    hold = tmp_path / "hold"
+    hold.touch()
     worker = subprocess.Popen([sys.executable, "tests/_precompute_worker.py", "--store", str(store_root),
                                "--images", str(images), "--chunk-rows", "8", "--batch-size", "4",
-                               "--sleep-per-batch", "0.05"], cwd=PROJECT, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
+                               "--sleep-per-batch", "0.05", "--pause-while", str(hold)], cwd=PROJECT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     gc = [sys.executable, "-m", "precompute.cli", "cache", "gc", "--store", str(store_root)]
     runs = 0
     try:
@@ -330,6 +333,8 @@ def test_gc_during_a_write_loses_nothing(tmp_path):
                 out, err = p.communicate(timeout=120)
                 assert p.returncode == 0, err
             runs += 1
+            if runs == 2:
+                hold.unlink()  # two rounds ran against the held writer: let it finish under more gcs
         out, err = worker.communicate(timeout=60)
     finally:
         worker.kill()

@@ -244,9 +244,14 @@ def test_a_scan_killed_mid_way_resumes_and_equals_a_clean_scan(tmp_path, reads):
         from precompute import manifest, scan_index
         real = manifest._inspect
 
+        calls = []
+
         @functools.wraps(real)
         def slow(*args, **kwargs):
-            time.sleep(0.15)
+            calls.append(1)
+            # after 12 images the scan hangs until it is killed: the kill lands mid-scan however
+            # slow or fast the machine is
+            time.sleep(0.15 if len(calls) <= 12 else 3600)
             return real(*args, **kwargs)
 
         manifest._inspect = slow
