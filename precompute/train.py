@@ -258,6 +258,11 @@ class StreamedRows:
     def n_batches(self, batch_size: int) -> int:
         return sum(-(-len(g) // batch_size) for g in self._by_chunk())
 
+    def order(self) -> np.ndarray:
+        """The positions (in ``image_ids``) that ``batches()`` without a generator yields, in that order."""
+        groups = self._by_chunk()
+        return np.concatenate(groups) if groups else np.zeros(0, np.int64)
+
     def batches(self, batch_size: int, generator: torch.Generator | None = None):
         groups = self._by_chunk()
         if generator is not None:
