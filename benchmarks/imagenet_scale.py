@@ -370,6 +370,8 @@ def measure(n: int, folder: Path | None = None, work: Path | None = None, resume
     saved = (work or OUT) / f"imagenet_scale-{n}-c{CLASSES}.json"
     kept = (work or OUT) / f"imagenet-scale-work-{n}-c{CLASSES}"
     results = json.loads(saved.read_text()) if resume and saved.exists() else {"n": n, "stages": {}}
+    if resume and all(name in results["stages"] for name in STAGES):
+        return results  # finished before: nothing to run again
     if resume and kept.exists():
         work = kept
     else:
