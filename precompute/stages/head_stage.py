@@ -139,6 +139,7 @@ def train_head_stage(ref: ActivationsRef | dict, manifest: pd.DataFrame, store: 
             return log_stage(run, record)
 
     record, reused = head_on_cache_cached(entry, fingerprint, train, reuse=reuse)
+    record.view_key = ref.view_key  # the stages after it log the same data (a head kept before this field lacked it)
     if reused:
         log.info(f"head_on_cache reused: same activations ({ref.view_key}), config and seed as MLflow run "
                  f"{record.mlflow_run_id}; nothing trained")
