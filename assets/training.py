@@ -66,6 +66,9 @@ class HeadOnCacheConfig(ScheduleConfig):
         return {"ps": self.ps, "xtra_fc": self.xtra_fc, "custom": self.custom_head}
 
     def stage(self, finder=None) -> "recipe.HeadStage":
+        if self.lr_from_finder and finder and finder.head is not None and finder.head != self.head_config():
+            raise ConfigError(f"lr_from_finder: lr_find_head swept the head {finder.head}, but head_on_cache trains "
+                              f"{self.head_config()}: give lr_find_head the same ps, xtra_fc and custom_head")
         lr = finder.suggestion if self.lr_from_finder and finder and finder.suggestion is not None else self.lr
         return recipe.HeadStage(self.head_config(), self.to_schedule(), lr, self.batch_size, self.seed,
                                 self.precompute, self.augment, self.fit_options())
@@ -110,6 +113,17 @@ class LrFindConfig(dg.Config):
     seed: int = 0
 
 
+class LrFindHeadConfig(LrFindConfig):
+    """lr_find on the cache sweeps a new head: the one head_on_cache trains (its defaults here; set the
+    same values in both, which head_on_cache checks when it takes the rate with ``lr_from_finder``)."""
+    ps: Optional[list[float]] = None
+    xtra_fc: list[int] = [512]
+    custom_head: Optional[str] = None
+
+    def head_config(self) -> dict:
+        return {"ps": self.ps, "xtra_fc": self.xtra_fc, "custom": self.custom_head}
+
+
 def _checked(build, **values):
     """Reject a bad configuration before any work (precompute.validate, then the stage's own
     constructor ``build``); no retry: it cannot pass."""
@@ -151,24 +165,17 @@ def _lr_find_output(context, tracking: MlflowTracking, stage: str, result, param
     return dg.Output(result, metadata=metadata.to_metadata())
 
 
-def _configured_head(context) -> dict:
-    """The head head_on_cache will train (ps, xtra_fc, custom_head): its config in this run's run
-    config (``ops: head_on_cache: config:``), else head_on_cache's defaults."""
-    ops = (context.run.run_config or {}).get("ops") or {}
-    configured = (ops.get("head_on_cache") or {}).get("config") or {}
-    return HeadOnCacheConfig(**configured).head_config()
-
-
 @dg.asset(group_name="recipe", partitions_def=arch_cut, code_version="1")
-def lr_find_head(context: dg.AssetExecutionContext, config: LrFindConfig, image_manifest, activations,
+def lr_find_head(context: dg.AssetExecutionContext, config: LrFindHeadConfig, image_manifest, activations,
                  store: ActivationStoreResource, tracking: MlflowTracking, compute: ComputeDevice):
     """lr_find for a new head on the cached activations: loss vs learning rate, and a suggestion."""
     compute.setup()
-    head_config = _configured_head(context)
+    head_config = config.head_config()
     result = recipe.lr_find_on_ref(activations, image_manifest, store.get(), head_config, config.batch_size,
                                    config.seed, config.num_it)
     return _lr_find_output(context, tracking, "lr_find_head", result,
-                           {**config.model_dump(), **{f"head.{k}": v for k, v in head_config.items()}}, image_manifest,
+                           {**config.model_dump(exclude={"ps", "xtra_fc", "custom_head"}),
+                            **{f"head.{k}": v for k, v in head_config.items()}}, image_manifest,
                            activations.view_key)
 
 
