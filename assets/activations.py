@@ -3,7 +3,8 @@ from typing import Optional
 
 import dagster as dg
 
-from assets._util import LazyModule, as_metadata
+from assets._util import LazyModule
+from assets.metadata import ActivationsMetadata
 from assets.partitions import arch_and_cut, arch_cut
 from precompute.errors import ConfigError
 from precompute.versions import CODE_VERSION
@@ -58,6 +59,6 @@ def activations(context: dg.AssetExecutionContext, config: ActivationsConfig, im
                                  writable, compute.num_workers, device, progress_logger(context), context.log)
     except (ConfigError, recipe.ReadOnlyStore) as exc:
         raise dg.Failure(str(exc), allow_retries=False) from exc
-    yield dg.Output(fill.ref, data_version=dg.DataVersion(fill.ref.view_key), metadata=as_metadata(fill.metadata()))
+    yield dg.Output(fill.ref, data_version=dg.DataVersion(fill.ref.view_key), metadata=ActivationsMetadata(**fill.metadata()).to_metadata())
     for name, (passed, details) in fill.checks.items():
         yield dg.AssetCheckResult(check_name=name, passed=passed, metadata=details)

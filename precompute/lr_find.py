@@ -95,6 +95,7 @@ class LRFindResult:
     suggestions: dict[str, float | None] = field(default_factory=dict)
     method: str = "valley"
     stopped: str | None = None  # why the sweep ended early, if it did
+    head: dict | None = None    # on the cache: the head config swept (a stage using the rate checks it trains the same)
 
     @property
     def suggestion(self) -> float | None:

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from precompute.heads import _expand_ps, build_head, concat_pool
+from precompute.rows import DEFAULT_MEMORY_BUDGET, cached_rows
 from precompute.task import MultiLabel, Task
 from precompute.train import SINGLE_LABEL, ArrayRows, ConfigError, Schedule, StreamedRows, fit_head_on_cache
 from precompute.versions import SWEEP_CODE_VERSION
@@ -294,6 +295,16 @@ def head_sweep(train: ArrayRows | StreamedRows, valid: ArrayRows | StreamedRows,
             seconds[i] = time.perf_counter() - g0
     return SweepResult(configs, sweep_table(configs, histories, seconds), histories, states,
                        time.perf_counter() - t0, batched)
+
+
+def sweep_entry(entry, manifest: pd.DataFrame, configs: Sequence[HeadConfig], batch_size: int = 64,
+                seed: int = 0) -> tuple[SweepResult, list[str]]:
+    """``head_sweep`` on a cache entry's rows of ``manifest`` (its train and valid splits; one class per
+    image or several labels, as the manifest says). Returns (result, classes)."""
+    task = Task.from_manifest(manifest)
+    train = cached_rows(entry, manifest, task, "train", DEFAULT_MEMORY_BUDGET)
+    valid = cached_rows(entry, manifest, task, "valid", DEFAULT_MEMORY_BUDGET)
+    return head_sweep(train, valid, len(task.classes), configs, batch_size, seed, task=task), list(task.classes)
 
 
 def sweep_table(configs: Sequence[HeadConfig], histories: Sequence[list[dict]], seconds: Sequence[float]) -> pd.DataFrame:

@@ -59,7 +59,9 @@ def lr_find_on_ref(ref: ActivationsRef, manifest: pd.DataFrame, store: Activatio
                    batch_size: int = 64, seed: int = 0, num_it: int = 100) -> LRFindResult:
     """``lr_find_on_cache`` on the entry an activations result points at (images failed there left out)."""
     learn = Learner.from_cache(ActivationsRef.coerce(ref), manifest, store, head_config, bs=batch_size, seed=seed)
-    return learn.lr_find(num_it=num_it)
+    result = learn.lr_find(num_it=num_it)
+    result.head = dict(head_config)
+    return result
 
 
 def head_fingerprint(view: str, config: dict) -> str:
@@ -139,6 +141,7 @@ def train_head_stage(ref: ActivationsRef | dict, manifest: pd.DataFrame, store: 
             return log_stage(run, record)
 
     record, reused = head_on_cache_cached(entry, fingerprint, train, reuse=reuse)
+    record.view_key = ref.view_key  # the stages after it log the same data (a head kept before this field lacked it)
     if reused:
         log.info(f"head_on_cache reused: same activations ({ref.view_key}), config and seed as MLflow run "
                  f"{record.mlflow_run_id}; nothing trained")

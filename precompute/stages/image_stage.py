@@ -129,6 +129,7 @@ def run_image_stage(previous: StageRecord | dict, manifest: pd.DataFrame, stage:
     previous = StageRecord.coerce(previous)
     with open_run(stage.logged_params(previous, params)) as run:
         record = train_image_stage(previous, manifest, stage, num_workers, device, cbs=[TrackEpochs(run, stage.name, log)])
+        record.view_key = previous.view_key  # the data it descends from, for the next stage's tracked run
         if export:
             run.artifact(save_model(record, run.run_id, tempfile.mkdtemp(prefix="model-")), "model")
             run.pytorch_model(record, "network")
