@@ -47,7 +47,7 @@ from precompute.stages.cache_fill import activation_key, check_same_weights, ope
 from precompute.stages.cache_fill import precompute as fill_entry
 from precompute.store import ActivationStore, Entry
 from precompute.task import Task
-from precompute.train import (ConfigError, FitOptions, LearningRates, Schedule, StreamedRows, fit, group_lrs,
+from precompute.train import (ConfigError, FitOptions, check_batch_size, LearningRates, Schedule, StreamedRows, fit, group_lrs,
                               predict_proba)
 from precompute.transforms import TransformSpec, eval_transform, train_transform
 
@@ -68,8 +68,7 @@ class Learner(LearnerPredictions, LearnerFiles):
                  backbone: Backbone | None = None, record: StageRecord | None = None, bs: int = 64, seed: int = 0,
                  device: str = "cpu", num_workers: int = 0, pooled: bool = True, dtype: str = "float32",
                  verbose: bool = True):
-        if bs < 2:
-            raise ConfigError(f"bs={bs}: BatchNorm needs batches of 2 or more")
+        check_batch_size(bs)  # settings: the rule the pipeline's batch_size obeys
         self.spec, self.xtra_cut, self.weights_id, self.model = spec, xtra_cut, weights_id, model
         self.manifest, self.transform, self.head_config = manifest, transform, head_config
         self.store, self.backbone = store, backbone
