@@ -32,6 +32,7 @@ from torch import nn
 from precompute.archs import ArchSpec, body_output_shape, describe_groups, get_arch, layer_groups
 from precompute.archs import freeze_to as freeze_groups
 from precompute.backbone import Backbone, load_backbone, transform_for, with_size
+from precompute.body_spec import BodySpec
 from precompute.inference import rebuild
 from precompute.callbacks import Callback, EpochTable, ProgressBar, Recorder
 from precompute.heads import HeadConfig, build_head
@@ -43,6 +44,7 @@ from precompute.manifest import build_manifest
 from precompute.records import ActivationsRef, StageRecord
 from precompute.rows import (DEFAULT_MEMORY_BUDGET, cached_rows, failed_images, image_loader, labelled_split,
                              without_failed)
+from precompute.settings import ActivationSettings, all_checks
 from precompute.stages.cache_fill import activation_key, check_same_weights, open_entry, repair_entry
 from precompute.stages.cache_fill import precompute as fill_entry
 from precompute.store import ActivationStore, Entry
@@ -117,6 +119,8 @@ class Learner(LearnerPredictions, LearnerFiles):
         aug = augmentation_args(aug_tfms)
         if precompute and aug is not None:  # before any work: nothing loaded, nothing written
             raise aug_precompute_error(aug)
+        all_checks(lambda: BodySpec(arch, xtra_cut, size), lambda: ActivationSettings.checked(  # as the pipeline's
+            size=size, pooled=pooled, dtype=dtype, weights=weights, weights_path=weights_path))
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         manifest = data if isinstance(data, pd.DataFrame) else build_manifest(data, label_delim=label_delim)

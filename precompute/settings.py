@@ -356,16 +356,23 @@ class SweepSettings(Settings):
     def _space(self):
         if self.search == "random" and len(self.lr) != 2:
             raise ConfigError(f"search: random takes lr as a range [lo, hi], got {self.lr}")
-        bad = {name: values for name, values, ok in [
-            ("lr", self.lr, lambda v: v > 0), ("epochs", self.epochs, lambda v: v >= 1),
-            ("wd", self.wd, lambda v: v >= 0), ("label_smoothing", self.label_smoothing, lambda v: 0 <= v < 1),
-            ("ps", self.ps, lambda v: v is None or 0 <= v < 1)] if not all(ok(v) for v in values)}
-        if bad:
-            raise ConfigError(f"sweep values out of range {bad}: lr > 0, epochs >= 1, wd >= 0, "
-                              "0 <= label_smoothing < 1, ps in [0, 1) or null")
+        check_sweep_values(lr=self.lr, epochs=self.epochs, wd=self.wd, label_smoothing=self.label_smoothing,
+                           ps=self.ps)
         for sizes in self.xtra_fc:
             check_head_shape(None, sizes)
         return self
+
+
+_SWEEP_RULES = {"lr": lambda v: v > 0, "epochs": lambda v: v >= 1, "wd": lambda v: v >= 0,
+                "label_smoothing": lambda v: 0 <= v < 1, "ps": lambda v: v is None or 0 <= v < 1}
+
+
+def check_sweep_values(**values: Sequence) -> None:
+    """The values a head sweep tries (each a list; sweep.HeadConfig checks its one value here too)."""
+    bad = {name: list(given) for name, given in values.items() if not all(_SWEEP_RULES[name](v) for v in given)}
+    if bad:
+        raise ConfigError(f"sweep values out of range {bad}: lr > 0, epochs >= 1, wd >= 0, "
+                          "0 <= label_smoothing < 1, ps in [0, 1) or null")
 
 
 class QualitySettings(Settings):

@@ -175,3 +175,16 @@ def test_the_learner_face_checks_through_the_models():
     with pytest.raises(ConfigError, match="max_zoom 0.5: use 1 or more"):
         augmentation_args({"preset": "basic", "max_zoom": 0.5})
     assert augmentation_args({"preset": "top_down", "max_zoom": 1.2}) == {"preset": "top_down", "max_zoom": 1.2}
+
+
+def test_learner_pretrained_checks_the_pipelines_rules_before_any_work(tmp_path):
+    from precompute.learner import Learner
+
+    with pytest.raises(ConfigError) as err:
+        Learner.pretrained("resnet18", tmp_path / "images", size=8, dtype="int8", store=tmp_path / "store")
+    msg = str(err.value)
+    assert msg.startswith("2 configuration errors") and "set size >= 32" in msg
+    assert "dtype 'int8': choose one of float32, float16, bfloat16" in msg
+    with pytest.raises(ConfigError, match="contradict each other"):
+        Learner.pretrained("resnet18", tmp_path / "images", weights="random", weights_path=str(tmp_path / "w.pt"))
+    assert not (tmp_path / "store").exists()  # nothing scanned, loaded or written
