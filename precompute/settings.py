@@ -3,7 +3,8 @@ the rules that tie two settings together (precompute x augmentation, learning ra
 
 Both faces validate through these models, so one place decides what is valid:
 - the Dagster ``Config`` classes (assets/, pipelines/) subclass them, so the launchpad shows each
-  choice as an enum and a bad value fails when the run's config is checked, before any work;
+  choice as an enum (a value outside it is refused when the run is launched), and the bounds and
+  rules are checked when the step builds its config, before the asset's body runs;
 - the library's runtime types (``train.Schedule``, ``train.FitOptions``, ``transforms.Augmentation``,
   ``heads.HeadConfig``, the stage records) check their values here when they are made.
 
@@ -76,10 +77,10 @@ def problems(exc: ValidationError) -> list[str]:
     return found
 
 
-def config_error(problems: Sequence[str]) -> ConfigError:
+def config_error(messages: Sequence[str]) -> ConfigError:
     """Every problem found, as one ConfigError (one line each when there are several); ``.problems``
     keeps the list, so errors from several checks merge into one (``all_checks``)."""
-    found = list(dict.fromkeys(problems))
+    found = list(dict.fromkeys(messages))
     if len(found) == 1:
         error = ConfigError(found[0])
     else:
