@@ -8,6 +8,8 @@ augmentation, rates per layer group) are checked when the step builds its config
 asset's body runs. The run config stays flat: the same keys as ever.
 """
 
+from typing import Mapping
+
 import dagster as dg
 from pydantic import ValidationError
 
@@ -31,3 +33,19 @@ class SettingsConfig(dg.Config):
         except ValidationError as exc:
             error = config_error(problems(exc))
             raise ConfigRejected(str(error)) from None
+
+
+def check_op_configs(run_config: Mapping, config_classes: Mapping[str, type]) -> None:
+    """Build each op's config class from a run config, as its step will: every bound or rule a value
+    breaks, for every op at once, before a run is launched (a ConfigError naming the op)."""
+    found: list[str] = []
+    for op, body in ((run_config or {}).get("ops") or {}).items():
+        config_class = config_classes.get(op)
+        if config_class is None or not isinstance(body, Mapping):
+            continue
+        try:
+            config_class(**(body.get("config") or {}))
+        except ConfigError as e:
+            found += [f"{op}: {p}" for p in getattr(e, "problems", [str(e)])]
+    if found:
+        raise config_error(found)

@@ -188,3 +188,16 @@ def test_learner_pretrained_checks_the_pipelines_rules_before_any_work(tmp_path)
     with pytest.raises(ConfigError, match="contradict each other"):
         Learner.pretrained("resnet18", tmp_path / "images", weights="random", weights_path=str(tmp_path / "w.pt"))
     assert not (tmp_path / "store").exists()  # nothing scanned, loaded or written
+
+
+def test_every_configurable_recipe_asset_is_checked_at_load():
+    """pipelines.definitions builds each op's config class from precompute.yaml's run configs at load:
+    the map names every recipe asset that takes a config, with the class its step builds."""
+    from assets import RECIPE_ASSETS
+    from pipelines.definitions import RECIPE_CONFIGS
+
+    configurable = {a.key.to_user_string(): a for a in RECIPE_ASSETS
+                    if a.op.config_schema.as_field().config_type.kind.value == "STRICT_SHAPE"}
+    assert set(RECIPE_CONFIGS) == set(configurable)
+    for name, config_class in RECIPE_CONFIGS.items():  # the same fields: the class the asset declares
+        assert set(configurable[name].op.config_schema.as_field().config_type.fields) == set(_fields(config_class))
