@@ -1,17 +1,18 @@
 import dagster as dg
 
+from assets._config import SettingsConfig
 from assets._util import LazyModule, inline_pngs
 from assets.metadata import EvaluationMetadata
 from assets.partitions import arch_and_cut, arch_cut
+from precompute.settings import EvaluationSettings
 from resources import ActivationStoreResource, ComputeDevice, MlflowTracking, project_home
 
 recipe = LazyModule("precompute.recipe")  # torch loads when a step runs, not with the definitions
 precompute_tracking = LazyModule("precompute.tracking")  # mlflow, likewise; `tracking` is the resource
 
 
-class EvaluationConfig(dg.Config):
-    tta: int = 4          # augmented views averaged with the center crop; 0 turns TTA off
-    top_losses: int = 8   # images in the gallery of the model's worst mistakes
+class EvaluationConfig(SettingsConfig, EvaluationSettings):
+    """evaluation_report's settings: tta views (0: off) and the worst mistakes shown (top_losses)."""
 
 
 @dg.asset(group_name="recipe", partitions_def=arch_cut, tags={"precompute/cacheable": "false"})

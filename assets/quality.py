@@ -14,9 +14,11 @@ from typing import Optional
 
 import dagster as dg
 
+from assets._config import SettingsConfig
 from assets._util import LazyModule, png_markdown
 from assets.metadata import DataQualityMetadata
 from assets.partitions import arch_and_cut, arch_cut
+from precompute.settings import QualitySettings
 from resources import ActivationStoreResource, MlflowTracking, project_home
 
 # numpy, pandas, faiss and torch load when the step runs, not with the definitions
@@ -30,17 +32,8 @@ CHECKS = {
 }
 
 
-class DataQualityConfig(dg.Config):
-    k: int = 10                          # neighbours for duplicates, outliers and drift
-    duplicate_z: float = 4.0             # a pair's similarity margin over its neighbourhood, robust sigmas
-    exact_cosine: float = 0.985          # raw cosine at or above which a pair is a duplicate anyway
-    outlier_z: float = 4.0               # k-NN distance, robust sigmas above the median image
-    folds: int = 5                       # label heads (K-fold, stratified, seeded)
-    seed: int = 0
-    drift_percentile: float = 95.0       # new images at/above this percentile of the reference's k-NN distance
-    top: int = 12                        # findings per kind on a contact sheet
-    leak_severity: str = "WARN"          # no_train_valid_leaks: WARN or ERROR
-    max_label_issue_rate: float = 0.05   # label_issue_rate warns above this share of checked labels
+class DataQualityConfig(SettingsConfig, QualitySettings):
+    """data_quality's settings (precompute.settings.QualitySettings)."""
 
     def options(self):
         from precompute.quality import QualityOptions

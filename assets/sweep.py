@@ -7,14 +7,15 @@ size and seed return the earlier sweep, kept beside the cache entry: nothing tra
 
 import tempfile
 from pathlib import Path
-from typing import Optional
 
 import dagster as dg
 
+from assets._config import SettingsConfig
 from assets._util import LazyModule, png_markdown
 from assets.metadata import HeadSweepMetadata
 from assets.partitions import arch_and_cut, arch_cut
 from precompute.errors import ConfigError
+from precompute.settings import SweepSettings
 from precompute.versions import SWEEP_CODE_VERSION
 from resources import ActivationStoreResource, ComputeDevice, MlflowTracking
 
@@ -23,29 +24,15 @@ sweep = LazyModule("precompute.sweep")
 precompute_tracking = LazyModule("precompute.tracking")  # mlflow, likewise; `tracking` is the resource
 
 
-class HeadSweepConfig(dg.Config):
-    search: str = "grid"                              # grid | random
-    lr: list[float] = [1e-3, 3e-3, 1e-2]              # grid values; random: [lo, hi], log-uniform
-    ps: list[Optional[float]] = [None, 0.5]           # dropout per block; None: fastai's 0.25 ... 0.5
-    xtra_fc: list[list[int]] = [[512]]                # hidden layer sizes
-    epochs: list[int] = [3]
-    wd: list[float] = [1e-2]
-    label_smoothing: list[float] = [0.0]
-    n_random: int = 20                                # configurations drawn when search = random
-    batch_size: int = 64
-    seed: int = 0
-    reuse: bool = True                                # same cache, grid and seed: the earlier sweep
+class HeadSweepConfig(SettingsConfig, SweepSettings):
+    """head_sweep's settings (precompute.settings.SweepSettings): search grid or random."""
 
     def configs(self) -> "list[sweep.HeadConfig]":
         space = dict(ps=self.ps, xtra_fc=[tuple(x) for x in self.xtra_fc], epochs=self.epochs, wd=self.wd,
                      label_smoothing=self.label_smoothing)
         if self.search == "grid":
             return sweep.grid(lr=self.lr, **space)
-        if self.search == "random":
-            if len(self.lr) != 2:
-                raise ConfigError("search: random takes lr as a range [lo, hi]")
-            return sweep.random_search(self.n_random, self.seed, lr=(min(self.lr), max(self.lr)), **space)
-        raise ConfigError(f"search {self.search!r}: choose grid or random")
+        return sweep.random_search(self.n_random, self.seed, lr=(min(self.lr), max(self.lr)), **space)
 
 
 def _output(summary: dict, fingerprint: str, reused: bool, tracking_uri: str) -> dg.Output:

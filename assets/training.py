@@ -7,17 +7,22 @@ a stage uses the suggested rate when its config says ``lr_from_finder: true``.
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Optional
+from typing import ClassVar, Optional
 
 import dagster as dg
+from pydantic import Field
 
+from assets._config import SettingsConfig
 from assets._util import LazyModule, png_markdown
 from assets.metadata import LrFindMetadata, StageMetadata
 from assets.partitions import arch_and_cut, arch_cut
 from precompute.errors import ConfigError
+from precompute.settings import (HeadStageSettings, ImageStageSettings, LrFindImagesSettings, LrFindSettings,
+                                 TrainingSettings, all_checks)
 from resources import ActivationStoreResource, ComputeDevice, MlflowTracking
 
 # torch, matplotlib and mlflow load when a step runs, not with the definitions (issue 20)
+body_spec = LazyModule("precompute.body_spec")
 evaluate = LazyModule("precompute.evaluate")
 recipe = LazyModule("precompute.recipe")
 train = LazyModule("precompute.train")
@@ -26,20 +31,8 @@ validate = LazyModule("precompute.validate")
 NOT_CACHEABLE = {"precompute/cacheable": "false"}
 
 
-class ScheduleConfig(dg.Config):
-    schedule: str = "one_cycle"          # one_cycle | sgdr | constant
-    epochs: int = 1                      # one_cycle / constant
-    cycles: int = 1                      # sgdr: number of cosine cycles ...
-    cycle_len: int = 1                   # ... the first this many epochs long ...
-    cycle_mult: int = 1                  # ... each next one this many times longer
-    lr_from_finder: bool = False         # use the lr_find asset's suggestion instead of lr
-    seed: int = 0
-    optimizer: str = "adamw"             # adamw | sgd (with momentum, as fastai 0.7)
-    momentum: float = 0.9                # sgd's momentum
-    weight_decay: float = 1e-2
-    label_smoothing: float = 0.0         # one class per image: softened targets in the training loss
-    early_stopping_patience: Optional[int] = None  # stop after this many epochs without a lower valid loss;
-                                                   # the best epoch's weights are kept
+class ScheduleConfig(SettingsConfig, TrainingSettings):
+    """A training stage's schedule and optimizer (precompute.settings.TrainingSettings)."""
 
     def to_schedule(self) -> "train.Schedule":
         return train.Schedule(self.schedule, self.epochs, self.cycles, self.cycle_len, self.cycle_mult)
@@ -49,18 +42,8 @@ class ScheduleConfig(dg.Config):
                           self.early_stopping_patience)
 
 
-class HeadOnCacheConfig(ScheduleConfig):
-    epochs: int = 5
-    lr: float = 3e-3
-    batch_size: int = 64
-    ps: Optional[list[float]] = None     # dropout per linear block; None: fastai's 0.25 ... 0.5
-    xtra_fc: list[int] = [512]           # hidden layer sizes
-    custom_head: Optional[str] = None    # a head registered in precompute.heads, or "package.module:factory"
-                                         # listed in PRECOMPUTE_ALLOWED_HEADS -> nn.Module(in_features, n_classes)
-    precompute: bool = True
-    augment: bool = False
-    reuse: bool = True                   # return the earlier head when rows, config and seed are unchanged
-    from_sweep: bool = False             # train the best head of this partition's latest head_sweep instead
+class HeadOnCacheConfig(HeadStageSettings, ScheduleConfig):  # the model first: its defaults win
+    """head_on_cache's settings (precompute.settings.HeadStageSettings)."""
 
     def head_config(self) -> dict:
         return {"ps": self.ps, "xtra_fc": self.xtra_fc, "custom": self.custom_head}
@@ -74,19 +57,8 @@ class HeadOnCacheConfig(ScheduleConfig):
                                 self.precompute, self.augment, self.fit_options())
 
 
-class ImageStageConfig(ScheduleConfig):
-    lr: float = 1e-3                     # the last group's rate; each earlier trainable group lr_spread x lower
-    lr_spread: float = 3.0               # fastai: earlier groups 3-10x lower
-    lrs: Optional[list[float]] = None    # or one rate per layer group, earliest first
-    lr_range: Optional[str] = None       # or "lo:hi", spread geometrically over the trainable groups
-    batch_size: int = 32
-    augment: bool = True
-    precompute: bool = False
-    augmentation: str = "side_on"        # side_on | top_down | basic (fastai's transforms_* presets)
-    max_zoom: float = 1.1
-    freeze_bn_stats: bool = True         # keep BatchNorm running statistics (see precompute.train.fit)
-    train_bn: bool = False               # BatchNorm scale/shift trainable in frozen groups (fastai v1)
-    size: Optional[int] = None           # a new image size: progressive resizing from the previous stage
+class ImageStageConfig(ImageStageSettings, ScheduleConfig):
+    """head_augmented's settings (precompute.settings.ImageStageSettings): only the head trains."""
 
     def augmentation_args(self) -> dict:
         return {"preset": self.augmentation, "max_zoom": self.max_zoom}
@@ -94,7 +66,7 @@ class ImageStageConfig(ScheduleConfig):
     def learning_rates(self, finder=None):
         if self.lr_from_finder and finder and finder.suggestion is not None:
             return finder.suggestion
-        return self.lrs or self.lr_range or self.lr
+        return super().learning_rates()
 
     def stage(self, name: str, freeze_to: int, finder=None) -> "recipe.ImageStage":
         """The stage this config describes; ``freeze_to`` as fastai's (-1: the head trains, 0: every group)."""
@@ -104,13 +76,13 @@ class ImageStageConfig(ScheduleConfig):
 
 
 class FinetuneConfig(ImageStageConfig):
-    lr: float = 3e-4                     # the head's rate; the body groups get lr/3 and lr/9
+    """finetuned's settings: every layer group trains (fastai's unfreeze())."""
+    FROZEN_GROUPS: ClassVar[int] = 0
+    lr: float = Field(3e-4, ge=0)        # the head's rate; the body groups get lr/3 and lr/9
 
 
-class LrFindConfig(dg.Config):
-    num_it: int = 100
-    batch_size: int = 64
-    seed: int = 0
+class LrFindConfig(SettingsConfig, LrFindSettings):
+    """lr_find_head's settings."""
 
 
 class LrFindHeadConfig(LrFindConfig):
@@ -124,11 +96,12 @@ class LrFindHeadConfig(LrFindConfig):
         return {"ps": self.ps, "xtra_fc": self.xtra_fc, "custom": self.custom_head}
 
 
-def _checked(build, **values):
-    """Reject a bad configuration before any work (precompute.validate, then the stage's own
-    constructor ``build``); no retry: it cannot pass."""
+def _checked(build, body: Optional[tuple] = None, **probes):
+    """Reject a bad configuration before any work: the partition's cut ``body`` (arch, cut, size), the
+    probes of precompute.validate, then the stage's own constructor ``build``; no retry: it cannot pass.
+    (The config's own values were checked when the step built it: precompute.settings.)"""
     try:
-        validate.validate_run(**values)
+        all_checks(*([lambda: body_spec.BodySpec(*body)] if body else []), lambda: validate.validate_run(**probes))
         return build()
     except ConfigError as exc:
         raise dg.Failure(str(exc), allow_retries=False) from exc
@@ -187,9 +160,7 @@ def head_on_cache(context: dg.AssetExecutionContext, config: HeadOnCacheConfig, 
         from assets.sweep import best_of_sweep
 
         config = config.model_copy(update=best_of_sweep(context, activations, store))
-    stage = _checked(lambda: config.stage(lr_find_head), precompute=config.precompute, augment=config.augment,
-                     lr=config.lr, batch_size=config.batch_size, custom_head=config.custom_head, ps=config.ps,
-                     xtra_fc=config.xtra_fc, tracking_uri=tracking.tracking_uri, manifest=image_manifest)
+    stage = _checked(lambda: config.stage(lr_find_head), tracking_uri=tracking.tracking_uri, manifest=image_manifest)
     compute.setup()
     record, reused, fingerprint = recipe.train_head_stage(
         activations, image_manifest, store.get(), stage,
@@ -214,10 +185,8 @@ def _image_stage(context, config: ImageStageConfig, image_manifest, previous, st
 def _checked_image_stage(context, config: ImageStageConfig, name: str, freeze_to: int, tracking: MlflowTracking,
                          finder=None) -> "recipe.ImageStage":
     arch, xtra_cut = arch_and_cut(context)
-    return _checked(lambda: config.stage(name, freeze_to, finder), arch=arch, xtra_cut=xtra_cut, size=config.size,
-                    lr=config.learning_rates(finder), frozen=freeze_to % train.N_LAYER_GROUPS, precompute=config.precompute,
-                    augment=config.augment, batch_size=config.batch_size, augmentation=config.augmentation,
-                    max_zoom=config.max_zoom, tracking_uri=tracking.tracking_uri)
+    return _checked(lambda: config.stage(name, freeze_to, finder), (arch, xtra_cut, config.size),
+                    tracking_uri=tracking.tracking_uri)
 
 
 @dg.asset(group_name="recipe", partitions_def=arch_cut, tags=NOT_CACHEABLE)
@@ -228,11 +197,8 @@ def head_augmented(context: dg.AssetExecutionContext, config: ImageStageConfig, 
     return _image_stage(context, config, image_manifest, head_on_cache, stage, tracking, compute)
 
 
-class LrFindImagesConfig(LrFindConfig):
-    num_it: int = 50
-    batch_size: int = 32
-    lr_spread: float = 3.0
-    augmentation: str = "side_on"
+class LrFindImagesConfig(LrFindImagesSettings, LrFindConfig):
+    """lr_find_unfrozen's settings."""
 
 
 @dg.asset(group_name="recipe", partitions_def=arch_cut, tags=NOT_CACHEABLE)

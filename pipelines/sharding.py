@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import dagster as dg
+from pydantic import Field
 
 from assets.activations import ActivationsConfig
 from assets.partitions import arch_and_cut, arch_cut
@@ -31,7 +32,7 @@ PROGRESS_EVERY_S = 2.0  # a worker reports its shard's progress at most this oft
 
 
 class ShardedPrecomputeConfig(ActivationsConfig):
-    shards: int = 2
+    shards: int = Field(2, ge=1)  # Dask tasks, each a share of the rows
 
 
 @dataclass(frozen=True)
@@ -167,18 +168,16 @@ def shard_job(context, config: ShardedPrecomputeConfig, store: ActivationStoreRe
               compute: ComputeDevice) -> ShardJob:
     """The shard tasks' job, its settings checked first, in this step: a task would only fail (and be
     retried by Dask) on them."""
-    from precompute import recipe
-    from precompute.train import ConfigError
+    from precompute.body_spec import BodySpec
+    from precompute.errors import ConfigError
+    from precompute.settings import all_checks
     from precompute.validate import validate_run
 
     arch, xtra_cut = arch_and_cut(context)
-    if config.shards < 1:
-        raise dg.Failure(f"shards {config.shards}: use 1 or more", allow_retries=False)
-    settings = config.model_dump(exclude={"shards"})
+    settings = config.model_dump(exclude={"shards"})  # checked when the step built the config (settings)
     try:
-        recipe.CacheSettings(**settings)
-        validate_run(arch=arch, xtra_cut=xtra_cut, size=config.size, dtype=config.dtype, weights=config.weights,
-                     weights_path=config.weights_path)
+        all_checks(lambda: BodySpec(arch, xtra_cut, config.size),
+                   lambda: validate_run(arch=arch, weights=config.weights, weights_path=config.weights_path))
     except ConfigError as exc:
         raise dg.Failure(str(exc), allow_retries=False) from exc
     return ShardJob(arch, xtra_cut, settings, store.root, json.loads(store.storage_options_json), store.compressor,

@@ -54,9 +54,9 @@ def test_sgdr_warms_up_then_restarts_with_longer_cycles():
 
 
 def test_schedule_errors():
-    with pytest.raises(ConfigError, match="one_cycle, sgdr or constant"):
+    with pytest.raises(ConfigError, match="schedule 'linear': choose one of one_cycle, sgdr, constant"):
         Schedule("linear")
-    with pytest.raises(ConfigError, match=">= 1"):
+    with pytest.raises(ConfigError, match="cycle_mult 0: use 1 or more"):
         Schedule("sgdr", cycle_mult=0)
 
 

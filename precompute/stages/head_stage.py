@@ -21,8 +21,8 @@ from precompute.records import ActivationsRef, StageRecord, checked_record
 from precompute.stages.common import LOG, OpenRun, log_stage, schedule_params
 from precompute.stages.cache_fill import open_entry
 from precompute.store import ActivationStore, Entry, ResultCache
-from precompute.train import (ConfigError, EpochCallback, FitOptions, Schedule, check_batch_size, check_lrs,
-                              check_precompute_augment)
+from precompute.settings import HeadStageSettings
+from precompute.train import EpochCallback, FitOptions, Schedule
 from precompute.transforms import TransformSpec
 
 HEAD_CODE_VERSION = "1"  # bump when training on the cache changes its result for the same inputs
@@ -110,13 +110,9 @@ class HeadStage:
     options: FitOptions = FitOptions()
 
     def __post_init__(self):
-        check_precompute_augment(self.precompute, self.augment)
-        if not self.precompute:
-            raise ConfigError("head_on_cache trains on the cache: set precompute=True, or use head_augmented "
-                              "to train the head on images")
-        check_batch_size(self.batch_size)
-        check_lrs(self.lr, 1)
-        HeadConfig(**self.head_config)
+        HeadStageSettings.checked(precompute=self.precompute, augment=self.augment, batch_size=self.batch_size,
+                                  lr=self.lr)  # settings.HeadStageSettings decides what is valid ...
+        HeadConfig(**self.head_config)  # ... and the head's own record, its custom factory too
 
 
 def train_head_stage(ref: ActivationsRef | dict, manifest: pd.DataFrame, store: ActivationStore, stage: HeadStage,
