@@ -522,12 +522,20 @@ def section(runs: list[dict], note: str = "") -> str:
              "stage process and each of its children (the Dask workers), processes under 40 MiB left out. "
              "All figures in the measured tables are **measured** on this machine, which was shared with other "
              "jobs (wall times are not those of an idle machine).")
-    parts = [notes + (" " + note if note else "")] + [table(r, "measured") for r in runs]
-    if len(runs) >= 2:
-        parts.append(growth(runs[0], runs[-1]))
-    if len(runs) >= 2 and runs[-1]["n"] < IMAGENET_1K:
-        parts.append(projection(runs[0], runs[-1], IMAGENET_1K))
-        parts.append(f"{IMAGENET_1K:,} images: **not yet measured**; the table above is a projection.")
+    def label(r: dict) -> str:
+        todo = [name.replace("_", " ") for name in STAGES if name not in r["stages"]]
+        return "measured" + (f"; not yet run: {', '.join(todo)}" if todo else "")
+
+    parts = [notes + (" " + note if note else "")] + [table(r, label(r)) for r in runs]
+    done = [r for r in runs if all(name in r["stages"] for name in STAGES)]
+    if len(done) >= 2:
+        parts.append(growth(done[0], done[-1]))
+    if len(done) >= 2 and done[-1]["n"] < IMAGENET_1K:
+        parts.append(projection(done[0], done[-1], IMAGENET_1K))
+        big = [r for r in runs if r["n"] == IMAGENET_1K]
+        parts.append(f"{IMAGENET_1K:,} images: " + (
+            f"the stages in the table of {IMAGENET_1K:,} above are measured, the others only projected here."
+            if big else "**not yet measured**; the table above is a projection."))
     return "\n\n".join(parts)
 
 
