@@ -387,8 +387,9 @@ def measure(n: int, folder: Path | None = None, work: Path | None = None, resume
             continue
         beat = work / f"{name}.heartbeat"  # written every 10 s while the stage runs
         earlier = [json.loads(line) for line in beat.read_text().splitlines()] if beat.exists() else []
-        if earlier and name != "precompute":
-            raise SystemExit(f"stage {name} at {n:,} was cut off and cannot resume; rerun without --resume")
+        if name != "precompute":  # any other stage cut off runs again from its start: nothing of it is kept
+            earlier = []
+            beat.unlink(missing_ok=True)
         result = run_stage(name, folder, work, n)
         if earlier:  # a precompute cut off before: its rows were reused now, its time and memory count too
             result["attempts"] = [*earlier, {"seconds": result["seconds"], "computed": result["computed"]}]
