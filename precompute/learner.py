@@ -159,7 +159,7 @@ class Learner(LearnerPredictions, LearnerFiles):
         bb = ref.backbone()
         check_same_weights(bb, entry)
         manifest = without_failed(manifest, ref.failed_images)  # no rows for them
-        learn = cls.from_backbone(bb, manifest, ref.transform(), head_config, entry, store=store,
+        learn = cls.from_backbone(bb, manifest, ref.key.transform, head_config, entry, store=store,
                                   **{"verbose": False, **kw})
         learn.view_key = ref.view_key
         return learn

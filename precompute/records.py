@@ -105,29 +105,32 @@ class ActivationsRef:
     weights, and the images that failed at precompute (no rows: later stages leave them out)."""
     store: str
     entry: str
-    key: dict                              # CacheKey.parts()
+    key: CacheKey                          # the entry's key (its arch, weights, cut and transform)
     view_key: str
     weights: str = "pretrained"
     weights_path: str | None = None
     failed_images: tuple = field(default_factory=tuple)  # (image_id, path, reason) per failed image
 
     def __post_init__(self):
+        if not isinstance(self.key, CacheKey):
+            raise TypeError(f"ActivationsRef.key is a CacheKey, got {type(self.key).__name__}: "
+                            "ActivationsRef.from_dict reads the plain form")
         object.__setattr__(self, "failed_images", tuple(tuple(f) for f in self.failed_images or ()))
 
     @classmethod
     def of(cls, entry: Entry, view: str, weights: str = "pretrained", weights_path: str | None = None,
            failed=()) -> "ActivationsRef":
-        return cls(store=entry.store.root, entry=entry.rel, key=entry.key.parts(), view_key=view,
+        return cls(store=entry.store.root, entry=entry.rel, key=entry.key, view_key=view,
                    weights=weights, weights_path=weights_path, failed_images=failed)
 
     def to_dict(self) -> dict:
-        return {"store": self.store, "entry": self.entry, "key": self.key, "view_key": self.view_key,
+        return {"store": self.store, "entry": self.entry, "key": self.key.parts(), "view_key": self.view_key,
                 "weights": self.weights, "weights_path": self.weights_path,
                 "failed_images": [list(f) for f in self.failed_images]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ActivationsRef":
-        return cls(store=d["store"], entry=d["entry"], key=d["key"], view_key=d["view_key"],
+        return cls(store=d["store"], entry=d["entry"], key=CacheKey.from_parts(d["key"]), view_key=d["view_key"],
                    weights=d.get("weights", "pretrained"), weights_path=d.get("weights_path"),
                    failed_images=d.get("failed_images") or ())
 
@@ -136,15 +139,9 @@ class ActivationsRef:
         """The typed ref; a plain dict (as materializations before the dataclass stored it) is read too."""
         return ref if isinstance(ref, cls) else cls.from_dict(ref)
 
-    def cache_key(self) -> CacheKey:
-        return CacheKey(**self.key)
-
-    def transform(self) -> TransformSpec:
-        return TransformSpec(**self.key["transform"])
-
     def backbone(self) -> Backbone:
         """The frozen body the rows were computed with (its weights as configured then)."""
-        return load_backbone(self.key["arch"], self.key["xtra_cut"], self.weights, self.weights_path)
+        return load_backbone(self.key.arch, self.key.xtra_cut, self.weights, self.weights_path)
 
 
 def checked_record(record, source: str) -> StageRecord:

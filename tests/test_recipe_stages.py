@@ -169,7 +169,7 @@ def test_activations_ref_round_trips_and_opens_its_entry(trained):
         ref.view_key = "other"  # frozen
     store = ActivationStore(str(root / "store"))
     assert recipe.open_entry(store, ref).rel == entry.rel == recipe.open_entry(store, d).rel
-    assert ref.transform().key() == ts.key() and ref.backbone().weights_id == bb.weights_id
+    assert ref.key.transform == ts.resolved() and ref.key == entry.key and ref.backbone().weights_id == bb.weights_id
 
 
 def test_head_on_cache_cached_trains_once_per_fingerprint(trained):

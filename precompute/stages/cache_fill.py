@@ -29,7 +29,7 @@ LOG = logging.getLogger(__name__)
 def activation_key(bb: Backbone, ts: TransformSpec, pooled: bool = True, dtype: str = "float32",
                    decoder: str = "pil") -> CacheKey:
     return CacheKey(arch=bb.spec.name, weights_id=bb.weights_id, xtra_cut=bb.xtra_cut,
-                    cut_index=len(bb.body), transform=ts.key(), pooled=pooled, dtype=dtype, decoder=decoder)
+                    cut_index=len(bb.body), transform=ts, pooled=pooled, dtype=dtype, decoder=decoder)
 
 
 def precompute(manifest: pd.DataFrame, store: ActivationStore, bb: Backbone, ts: TransformSpec,
@@ -69,7 +69,7 @@ def repair_entry(entry: Entry, manifest: pd.DataFrame, writable: bool = True) ->
 def open_entry(store: ActivationStore, ref: ActivationsRef | dict) -> Entry:
     """The entry an activations result points at (its key.json is put right if it was damaged).
     The rows are not checked here: ``check_same_weights`` and ``verify_entry`` do that."""
-    return store.entry(ActivationsRef.coerce(ref).cache_key())
+    return store.entry(ActivationsRef.coerce(ref).key)
 
 
 def check_same_weights(bb: Backbone, entry: Entry) -> None:
