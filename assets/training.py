@@ -20,6 +20,7 @@ from resources import ActivationStoreResource, ComputeDevice, MlflowTracking
 
 # torch, matplotlib and mlflow load when a step runs, not with the definitions (issue 20)
 evaluate = LazyModule("precompute.evaluate")
+heads = LazyModule("precompute.heads")
 recipe = LazyModule("precompute.recipe")
 train = LazyModule("precompute.train")
 validate = LazyModule("precompute.validate")
@@ -63,8 +64,8 @@ class HeadOnCacheConfig(ScheduleConfig):
     reuse: bool = True                   # return the earlier head when rows, config and seed are unchanged
     from_sweep: bool = False             # train the best head of this partition's latest head_sweep instead
 
-    def head_config(self) -> dict:
-        return {"ps": self.ps, "xtra_fc": self.xtra_fc, "custom": self.custom_head}
+    def head_config(self) -> "heads.HeadConfig":
+        return heads.HeadConfig(self.ps, self.xtra_fc, self.custom_head)
 
     def stage(self, finder=None) -> "recipe.HeadStage":
         lr = finder.suggestion if self.lr_from_finder and finder and finder.suggestion is not None else self.lr
@@ -173,7 +174,7 @@ def _lr_find_output(context, tracking: MlflowTracking, stage: str, result, param
                                        "plot": dg.MetadataValue.md(png_markdown(plot, "loss vs learning rate"))})
 
 
-def _configured_head(context) -> dict:
+def _configured_head(context) -> "heads.HeadConfig":
     """The head head_on_cache will train (ps, xtra_fc, custom_head): its config in this run's run
     config (``ops: head_on_cache: config:``), else head_on_cache's defaults."""
     ops = (context.run.run_config or {}).get("ops") or {}
@@ -190,7 +191,7 @@ def lr_find_head(context: dg.AssetExecutionContext, config: LrFindConfig, image_
     result = recipe.lr_find_on_ref(activations, image_manifest, store.get(), head_config, config.batch_size,
                                    config.seed, config.num_it)
     return _lr_find_output(context, tracking, "lr_find_head", result,
-                           {**config.model_dump(), **{f"head.{k}": v for k, v in head_config.items()}}, image_manifest)
+                           {**config.model_dump(), **{f"head.{k}": v for k, v in head_config.as_dict().items()}}, image_manifest)
 
 
 @dg.asset(group_name="recipe", partitions_def=arch_cut, code_version="1", tags={"precompute/cacheable": "true"})

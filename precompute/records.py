@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from precompute.backbone import Backbone, load_backbone
-from precompute.heads import UnknownHead, check_head_config
+from precompute.heads import HeadConfig, UnknownHead, check_head_config
 from precompute.store import CacheKey, Entry
 from precompute.task import Task
 from precompute.train import FitOptions, Schedule
@@ -35,7 +35,7 @@ class StageRecord:
     arch: str
     xtra_cut: int
     task: Task
-    head_config: dict
+    head: HeadConfig
     transform: TransformSpec
     weights_id: str
     state_dict: dict
@@ -55,7 +55,18 @@ class StageRecord:
     mlflow_run_id: str | None = None
 
     def __post_init__(self):
+        if not isinstance(self.head, HeadConfig):
+            raise TypeError(f"StageRecord.head is a precompute.heads.HeadConfig, got {type(self.head).__name__}: "
+                            "StageRecord.from_dict reads the plain form")
         self.failed_images = tuple(tuple(f) for f in self.failed_images or ())
+
+    def __setstate__(self, state: dict) -> None:
+        """Migrates a pickle of the earlier layout (Dagster's IO manager keeps records pickled): its
+        head was the plain ``head_config`` dict, now a checked ``HeadConfig``."""
+        state = dict(state)
+        if "head_config" in state:
+            state["head"] = HeadConfig.from_dict(state.pop("head_config"))
+        self.__dict__.update(state)
 
     @property
     def classes(self) -> list[str]:
@@ -73,6 +84,7 @@ class StageRecord:
     def to_dict(self, groups: bool = True) -> dict:
         """The record as plain data (``groups=False``: as model files hold it)."""
         d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["head_config"] = d.pop("head").as_dict()  # the name files have always used: any version reads it
         d.update(task=self.task.to_dict(), classes=self.classes, transform=self.transform.key(),
                  schedule=None if self.schedule is None else self.schedule.as_dict(),
                  fit_options=None if self.fit_options is None else self.fit_options.as_dict(),
@@ -86,9 +98,9 @@ class StageRecord:
         """A record from ``to_dict``, or from the flat dict of earlier versions (``multilabel``,
         ``label_delim`` and ``thresholds`` beside ``classes``; ``schedule`` a dict)."""
         task = Task.from_dict(d["task"] if d.get("task") else d)
-        known = {f.name for f in fields(cls)} - {"task", "transform", "schedule", "fit_options"}
+        known = {f.name for f in fields(cls)} - {"task", "head", "transform", "schedule", "fit_options"}
         schedule, options = d.get("schedule"), d.get("fit_options")
-        return cls(task=task, transform=TransformSpec(**d["transform"]),
+        return cls(task=task, head=HeadConfig.from_dict(d["head_config"]), transform=TransformSpec(**d["transform"]),
                    schedule=Schedule(**schedule) if schedule else None,
                    fit_options=FitOptions(**options) if options else None,
                    **{k: v for k, v in d.items() if k in known and v is not None})
@@ -116,6 +128,14 @@ class ActivationsRef:
             raise TypeError(f"ActivationsRef.key is a CacheKey, got {type(self.key).__name__}: "
                             "ActivationsRef.from_dict reads the plain form")
         object.__setattr__(self, "failed_images", tuple(tuple(f) for f in self.failed_images or ()))
+
+    def __setstate__(self, state: dict) -> None:
+        """Migrates a pickle of the earlier layout (Dagster's IO manager keeps refs pickled): its key
+        was the dict of the key's parts, now the ``CacheKey`` itself (the same entry, the same digest)."""
+        state = dict(state)
+        if isinstance(state.get("key"), dict):
+            state["key"] = CacheKey.from_parts(state["key"])
+        self.__dict__.update(state)
 
     @classmethod
     def of(cls, entry: Entry, view: str, weights: str = "pretrained", weights_path: str | None = None,
@@ -151,7 +171,7 @@ def checked_record(record, source: str) -> StageRecord:
     if isinstance(record, dict) and set(REQUIRED_KEYS) <= record.keys():
         head_config = record["head_config"]
     elif isinstance(record, StageRecord):
-        head_config = record.head_config
+        head_config = record.head.as_dict()
     else:
         raise ValueError(f"{source} is not a stage record (a dict with arch, classes, head_config, state_dict): "
                          "pass a model .pt saved by a training stage")

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from precompute import recipe
+from precompute.heads import HeadConfig, UnknownHead
 from precompute.records import StageRecord
 from precompute.task import MultiLabel, SingleLabel, Task
 from precompute.train import (ArrayRows, ConfigError, FitOptions, Schedule, _optimizer, evaluate_batches, fit,
@@ -20,7 +21,7 @@ from precompute.transforms import TransformSpec
 
 def make_record(task: Task) -> StageRecord:
     return StageRecord(stage="finetuned", arch="resnet18", xtra_cut=0, task=task,
-                       head_config={"ps": None, "xtra_fc": [8], "custom": None}, transform=TransformSpec(size=32),
+                       head=HeadConfig(xtra_fc=[8]), transform=TransformSpec(size=32),
                        weights_id="random", state_dict={"1.w": torch.arange(4.0)},
                        history=[{"epoch": 0, "valid_loss": 0.5, "valid_accuracy": 0.75}],
                        groups=[{"index": 0, "lr": 1e-3}], schedule=Schedule("sgdr", cycles=2, cycle_len=1, cycle_mult=2),
@@ -37,6 +38,9 @@ def test_record_round_trips_through_a_weights_only_file_and_a_pickle(task, tmp_p
     assert back.transform.key() == record.transform.key() and back.schedule.total_epochs == 3
     assert torch.equal(back.state_dict["1.w"], record.state_dict["1.w"]) and back.failed_images == record.failed_images
     assert back.last_epoch["valid_accuracy"] == 0.75
+    assert back.head == record.head == HeadConfig(None, (8,)) and isinstance(back.head, HeadConfig)
+    # on disk the head keeps the name and form every version wrote, so files go both ways
+    assert record.to_dict()["head_config"] == {"ps": None, "xtra_fc": [8], "custom": None} and "head" not in record.to_dict()
     pickled = copy.deepcopy(record)  # the pickle protocol Dagster's default IO manager uses
     assert pickled.task == task and pickled.schedule == record.schedule and pickled.history == record.history
     assert torch.equal(pickled.state_dict["1.w"], record.state_dict["1.w"])
@@ -52,10 +56,41 @@ def test_old_flat_dict_records_still_load():
     record = recipe.checked_record(old, "old file")
     assert isinstance(record.task, MultiLabel) and record.thresholds == (0.2, 0.5, 0.9)
     assert record.schedule.epochs == 2 and record.mlflow_run_id == "r1" and record.lr == 1e-3
+    assert record.head == HeadConfig(xtra_fc=(8,))
     single = StageRecord.from_dict({**old, "multilabel": False, "label_delim": None, "thresholds": None})
     assert isinstance(single.task, SingleLabel) and single.thresholds is None
     with pytest.raises(ValueError, match="is not a stage record"):
         recipe.checked_record({"arch": "resnet18"}, "half a file")
+
+
+def test_pickles_of_the_earlier_layout_migrate_when_loaded():
+    """Dagster's IO manager pickles what an asset returns: a record pickled when its head was a
+    ``head_config`` dict, and a ref whose key was a dict of parts, load as the typed objects."""
+    import pickle
+
+    from precompute.records import ActivationsRef
+    from precompute.store import CacheKey
+
+    record = make_record(SingleLabel(["a", "b"]))
+    old = pickle.dumps(record)
+    record.__dict__["head_config"] = record.__dict__.pop("head").as_dict()  # the layout before
+    migrated = pickle.loads(pickle.dumps(record))
+    assert migrated.head == HeadConfig(xtra_fc=(8,)) and "head_config" not in vars(migrated)
+    assert pickle.loads(old).head == migrated.head
+    record.__dict__["head_config"] = {"ps": None, "xtra_fc": [8], "custom": "this:s"}
+    with pytest.raises(UnknownHead, match="refused, nothing was imported"):
+        pickle.loads(pickle.dumps(record))  # a pickled name is checked as a file's is
+
+    key = CacheKey("resnet18", "random", 0, 8, TransformSpec(size=32), versions={})
+    ref = ActivationsRef("/store", key.rel(), key, "view-1")
+    object.__setattr__(ref, "key", key.parts())  # the layout before
+    back = pickle.loads(pickle.dumps(ref))
+    assert back.key == key and back == ActivationsRef("/store", key.rel(), key, "view-1")
+    with pytest.raises(TypeError, match="is a CacheKey"):
+        ActivationsRef("/store", key.rel(), key.parts(), "view-1")
+    with pytest.raises(TypeError, match="is a precompute.heads.HeadConfig"):
+        StageRecord(**{**vars(make_record(SingleLabel(["a", "b"]))), "head": {"xtra_fc": [8]}})
+
 
 
 def test_single_label_task():
@@ -113,7 +148,7 @@ def test_stage_settings_are_checked_where_they_are_made():
     with pytest.raises(ConfigError, match="max_zoom 0.9"):
         recipe.ImageStage("finetuned", 0, augmentation={"preset": "side_on", "max_zoom": 0.9})
     with pytest.raises(ConfigError, match="head_on_cache trains on the cache"):
-        recipe.HeadStage({"ps": None, "xtra_fc": [8], "custom": None}, precompute=False)
+        recipe.HeadStage(HeadConfig(xtra_fc=[8]), precompute=False)
     stage = recipe.ImageStage("head_augmented", -1, size=48)
     assert stage.frozen(3) == 2 and recipe.ImageStage("finetuned", 0).frozen(3) == 0
     assert stage.transform(make_record(SingleLabel(["a", "b"]))).size == 48

@@ -162,7 +162,7 @@ def test_head_sweep_asset_tracks_children_and_reuses(env):
     assert run.success
     record = run.output_for_node("head_on_cache")
     row = sweep_out["table"][sweep_out["best_index"]]
-    assert record.head_config["xtra_fc"] == sweep_out["best"]["xtra_fc"] and record.seed == 1
+    assert list(record.head.xtra_fc) == sweep_out["best"]["xtra_fc"] and record.seed == 1
     assert record.history[-1]["valid_loss"] == pytest.approx(row["valid_loss"], abs=1e-5)
     assert record.history[-1]["valid_accuracy"] == pytest.approx(row["valid_accuracy"])
     params = client.get_run(record.mlflow_run_id).data.params

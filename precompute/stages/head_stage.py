@@ -28,7 +28,7 @@ from precompute.transforms import TransformSpec
 HEAD_CODE_VERSION = "1"  # bump when training on the cache changes its result for the same inputs
 
 
-def _head_learner(entry: Entry, manifest: pd.DataFrame, bb: Backbone, ts: TransformSpec, head_config: dict,
+def _head_learner(entry: Entry, manifest: pd.DataFrame, bb: Backbone, ts: TransformSpec, head_config: HeadConfig,
                   batch_size: int, seed: int, memory_budget: int | None) -> Learner:
     learn = Learner.from_backbone(bb, manifest, ts, head_config, entry, bs=batch_size, seed=seed, verbose=False)
     if memory_budget is not None:  # 0: every row streamed from the store
@@ -37,7 +37,7 @@ def _head_learner(entry: Entry, manifest: pd.DataFrame, bb: Backbone, ts: Transf
 
 
 def train_head_on_cache(entry: Entry, manifest: pd.DataFrame, bb: Backbone, ts: TransformSpec,
-                        head_config: dict, epochs: int = 3, lr: float = 1e-3, batch_size: int = 64,
+                        head_config: HeadConfig, epochs: int = 3, lr: float = 1e-3, batch_size: int = 64,
                         seed: int = 0, on_epoch: EpochCallback | None = None, memory_budget: int | None = None,
                         schedule: Schedule | None = None, options: FitOptions | None = None,
                         cbs: Sequence[Callback] = ()) -> StageRecord:
@@ -48,14 +48,14 @@ def train_head_on_cache(entry: Entry, manifest: pd.DataFrame, bb: Backbone, ts: 
     return learn.fit_schedule(learn.lrs_for(lr), schedule or Schedule("one_cycle", epochs=epochs), cbs=cbs)
 
 
-def lr_find_on_cache(entry: Entry, manifest: pd.DataFrame, bb: Backbone, ts: TransformSpec, head_config: dict,
+def lr_find_on_cache(entry: Entry, manifest: pd.DataFrame, bb: Backbone, ts: TransformSpec, head_config: HeadConfig,
                      batch_size: int = 64, seed: int = 0, num_it: int = 100,
                      memory_budget: int | None = None) -> LRFindResult:
     """lr_find for a new head on the cached activations (cheap: no body runs)."""
     return _head_learner(entry, manifest, bb, ts, head_config, batch_size, seed, memory_budget).lr_find(num_it=num_it)
 
 
-def lr_find_on_ref(ref: ActivationsRef, manifest: pd.DataFrame, store: ActivationStore, head_config: dict,
+def lr_find_on_ref(ref: ActivationsRef, manifest: pd.DataFrame, store: ActivationStore, head_config: HeadConfig,
                    batch_size: int = 64, seed: int = 0, num_it: int = 100) -> LRFindResult:
     """``lr_find_on_cache`` on the entry an activations result points at (images failed there left out)."""
     learn = Learner.from_cache(ActivationsRef.coerce(ref), manifest, store, head_config, bs=batch_size, seed=seed)
@@ -98,7 +98,7 @@ def head_on_cache_cached(entry: Entry, fingerprint: str, train: Callable[[], Sta
 @dataclass(frozen=True)
 class HeadStage:
     """The ``head_on_cache`` stage: a new head trained on the cached rows only (fastai's precompute=True)."""
-    head_config: dict
+    head: HeadConfig
     schedule: Schedule = Schedule("one_cycle", epochs=5)
     lr: float = 3e-3
     batch_size: int = 64
@@ -114,7 +114,8 @@ class HeadStage:
                               "to train the head on images")
         check_batch_size(self.batch_size)
         check_lrs(self.lr, 1)
-        HeadConfig(**self.head_config)
+        if not isinstance(self.head, HeadConfig):
+            raise TypeError(f"HeadStage.head is a precompute.heads.HeadConfig, got {type(self.head).__name__}")
 
 
 def train_head_stage(ref: ActivationsRef | dict, manifest: pd.DataFrame, store: ActivationStore, stage: HeadStage,
@@ -128,7 +129,7 @@ def train_head_stage(ref: ActivationsRef | dict, manifest: pd.DataFrame, store: 
     fingerprint = head_fingerprint(ref.view_key, {**params, "lr": stage.lr})
 
     def train() -> StageRecord:
-        learn = Learner.from_cache(ref, manifest, store, stage.head_config, bs=stage.batch_size, seed=stage.seed)
+        learn = Learner.from_cache(ref, manifest, store, stage.head, bs=stage.batch_size, seed=stage.seed)
         learn.fit_options = stage.options
         logged = {**params, **stage.options.as_dict(), **schedule_params(stage.schedule), "lr": stage.lr,
                   "size": learn.transform.size, "epochs": stage.schedule.total_epochs, "entry_key": entry.key.digest(),
