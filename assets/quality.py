@@ -76,11 +76,11 @@ def data_quality(context: dg.AssetExecutionContext, config: DataQualityConfig, i
     from precompute.quality import data_quality_tables
     from precompute.quality.overrides import applied_overrides
     from precompute.quality.sheets import contact_sheets
-    from precompute.records import ActivationsRef
+    from precompute.records import ActivationsRef, require_typed
 
     severity = _severity(config.leak_severity)
     arch, xtra_cut = arch_and_cut(context)
-    ref = ActivationsRef.coerce(activations)
+    ref = require_typed(activations, ActivationsRef, "activations")
     manifest = recipe.without_failed(image_manifest, ref.failed_images)
     previous, reference = _previous(context)
     report = data_quality_tables(recipe.open_entry(store.get(), ref), manifest, previous, config.options(),

@@ -19,6 +19,7 @@ from resources import ActivationStoreResource, ComputeDevice, MlflowTracking
 
 recipe = LazyModule("precompute.recipe")  # torch loads when a step runs, not with the definitions
 sweep = LazyModule("precompute.sweep")
+record_types = LazyModule("precompute.records")
 labels = LazyModule("precompute.labels")  # pandas, likewise
 
 
@@ -68,7 +69,7 @@ def head_sweep(context: dg.AssetExecutionContext, config: HeadSweepConfig, image
                store: ActivationStoreResource, tracking: MlflowTracking, compute: ComputeDevice):
     """Many heads on the cached activations in one process (same-shape heads batched together);
     a table, a plot and the best configuration."""
-    activations = recipe.ActivationsRef.coerce(activations)
+    activations = record_types.require_typed(activations, record_types.ActivationsRef, "activations")
     image_manifest = recipe.without_failed(image_manifest, activations.failed_images)
     try:
         configs = config.configs()
@@ -132,7 +133,7 @@ def best_of_sweep(context, activations, store: ActivationStoreResource) -> dict:
         raise dg.Failure(f"from_sweep: head_sweep has no materialization for partition {context.partition_key}: "
                          "materialize head_sweep first, or set from_sweep: false", allow_retries=False)
     fingerprint = str(records[0].asset_materialization.metadata["fingerprint"].value)
-    activations = recipe.ActivationsRef.coerce(activations)
+    activations = record_types.require_typed(activations, record_types.ActivationsRef, "activations")
     found = sweep.load_sweep(recipe.open_entry(store.get(), activations), fingerprint)
     try:
         if found is None:

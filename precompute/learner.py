@@ -40,7 +40,7 @@ from precompute.learner_preds import LearnerPredictions
 from precompute.learner_settings import (AugTfms, aug_precompute_error, augmentation_args, default_store,
                                          trained_body_error)
 from precompute.manifest import build_manifest
-from precompute.records import ActivationsRef, StageRecord
+from precompute.records import ActivationsRef, StageRecord, require_typed
 from precompute.rows import (DEFAULT_MEMORY_BUDGET, cached_rows, failed_images, image_loader, labelled_split,
                              without_failed)
 from precompute.stages.cache_fill import activation_key, check_same_weights, open_entry, repair_entry
@@ -169,6 +169,7 @@ class Learner(LearnerPredictions, LearnerFiles):
     @classmethod
     def from_record(cls, record: StageRecord, manifest: pd.DataFrame, **kw) -> "Learner":
         """The network of a stage record (no pretrained weights loaded), continuing from it on images."""
+        record = require_typed(record, StageRecord, "the previous stage's record")
         manifest = without_failed(manifest, record.failed_images)  # the stages before left them out too
         _, model, _ = rebuild(record, record.transform.size)
         learn = cls(get_arch(record.arch), record.xtra_cut, record.weights_id, model, manifest, record.transform,

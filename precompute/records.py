@@ -105,11 +105,6 @@ class StageRecord:
                    fit_options=FitOptions(**options) if options else None,
                    **{k: v for k, v in d.items() if k in known and v is not None})
 
-    @classmethod
-    def coerce(cls, record: "StageRecord | dict") -> "StageRecord":
-        """The typed record; a plain dict (as materializations before this class stored it) is read too."""
-        return record if isinstance(record, cls) else cls.from_dict(record)
-
 
 @dataclass(frozen=True)
 class ActivationsRef:
@@ -154,14 +149,20 @@ class ActivationsRef:
                    weights=d.get("weights", "pretrained"), weights_path=d.get("weights_path"),
                    failed_images=d.get("failed_images") or ())
 
-    @classmethod
-    def coerce(cls, ref: "ActivationsRef | dict") -> "ActivationsRef":
-        """The typed ref; a plain dict (as materializations before the dataclass stored it) is read too."""
-        return ref if isinstance(ref, cls) else cls.from_dict(ref)
-
     def backbone(self) -> Backbone:
         """The frozen body the rows were computed with (its weights as configured then)."""
         return load_backbone(self.key.arch, self.key.xtra_cut, self.weights, self.weights_path)
+
+
+def require_typed(value, cls: type, what: str):
+    """``value`` itself when it is a ``cls``. A plain dict is what materializations stored before
+    ``cls`` existed: refused with the one-time migration that rewrites them (``precompute.migrate``),
+    never read silently."""
+    if isinstance(value, cls):
+        return value
+    hint = (f": {what} was stored as a dict by an earlier version; run `python -m precompute.migrate "
+            f"$DAGSTER_HOME/storage` once, or materialize it again") if isinstance(value, dict) else ""
+    raise TypeError(f"{what} is a {type(value).__name__}, not a {cls.__name__}{hint}")
 
 
 def checked_record(record, source: str) -> StageRecord:
@@ -179,7 +180,7 @@ def checked_record(record, source: str) -> StageRecord:
         check_head_config(head_config)
     except UnknownHead as e:
         raise UnknownHead(f"{source}: {e}") from None
-    return StageRecord.coerce(record)
+    return record if isinstance(record, StageRecord) else StageRecord.from_dict(record)
 
 
 def save_model(record: StageRecord, run_id: str, folder: str | None = None) -> str:

@@ -29,7 +29,7 @@ LAYERS = {
     "store": ["store"],  # the Zarr activation cache, every module of precompute/store/
     # what the Learner stands on: the cut body, the cache fill, rows from the manifest, the cache or image
     # files, predictions, typed records, metrics, the sweep and the data-quality findings
-    "cache": ["features", "backbone", "records", "rows", "inference", "evaluate", "interpret", "sweep", "quality",
+    "cache": ["features", "backbone", "records", "migrate", "rows", "inference", "evaluate", "interpret", "sweep", "quality",
               "stages.cache_fill", "stages.common", "learner_settings", "learner_io"],
     # the one training engine (DESIGN.md's face, split here because the stage adapters build it)
     "engine": ["learner", "learner_preds"],

@@ -44,7 +44,6 @@ def test_record_round_trips_through_a_weights_only_file_and_a_pickle(task, tmp_p
     pickled = copy.deepcopy(record)  # the pickle protocol Dagster's default IO manager uses
     assert pickled.task == task and pickled.schedule == record.schedule and pickled.history == record.history
     assert torch.equal(pickled.state_dict["1.w"], record.state_dict["1.w"])
-    assert StageRecord.coerce(record) is record
 
 
 def test_old_flat_dict_records_still_load():
@@ -195,3 +194,69 @@ def test_early_stopping_keeps_the_best_epochs_weights():
     other = torch.nn.Linear(2, 2)
     assert len(fit(other, [other], [0.5], lambda g: train.batches(16, g), lambda: valid.batches(64), 4,
                    Schedule("constant", epochs=8))) == 8  # without it every epoch runs
+
+
+def test_stored_dict_materializations_migrate_once_with_a_real_dagster_storage(tmp_path):
+    """What Dagster's default IO manager stored before the typed records (dicts; typed pickles of the
+    earlier layout) is rewritten once by ``python -m precompute.migrate``; after that a downstream
+    asset reads typed records, and before it a dict is refused with that command, never read as is."""
+    import pickle
+
+    import dagster as dg
+
+    from precompute.migrate import main as migrate_main
+    from precompute.migrate import migrate_materializations
+    from precompute.records import ActivationsRef, require_typed
+    from precompute.store import CacheKey
+
+    key = CacheKey("resnet18", "random", 0, 8, TransformSpec(size=32), versions={})
+    old_ref = {"store": "/store", "entry": key.rel(), "key": key.parts(), "view_key": "v1", "weights": "pretrained",
+               "weights_path": None, "failed_images": []}
+    old_record = make_record(SingleLabel(["a", "b"])).to_dict()
+
+    @dg.asset
+    def activations():
+        return old_ref
+
+    @dg.asset
+    def finetuned():
+        return old_record
+
+    @dg.asset
+    def image_manifest():
+        return ["not", "a", "record"]
+
+    @dg.asset
+    def report(activations, finetuned):
+        return {"ref": require_typed(activations, ActivationsRef, "activations").view_key,
+                "head": require_typed(finetuned, StageRecord, "finetuned").head}
+
+    storage, home = tmp_path / "storage", tmp_path / "home"
+    home.mkdir()
+    resources = {"io_manager": dg.FilesystemIOManager(base_dir=str(storage))}
+    with dg.instance_for_test(temp_dir=str(home)) as instance:
+        assert dg.materialize([activations, finetuned, image_manifest], instance=instance, resources=resources).success
+        (storage / "compute.out").write_text("a log, not a pickle")
+        with pytest.raises(TypeError, match="stored as a dict by an earlier version; run `python -m precompute.migrate"):
+            dg.materialize([report, activations.to_source_asset(), finetuned.to_source_asset()], instance=instance,
+                           resources=resources, selection=[report])
+
+        assert migrate_main([str(storage), "--dry-run"]) == 0
+        assert pickle.loads((storage / "activations").read_bytes()) == old_ref  # a dry run changes nothing
+        changed = dict(migrate_materializations(storage))
+        assert changed == {str(storage / "activations"): "ActivationsRef (was a dict)",
+                           str(storage / "finetuned"): "StageRecord (was a dict)"}
+        assert migrate_materializations(storage) == []  # once: nothing left to migrate
+        assert pickle.loads((storage / "image_manifest").read_bytes()) == ["not", "a", "record"]
+
+        result = dg.materialize([report, activations.to_source_asset(), finetuned.to_source_asset()],
+                                instance=instance, resources=resources, selection=[report])
+        assert result.output_for_node("report") == {"ref": "v1", "head": HeadConfig(xtra_fc=(8,))}
+
+    # a typed pickle of the earlier layout is rewritten in this one
+    ref = ActivationsRef("/store", key.rel(), key, "v1")
+    object.__setattr__(ref, "key", key.parts())
+    (storage / "activations").write_bytes(pickle.dumps(ref))
+    assert migrate_materializations(storage) == [(str(storage / "activations"),
+                                                  "ActivationsRef (was the layout with a dict key)")]
+    assert b"CacheKey" in (storage / "activations").read_bytes() and migrate_materializations(storage) == []

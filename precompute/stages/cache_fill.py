@@ -17,7 +17,7 @@ from precompute.archs import get_arch
 from precompute.backbone import Backbone, load_backbone, transform_for
 from precompute.features import PrecomputeStats, check_decoder, compute_activations
 from precompute.manifest import ok_rows
-from precompute.records import ActivationsRef
+from precompute.records import ActivationsRef, require_typed
 from precompute.store import ActivationStore, CacheCorruption, CacheKey, Entry, VerifyReport, view_key
 from precompute.train import ConfigError, check_batch_size
 from precompute.transforms import TransformSpec, eval_transform
@@ -66,10 +66,10 @@ def repair_entry(entry: Entry, manifest: pd.DataFrame, writable: bool = True) ->
     return report
 
 
-def open_entry(store: ActivationStore, ref: ActivationsRef | dict) -> Entry:
+def open_entry(store: ActivationStore, ref: ActivationsRef) -> Entry:
     """The entry an activations result points at (its key.json is put right if it was damaged).
     The rows are not checked here: ``check_same_weights`` and ``verify_entry`` do that."""
-    return store.entry(ActivationsRef.coerce(ref).key)
+    return store.entry(require_typed(ref, ActivationsRef, "the activations result").key)
 
 
 def check_same_weights(bb: Backbone, entry: Entry) -> None:

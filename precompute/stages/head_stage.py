@@ -58,7 +58,7 @@ def lr_find_on_cache(entry: Entry, manifest: pd.DataFrame, bb: Backbone, ts: Tra
 def lr_find_on_ref(ref: ActivationsRef, manifest: pd.DataFrame, store: ActivationStore, head_config: HeadConfig,
                    batch_size: int = 64, seed: int = 0, num_it: int = 100) -> LRFindResult:
     """``lr_find_on_cache`` on the entry an activations result points at (images failed there left out)."""
-    learn = Learner.from_cache(ActivationsRef.coerce(ref), manifest, store, head_config, bs=batch_size, seed=seed)
+    learn = Learner.from_cache(ref, manifest, store, head_config, bs=batch_size, seed=seed)
     return learn.lr_find(num_it=num_it)
 
 
@@ -118,13 +118,12 @@ class HeadStage:
             raise TypeError(f"HeadStage.head is a precompute.heads.HeadConfig, got {type(self.head).__name__}")
 
 
-def train_head_stage(ref: ActivationsRef | dict, manifest: pd.DataFrame, store: ActivationStore, stage: HeadStage,
+def train_head_stage(ref: ActivationsRef, manifest: pd.DataFrame, store: ActivationStore, stage: HeadStage,
                      open_run: OpenRun, params: dict, reuse: bool = True,
                      log=LOG) -> tuple[StageRecord, bool, str]:
     """``head_on_cache`` as the pipeline runs it. A head is a pure function of its rows, config and
     seed, so an identical request (same ``head_fingerprint`` of the view and ``params``) returns the
     earlier head instead of training again. Returns (record, reused, fingerprint)."""
-    ref = ActivationsRef.coerce(ref)
     entry = open_entry(store, ref)
     fingerprint = head_fingerprint(ref.view_key, {**params, "lr": stage.lr})
 

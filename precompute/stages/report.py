@@ -9,7 +9,7 @@ import pandas as pd
 
 from precompute import evaluate
 from precompute.inference import evaluate_on_cache, evaluate_on_images
-from precompute.records import ActivationsRef, StageRecord
+from precompute.records import ActivationsRef, StageRecord, require_typed
 from precompute.rows import labelled_split, without_failed
 from precompute.stages.cache_fill import open_entry
 from precompute.store import ActivationStore, Entry
@@ -73,16 +73,15 @@ def write_report(folder, title: str, records: dict[str, StageRecord], stages: di
     return md
 
 
-def evaluation_report(records: dict[str, StageRecord | dict], ref: ActivationsRef | dict, store: ActivationStore,
+def evaluation_report(records: dict[str, StageRecord], ref: ActivationsRef, store: ActivationStore,
                       manifest: pd.DataFrame, folder, title: str, details: dict, tta: int = 4, top_losses: int = 8,
                       num_workers: int = 0, device="cpu") -> tuple[dict[str, dict], str]:
     """The ``evaluation_report`` stage: every stage scored (``evaluate_stages``, TTA with the last
     stage's augmentation) and the report written to ``folder`` (``write_report``). Returns
     (metrics per stage, the report's Markdown)."""
-    ref = ActivationsRef.coerce(ref)
-    records = {name: StageRecord.coerce(r) for name, r in records.items()}
-    manifest = without_failed(manifest, ref.failed_images)  # no rows for them
     entry = open_entry(store, ref)
+    records = {name: require_typed(r, StageRecord, f"the {name} record") for name, r in records.items()}
+    manifest = without_failed(manifest, ref.failed_images)  # no rows for them
     last = list(records.values())[-1]
     stages, final = evaluate_stages(records, entry, manifest, num_workers, device, tta, last.augmentation or None)
     Path(folder).mkdir(parents=True, exist_ok=True)
