@@ -7,6 +7,7 @@ Task, and everything that imports it, loads without it). Plots and the report ar
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -14,16 +15,38 @@ import numpy as np
 THRESHOLD_GRID = np.round(np.arange(0.05, 0.951, 0.05), 2)
 
 
-def stage_metrics(probs: np.ndarray, targets: np.ndarray, n_classes: int, thresholds=None) -> dict:
+@dataclass(frozen=True)
+class Evaluation:
+    """A model's score on labelled rows: accuracy and loss on ``n`` images; multi-label adds exact
+    match, F1 (micro, macro) and F2 per image; ``with_tta`` adds the scores with test-time augmentation."""
+
+    accuracy: float
+    loss: float
+    n: int
+    exact_match: float | None = None
+    f1_micro: float | None = None
+    f1_macro: float | None = None
+    f2_samples: float | None = None
+    tta_accuracy: float | None = None
+    tta_loss: float | None = None
+
+    def with_tta(self, tta: "Evaluation") -> "Evaluation":
+        return replace(self, tta_accuracy=tta.accuracy, tta_loss=tta.loss)
+
+    def to_dict(self) -> dict[str, float]:
+        """Plain numbers for the report, Dagster metadata and MLflow (what was not measured left out)."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def stage_metrics(probs: np.ndarray, targets: np.ndarray, n_classes: int, thresholds=None) -> Evaluation:
     """accuracy, loss and n; multi-label targets (2-d multi-hot) get ``multilabel_metrics``."""
     if targets.ndim == 2:
         return multilabel_metrics(probs, targets, thresholds)
     from sklearn.metrics import accuracy_score, log_loss
 
     labels = list(range(n_classes))
-    return {"accuracy": float(accuracy_score(targets, probs.argmax(1))),
-            "loss": float(log_loss(targets, np.clip(probs, 1e-7, 1), labels=labels)),
-            "n": int(len(targets))}
+    return Evaluation(accuracy=float(accuracy_score(targets, probs.argmax(1))),
+                      loss=float(log_loss(targets, np.clip(probs, 1e-7, 1), labels=labels)), n=int(len(targets)))
 
 
 def thresholds_or_half(thresholds, n: int) -> np.ndarray:
@@ -49,7 +72,7 @@ def choose_thresholds(probs: np.ndarray, targets: np.ndarray, grid: Sequence[flo
     return out
 
 
-def multilabel_metrics(probs: np.ndarray, targets: np.ndarray, thresholds=None) -> dict:
+def multilabel_metrics(probs: np.ndarray, targets: np.ndarray, thresholds=None) -> Evaluation:
     """accuracy = fastai's ``accuracy_thresh`` (share of correct label decisions); exact_match =
     every label of an image right; F1 micro/macro over labels; F2 averaged over images (the
     planet competition's score); loss = mean binary cross-entropy."""
@@ -57,13 +80,12 @@ def multilabel_metrics(probs: np.ndarray, targets: np.ndarray, thresholds=None) 
 
     pred, y = multilabel_predictions(probs, thresholds), (targets > 0.5).astype(int)
     p = np.clip(probs, 1e-7, 1 - 1e-7)
-    return {"accuracy": float((pred == y).mean()),
-            "exact_match": float((pred == y).all(1).mean()),
-            "f1_micro": float(fbeta_score(y, pred, beta=1, average="micro", zero_division=0)),
-            "f1_macro": float(fbeta_score(y, pred, beta=1, average="macro", zero_division=0)),
-            "f2_samples": float(fbeta_score(y, pred, beta=2, average="samples", zero_division=0)),
-            "loss": float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean()),
-            "n": int(len(y))}
+    return Evaluation(accuracy=float((pred == y).mean()),
+                      loss=float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean()), n=int(len(y)),
+                      exact_match=float((pred == y).all(1).mean()),
+                      f1_micro=float(fbeta_score(y, pred, beta=1, average="micro", zero_division=0)),
+                      f1_macro=float(fbeta_score(y, pred, beta=1, average="macro", zero_division=0)),
+                      f2_samples=float(fbeta_score(y, pred, beta=2, average="samples", zero_division=0)))
 
 
 def multilabel_predictions(probs: np.ndarray, thresholds=None) -> np.ndarray:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from precompute.labels import class_names, label_delim, multi_hot, split_tags
-from precompute.metrics import choose_thresholds, multilabel_metrics, multilabel_predictions, stage_metrics
+from precompute.metrics import Evaluation, choose_thresholds, multilabel_metrics, multilabel_predictions, stage_metrics
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ class Task:
         """The predicted label of each row of ``probs``, spelled as the manifest spells labels."""
         raise NotImplementedError
 
-    def metrics(self, probs: np.ndarray, targets: np.ndarray) -> dict:
+    def metrics(self, probs: np.ndarray, targets: np.ndarray) -> Evaluation:
         raise NotImplementedError
 
     def tuned(self, probs: np.ndarray, targets: np.ndarray) -> "Task":
@@ -117,7 +117,7 @@ class SingleLabel(Task):
     def decode(self, probs: np.ndarray) -> list[str]:
         return [self.classes[i] for i in self.predictions(probs)]
 
-    def metrics(self, probs: np.ndarray, targets: np.ndarray) -> dict:
+    def metrics(self, probs: np.ndarray, targets: np.ndarray) -> Evaluation:
         return stage_metrics(probs, targets, len(self.classes))
 
 
@@ -162,7 +162,7 @@ class MultiLabel(Task):
     def decode(self, probs: np.ndarray) -> list[str]:
         return [self.label_delim.join(t) for t in self.tags(probs)]
 
-    def metrics(self, probs: np.ndarray, targets: np.ndarray) -> dict:
+    def metrics(self, probs: np.ndarray, targets: np.ndarray) -> Evaluation:
         return multilabel_metrics(probs, targets, self.thresholds)
 
     def tuned(self, probs: np.ndarray, targets: np.ndarray) -> "MultiLabel":

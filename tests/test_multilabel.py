@@ -88,9 +88,9 @@ def test_thresholds_and_metrics():
     th = choose_thresholds(probs, y)
     assert 0.25 < th[0] <= 0.35 and th[1] == 0.5  # a tie across 0.45-0.6 goes to the one nearest 0.5
     m = multilabel_metrics(probs, y, th)
-    assert m["accuracy"] == 1.0 and m["exact_match"] == 1.0 and m["f1_macro"] == 1.0
+    assert m.accuracy == 1.0 and m.exact_match == 1.0 and m.f1_macro == 1.0
     at_half = multilabel_metrics(probs, y)  # 0.5 for both: every positive of label 0 missed
-    assert at_half["f1_macro"] == pytest.approx(0.5) and at_half["exact_match"] == pytest.approx(1 - y[:, 0].mean())
+    assert at_half.f1_macro == pytest.approx(0.5) and at_half.exact_match == pytest.approx(1 - y[:, 0].mean())
     rows = evaluate.per_class(probs, y, ["a", "b"], th)
     assert [r["support"] for r in rows] == y.sum(0).astype(int).tolist() and rows[0]["threshold"] == th[0]
     assert evaluate.predicted_tags(probs[:1], ["a", "b"], th) == [[c for c, t in zip("ab", y[0]) if t]]

@@ -103,7 +103,11 @@ def test_single_label_task():
     probs = task.activation(out).numpy()
     assert task.decode(probs) == ["cats", "dogs", "cats"]
     m = task.metrics(probs, y.numpy())
-    assert m["accuracy"] == pytest.approx(2 / 3) and m["n"] == 3
+    assert m.accuracy == pytest.approx(2 / 3) and m.n == 3 and m.exact_match is None
+    assert m.to_dict() == {"accuracy": m.accuracy, "loss": m.loss, "n": 3}  # plain numbers, the unmeasured left out
+    tta = m.with_tta(task.metrics(probs[:2], y.numpy()[:2]))
+    assert tta.accuracy == m.accuracy and tta.tta_accuracy == 1.0 and set(tta.to_dict()) == {"accuracy", "loss", "n",
+                                                                                              "tta_accuracy", "tta_loss"}
     assert task.tuned(probs, y.numpy()) is task
 
 
@@ -116,7 +120,7 @@ def test_multi_label_task_tunes_thresholds_and_decodes_with_them():
     tuned = task.tuned(probs, y)
     assert tuned.thresholds[0] > 0.2 and tuned.thresholds[1] <= 0.3  # "b" is rare above 0.5: its threshold drops
     assert tuned.decode(probs) == ["a;b", "b", "", "a;b"]
-    assert tuned.metrics(probs, y)["exact_match"] == 1.0 and task.metrics(probs, y)["exact_match"] == 0.25
+    assert tuned.metrics(probs, y).exact_match == 1.0 and task.metrics(probs, y).exact_match == 0.25
     out = torch.logit(torch.tensor(probs))
     assert torch.allclose(tuned.activation(out), torch.tensor(probs), atol=1e-5)
     assert task.loss(0.1)(out, torch.tensor(y)).item() == pytest.approx(task.loss()(out, torch.tensor(y)).item())
