@@ -12,8 +12,10 @@ guessing. ``migrate_materializations`` rewrites every such pickle once, in place
   ``head_config`` dict) is loaded (``__setstate__`` migrates it) and written back in this layout.
 
 Anything else is left as it is. Only files that start as a pickle does (protocol 2 or later) and
-have no suffix (the IO manager's files; compute logs have one) are opened: these are the files
-Dagster itself unpickles, so reading them runs nothing Dagster would not.
+have no suffix (the IO manager's files; compute logs have one) are opened, and they are read by an
+unpickler that builds only plain data, tensors (their bytes read with ``torch.load(weights_only=True)``)
+and the record classes: a file that names anything else is not one of ours and is skipped, so
+nothing executable comes from the storage folder.
 
 Run it once after upgrading: ``python -m precompute.migrate $DAGSTER_HOME/storage`` (``--dry-run``
 lists what would change).
@@ -22,6 +24,8 @@ lists what would change).
 from __future__ import annotations
 
 import argparse
+import importlib
+import io
 import os
 import pickle
 import sys
@@ -30,6 +34,32 @@ from pathlib import Path
 from precompute.records import REQUIRED_KEYS, ActivationsRef, StageRecord, checked_record
 
 REF_KEYS = ("store", "entry", "key", "view_key")
+# what a stored record or ref is built from, and nothing else
+BUILTINS = {t.__name__: t for t in (dict, list, tuple, set, frozenset, bytearray, complex)}
+DATA_CLASSES = {("collections", "OrderedDict"), ("numpy", "dtype"), ("numpy._core.multiarray", "scalar"),
+                ("numpy.core.multiarray", "scalar"), ("torch._utils", "_rebuild_tensor_v2"),
+                ("torch._utils", "_rebuild_parameter"), ("torch._tensor", "_rebuild_from_type_v2"),
+                ("torch", "Tensor"), ("torch.nn.parameter", "Parameter")}
+RECORD_CLASSES = {("precompute.records", "ActivationsRef"), ("precompute.records", "StageRecord"),
+                  ("precompute.store.key", "CacheKey"), ("precompute.transform_spec", "TransformSpec"),
+                  ("precompute.transforms", "TransformSpec"), ("precompute.heads", "HeadConfig"),
+                  ("precompute.task", "SingleLabel"), ("precompute.task", "MultiLabel"),
+                  ("precompute.train", "Schedule"), ("precompute.train", "FitOptions")}
+
+
+class _RecordUnpickler(pickle.Unpickler):
+    """Builds plain data, tensors and the record classes; refuses every other global."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("torch.storage", "_load_from_bytes"):  # a tensor's bytes: weights only
+            import torch
+
+            return lambda b: torch.load(io.BytesIO(b), map_location="cpu", weights_only=True)
+        if module == "builtins" and name in BUILTINS:
+            return BUILTINS[name]
+        if (module, name) in DATA_CLASSES or (module, name) in RECORD_CLASSES:
+            return getattr(importlib.import_module(module), name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a stored record")
 
 
 def _typed(value, raw: bytes):
@@ -66,8 +96,8 @@ def migrate_materializations(storage: str | os.PathLike, dry_run: bool = False) 
     for path in _pickle_files(storage):
         raw = path.read_bytes()
         try:
-            value = pickle.loads(raw)
-        except Exception:  # noqa: BLE001 - not a pickle this code can read: not ours to migrate
+            value = _RecordUnpickler(io.BytesIO(raw)).load()
+        except Exception:  # noqa: BLE001 - not a pickle of plain data and records: not ours to migrate
             continue
         typed, what = _typed(value, raw)
         if typed is None:

@@ -64,26 +64,25 @@ def test_old_flat_dict_records_still_load():
 
 def test_pickles_of_the_earlier_layout_migrate_when_loaded():
     """Dagster's IO manager pickles what an asset returns: a record pickled when its head was a
-    ``head_config`` dict, and a ref whose key was a dict of parts, load as the typed objects."""
-    import pickle
-
+    ``head_config`` dict, and a ref whose key was a dict of parts, load as the typed objects
+    (``copy.deepcopy`` goes through the same pickle protocol, __reduce_ex__ and __setstate__)."""
     from precompute.records import ActivationsRef
     from precompute.store import CacheKey
 
     record = make_record(SingleLabel(["a", "b"]))
-    old = pickle.dumps(record)
+    current = copy.deepcopy(record)
     record.__dict__["head_config"] = record.__dict__.pop("head").as_dict()  # the layout before
-    migrated = pickle.loads(pickle.dumps(record))
+    migrated = copy.deepcopy(record)
     assert migrated.head == HeadConfig(xtra_fc=(8,)) and "head_config" not in vars(migrated)
-    assert pickle.loads(old).head == migrated.head
+    assert current.head == migrated.head
     record.__dict__["head_config"] = {"ps": None, "xtra_fc": [8], "custom": "this:s"}
     with pytest.raises(UnknownHead, match="refused, nothing was imported"):
-        pickle.loads(pickle.dumps(record))  # a pickled name is checked as a file's is
+        copy.deepcopy(record)  # a pickled name is checked as a file's is
 
     key = CacheKey("resnet18", "random", 0, 8, TransformSpec(size=32), versions={})
     ref = ActivationsRef("/store", key.rel(), key, "view-1")
     object.__setattr__(ref, "key", key.parts())  # the layout before
-    back = pickle.loads(pickle.dumps(ref))
+    back = copy.deepcopy(ref)
     assert back.key == key and back == ActivationsRef("/store", key.rel(), key, "view-1")
     with pytest.raises(TypeError, match="is a CacheKey"):
         ActivationsRef("/store", key.rel(), key.parts(), "view-1")
@@ -241,17 +240,26 @@ def test_stored_dict_materializations_migrate_once_with_a_real_dagster_storage(t
     with dg.instance_for_test(temp_dir=str(home)) as instance:
         assert dg.materialize([activations, finetuned, image_manifest], instance=instance, resources=resources).success
         (storage / "compute.out").write_text("a log, not a pickle")
+
+        class Opens:  # a pickle that would run code (create a file) when loaded: never run, left alone
+            def __reduce__(self):
+                return open, (str(tmp_path / "ran"), "w")
+
+        (storage / "crafted").write_bytes(pickle.dumps(Opens()))
         with pytest.raises(TypeError, match="stored as a dict by an earlier version; run `python -m precompute.migrate"):
             dg.materialize([report, activations.to_source_asset(), finetuned.to_source_asset()], instance=instance,
                            resources=resources, selection=[report])
 
+        stored = {p.name: p.read_bytes() for p in storage.iterdir()}
         assert migrate_main([str(storage), "--dry-run"]) == 0
-        assert pickle.loads((storage / "activations").read_bytes()) == old_ref  # a dry run changes nothing
+        assert {p.name: p.read_bytes() for p in storage.iterdir()} == stored  # a dry run changes nothing
         changed = dict(migrate_materializations(storage))
         assert changed == {str(storage / "activations"): "ActivationsRef (was a dict)",
                            str(storage / "finetuned"): "StageRecord (was a dict)"}
         assert migrate_materializations(storage) == []  # once: nothing left to migrate
-        assert pickle.loads((storage / "image_manifest").read_bytes()) == ["not", "a", "record"]
+        assert (storage / "image_manifest").read_bytes() == stored["image_manifest"]  # not a record: left alone
+        assert (storage / "compute.out").read_bytes() == stored["compute.out"]
+        assert (storage / "crafted").read_bytes() == stored["crafted"] and not (tmp_path / "ran").exists()
 
         result = dg.materialize([report, activations.to_source_asset(), finetuned.to_source_asset()],
                                 instance=instance, resources=resources, selection=[report])
