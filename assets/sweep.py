@@ -36,7 +36,7 @@ class HeadSweepConfig(dg.Config):
     seed: int = 0
     reuse: bool = True                                # same cache, grid and seed: the earlier sweep
 
-    def configs(self) -> "list[sweep.HeadConfig]":
+    def configs(self) -> "list[sweep.SweepConfig]":
         space = dict(ps=self.ps, xtra_fc=[tuple(x) for x in self.xtra_fc], epochs=self.epochs, wd=self.wd,
                      label_smoothing=self.label_smoothing)
         if self.search == "grid":
