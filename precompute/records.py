@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from precompute.backbone import Backbone, load_backbone
+from precompute.callbacks import EpochRow
 from precompute.heads import HeadConfig, UnknownHead, check_head_config
 from precompute.store import CacheKey, Entry
 from precompute.task import Task
@@ -39,7 +40,7 @@ class StageRecord:
     transform: TransformSpec
     weights_id: str
     state_dict: dict
-    history: list[dict] = field(default_factory=list)   # one row per epoch, as train.fit returns it
+    history: list[EpochRow] = field(default_factory=list)  # one row per epoch, as train.fit returns it
     groups: list[dict] | None = None                    # archs.describe_groups, with each group's lr
     seed: int = 0
     schedule: Schedule | None = None
@@ -78,7 +79,7 @@ class StageRecord:
         return getattr(self.task, "thresholds", None)
 
     @property
-    def last_epoch(self) -> dict:
+    def last_epoch(self) -> EpochRow | dict:
         return self.history[-1] if self.history else {}
 
     def to_dict(self, groups: bool = True) -> dict:
