@@ -1,11 +1,9 @@
-"""Small helpers shared by the assets: plots as Markdown the Dagster UI can show, the library's
-plain metadata as Dagster metadata values, and lazy imports of the ML stack."""
+"""Small helpers shared by the assets: plots as Markdown the Dagster UI can show, and lazy imports
+of the ML stack (the metadata types are in assets/metadata.py)."""
 
 import base64
 import importlib
 from pathlib import Path
-
-import dagster as dg
 
 
 class LazyModule:
@@ -33,15 +31,3 @@ def inline_pngs(md: str, folder: Path) -> str:
     for png in Path(folder).glob("*.png"):
         md = md.replace(f"]({png.name})", "](" + png_markdown(png).split("](", 1)[1])
     return md
-
-
-def as_metadata(values: dict) -> dict:
-    """Plain values (as the library returns them) as Dagster metadata: dicts and lists as JSON,
-    floats as floats; Dagster's own values and the rest as they are."""
-    def one(v):
-        if isinstance(v, (dict, list)):
-            return dg.MetadataValue.json(v)
-        if isinstance(v, float):
-            return dg.MetadataValue.float(v)
-        return v
-    return {k: one(v) for k, v in values.items()}

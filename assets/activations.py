@@ -1,27 +1,23 @@
 import time
-from typing import Optional
 
 import dagster as dg
 
-from assets._util import LazyModule, as_metadata
+from assets._config import SettingsConfig
+from assets._util import LazyModule
+from assets.metadata import ActivationsMetadata
 from assets.partitions import arch_and_cut, arch_cut
 from precompute.errors import ConfigError
+from precompute.settings import ActivationSettings, all_checks
 from precompute.versions import CODE_VERSION
 
 recipe = LazyModule("precompute.recipe")  # torch loads when a step runs, not with the definitions
 validate = LazyModule("precompute.validate")
+body_spec = LazyModule("precompute.body_spec")
 from resources import ActivationStoreResource, ComputeDevice
 
 
-class ActivationsConfig(dg.Config):
-    size: Optional[int] = None        # image size; None: the arch's input size
-    pooled: bool = True               # concat max+avg pool vector (fastai); False: spatial maps
-    dtype: str = "float32"            # storage dtype: float32, float16 or bfloat16
-    decoder: str = "pil"              # pil (CPU) or nvjpeg (JPEGs decoded on the CUDA device; own cache entry)
-    batch_size: int = 32
-    chunk_rows: int = 256             # rows per committed chunk: the most a crash can lose
-    weights: str = "pretrained"       # or "random"
-    weights_path: Optional[str] = None
+class ActivationsConfig(SettingsConfig, ActivationSettings):
+    """activations' settings (precompute.settings.ActivationSettings): dtype, decoder and weights are choices."""
 
 
 CHECKS = {
@@ -50,14 +46,15 @@ def activations(context: dg.AssetExecutionContext, config: ActivationsConfig, im
     """The frozen body's activations for every ok image, in the Zarr cache (computed once)."""
     arch, xtra_cut = arch_and_cut(context)
     try:  # before any work: nothing is created or loaded; an unreachable store fails within seconds
-        validate.validate_run(arch=arch, xtra_cut=xtra_cut, size=config.size, dtype=config.dtype, weights=config.weights,
-                     weights_path=config.weights_path, manifest=image_manifest)
+        all_checks(lambda: body_spec.BodySpec(arch, xtra_cut, config.size),
+                   lambda: validate.validate_run(arch=arch, weights=config.weights, weights_path=config.weights_path,
+                                                 manifest=image_manifest))
         writable = validate.check_store(store.root, store.storage_options_json, read_only_ok=True)  # the one probe
         device = compute.setup()
         fill = recipe.fill_cache(image_manifest, store.get(), arch, xtra_cut, recipe.CacheSettings(**config.model_dump()),
                                  writable, compute.num_workers, device, progress_logger(context), context.log)
     except (ConfigError, recipe.ReadOnlyStore) as exc:
         raise dg.Failure(str(exc), allow_retries=False) from exc
-    yield dg.Output(fill.ref, data_version=dg.DataVersion(fill.ref.view_key), metadata=as_metadata(fill.metadata()))
+    yield dg.Output(fill.ref, data_version=dg.DataVersion(fill.ref.view_key), metadata=ActivationsMetadata(**fill.metadata()).to_metadata())
     for name, (passed, details) in fill.checks.items():
         yield dg.AssetCheckResult(check_name=name, passed=passed, metadata=details)

@@ -1,17 +1,18 @@
 import dagster as dg
 
+from assets._config import SettingsConfig
 from assets._util import LazyModule, inline_pngs
+from assets.metadata import EvaluationMetadata
 from assets.partitions import arch_and_cut, arch_cut
-from assets.training import _mlflow_run
+from precompute.settings import EvaluationSettings
 from resources import ActivationStoreResource, ComputeDevice, MlflowTracking, project_home
 
 recipe = LazyModule("precompute.recipe")  # torch loads when a step runs, not with the definitions
 precompute_tracking = LazyModule("precompute.tracking")  # mlflow, likewise; `tracking` is the resource
 
 
-class EvaluationConfig(dg.Config):
-    tta: int = 4          # augmented views averaged with the center crop; 0 turns TTA off
-    top_losses: int = 8   # images in the gallery of the model's worst mistakes
+class EvaluationConfig(SettingsConfig, EvaluationSettings):
+    """evaluation_report's settings: tta views (0: off) and the worst mistakes shown (top_losses)."""
 
 
 @dg.asset(group_name="recipe", partitions_def=arch_cut, tags={"precompute/cacheable": "false"})
@@ -27,12 +28,12 @@ def evaluation_report(context: dg.AssetExecutionContext, config: EvaluationConfi
         records, activations, store.get(), image_manifest, folder, f"Evaluation: {arch}, cut {xtra_cut}",
         {"arch": arch, "xtra_cut": xtra_cut, "dagster_run": context.run.run_id}, config.tta, config.top_losses,
         compute.num_workers, compute.setup())
-    with _mlflow_run(context, tracking, "evaluation", {"tta": config.tta}, image_manifest) as run:
+    with tracking.open_run(context, "evaluation", {"tta": config.tta}, arch, xtra_cut, image_manifest,
+                           activations.view_key) as run:
         run.metrics(precompute_tracking.stage_metrics(stages))
         for path in folder.iterdir():
             run.artifact(path, "report")
     context.log.info(f"report: {folder / 'report.md'}; MLflow run {run.run_id}")
+    metadata = EvaluationMetadata.of(stages, inline_pngs(md, folder), str(folder / "report.md"), run.run_id)
     return dg.Output({"stages": stages, "report": str(folder / "report.md"), "mlflow_run_id": run.run_id},
-                     metadata={"report": dg.MetadataValue.md(inline_pngs(md, folder)),
-                               "report_path": dg.MetadataValue.path(str(folder / "report.md")),
-                               "mlflow_run_id": run.run_id, **recipe.accuracy_metadata(stages)})
+                     metadata=metadata.to_metadata())

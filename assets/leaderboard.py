@@ -15,6 +15,8 @@ import dagster as dg
 
 from assets._util import LazyModule, png_markdown
 from assets.evaluation import evaluation_report
+from assets.metadata import (ActivationsMetadata, AssetMetadata, EvaluationMetadata, HeadSweepMetadata,
+                             LeaderboardMetadata, StageMetadata)
 from assets.partitions import arch_cut
 from resources import MlflowTracking
 
@@ -23,32 +25,29 @@ leaderboard = LazyModule("precompute.leaderboard")  # pandas and matplotlib load
 ACTIVATIONS, HEAD, SWEEP = dg.AssetKey("activations"), dg.AssetKey("head_on_cache"), dg.AssetKey("head_sweep")
 
 
-def _plain(metadata: dict) -> dict:
-    return {k: getattr(v, "value", v) for k, v in metadata.items()}
-
-
-def _records(instance, key: dg.AssetKey, partition: str, before: int | None = None, limit: int = 1):
+def _latest(instance, key: dg.AssetKey, partition: str, before: int | None, kind: type[AssetMetadata], limit: int = 1):
+    """The metadata of the latest ``limit`` materializations of ``key`` in ``partition`` (before the
+    storage id ``before``), newest first, as the asset's metadata type."""
     flt = dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition], before_storage_id=before)
-    return instance.fetch_materializations(flt, limit=limit).records
+    return [kind.from_metadata(r.asset_materialization.metadata)
+            for r in instance.fetch_materializations(flt, limit=limit).records]
 
 
 def _precompute_speed(instance, partition: str, before: int) -> tuple[float | None, int | None]:
     """(img/s, bytes on disk) of the partition's cache entry: the size from the latest activations
     materialization, the speed from the latest one of the same entry that computed rows (a rerun that
     reused every row says 0 img/s, which is no speed at all)."""
-    records = _records(instance, ACTIVATIONS, partition, before, limit=50)
-    if not records:
+    found = _latest(instance, ACTIVATIONS, partition, before, ActivationsMetadata, limit=50)
+    if not found:
         return None, None
-    latest = _plain(records[0].asset_materialization.metadata)
-    speed = next((m.get("images_per_s") for m in (_plain(r.asset_materialization.metadata) for r in records)
-                  if m.get("entry_key") == latest.get("entry_key") and (m.get("computed") or 0) > 0), None)
-    return speed, latest.get("bytes_on_disk")
+    speed = next((m.images_per_s for m in found if m.entry_key == found[0].entry_key and (m.computed or 0) > 0), None)
+    return speed, found[0].bytes_on_disk
 
 
 def _head_epoch_seconds(client, instance, partition: str, before: int, log) -> float | None:
     """Mean seconds per epoch of the head_on_cache run (MLflow's per-epoch ``seconds`` metric)."""
-    records = _records(instance, HEAD, partition, before)
-    run_id = _plain(records[0].asset_materialization.metadata).get("mlflow_run_id") if records else None
+    found = _latest(instance, HEAD, partition, before, StageMetadata)
+    run_id = found[0].mlflow_run_id if found else None
     if not run_id:
         return None
     try:
@@ -63,25 +62,33 @@ def gather(instance, client, log) -> list[dict]:
     """One plain dict per partition with an evaluation report (see precompute.leaderboard)."""
     out = []
     for partition in sorted(instance.get_materialized_partitions(evaluation_report.key)):
-        records = _records(instance, evaluation_report.key, partition)
+        records = instance.fetch_materializations(dg.AssetRecordsFilter(
+            asset_key=evaluation_report.key, asset_partitions=[partition]), limit=1).records
         if not records:
             continue
-        report, at = _plain(records[0].asset_materialization.metadata), records[0].storage_id + 1
+        report, at = EvaluationMetadata.from_metadata(records[0].asset_materialization.metadata), records[0].storage_id + 1
         keys = arch_cut.get_partition_key_from_str(partition).keys_by_dimension
         speed, cache_bytes = _precompute_speed(instance, partition, at)
-        sweep = _records(instance, SWEEP, partition, at)
+        sweep = _latest(instance, SWEEP, partition, at, HeadSweepMetadata)
         out.append({
             "arch": keys["arch"], "cut": int(keys["cut"]),
-            "accuracy": {k.removesuffix("_accuracy"): v for k, v in report.items()  # "(on cache)": the same number
-                         if k.endswith("_accuracy") and not k.endswith("_tta_accuracy") and "(on cache)" not in k},
-            "tta_accuracy": {k.removesuffix("_tta_accuracy"): v for k, v in report.items() if k.endswith("_tta_accuracy")},
-            "images_per_s": speed, "cache_bytes": cache_bytes,
+            # "(on cache)": the cached head scored on the cache, the same number as head_on_cache's
+            "accuracy": {k: v for k, v in report.accuracy.items() if "(on cache)" not in k},
+            "tta_accuracy": report.tta_accuracy, "images_per_s": speed, "cache_bytes": cache_bytes,
             "head_epoch_s": _head_epoch_seconds(client, instance, partition, at, log),
-            "sweep_best_accuracy": (_plain(sweep[0].asset_materialization.metadata).get("best_valid_accuracy")
-                                    if sweep else None),
-            "report": report.get("report_path", ""), "mlflow_run_id": report.get("mlflow_run_id", ""),
+            "sweep_best_accuracy": sweep[0].best_valid_accuracy if sweep else None,
+            "report": report.report_path, "mlflow_run_id": report.mlflow_run_id,
         })
     return out
+
+
+def _write(df, folder: Path) -> tuple[str, Path]:
+    """The board as leaderboard.md, .csv and .png in ``folder``: (its Markdown, the plot)."""
+    md = leaderboard.markdown(df)
+    plot = leaderboard.plot(df, folder / "leaderboard.png")
+    (folder / "leaderboard.md").write_text(md + "\n")
+    df.to_csv(folder / "leaderboard.csv", index=False)
+    return md, plot
 
 
 @dg.asset(group_name="recipe", deps=[evaluation_report], tags={"precompute/cacheable": "false"})
@@ -91,22 +98,17 @@ def arch_leaderboard(context: dg.AssetExecutionContext, tracking: MlflowTracking
     tracker = tracking.tracker()
     partitions = gather(context.instance, tracker.client, context.log)
     df = leaderboard.table(partitions)
-    md = leaderboard.markdown(df)
     folder = Path(tempfile.mkdtemp(prefix="leaderboard-"))
-    plot = leaderboard.plot(df, folder / "leaderboard.png")
-    (folder / "leaderboard.md").write_text(md + "\n")
-    df.to_csv(folder / "leaderboard.csv", index=False)
+    md, plot = _write(df, folder)
     top = leaderboard.best(df)
-    tags = tracker.stage_tags(context.run.run_id, "", "arch_leaderboard")
-    with tracker.run("arch_leaderboard", {"partitions": len(df)}, tags) as run:
+    with tracker.run("arch_leaderboard", {"partitions": len(df)},
+                     tracker.stage_tags(context.run.run_id, "", "arch_leaderboard")) as run:
         for name in ("leaderboard.md", "leaderboard.csv", "leaderboard.png"):
             run.artifact(folder / name, "leaderboard")
         if top:
             run.params({"best.arch": top["arch"], "best.cut": top["cut"]})
     context.log.info(f"arch_leaderboard: {len(df)} partition(s); MLflow run {run.run_id}")
-    return dg.Output(partitions, metadata={
-        "partitions": len(df), "mlflow_run_id": run.run_id, "mlflow_tracking_uri": tracking.tracking_uri,
-        "best": dg.MetadataValue.json({k: top[k] for k in ("arch", "cut")} if top else {}),
-        "table": dg.MetadataValue.md(md),
-        "plot": dg.MetadataValue.md(png_markdown(plot, "accuracy against cost")),
-    })
+    metadata = LeaderboardMetadata(len(df), run.run_id, tracking.tracking_uri,
+                                   {k: top[k] for k in ("arch", "cut")} if top else {}, md,
+                                   png_markdown(plot, "accuracy against cost"))
+    return dg.Output(partitions, metadata=metadata.to_metadata())

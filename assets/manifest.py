@@ -1,6 +1,7 @@
 import dagster as dg
 
 from assets._util import LazyModule
+from assets.metadata import ManifestMetadata
 from resources import ImageSource, project_home
 
 manifest_module = LazyModule("precompute.manifest")  # pandas loads when the step runs, not with the definitions
@@ -21,7 +22,5 @@ def image_manifest(context: dg.AssetExecutionContext, images: ImageSource):
     except overrides_module.OverrideError as exc:
         raise dg.Failure(str(exc), allow_retries=False) from exc
     version, metadata = manifest_module.manifest_report(manifest, scan.stats, str(images.resolve()), context.log)
-    md = {k: dg.MetadataValue.md(metadata.pop(k)) for k in ("not_usable", "counts")}
-    json = {k: dg.MetadataValue.json(metadata.pop(k)) for k in ("scan", "summary")}
-    md["overrides"] = dg.MetadataValue.md(overrides.to_markdown(index=False) if len(overrides) else "none")
-    return dg.Output(manifest, data_version=dg.DataVersion(version), metadata={**metadata, **md, **json})
+    shown = ManifestMetadata(**metadata, overrides=overrides.to_markdown(index=False) if len(overrides) else "none")
+    return dg.Output(manifest, data_version=dg.DataVersion(version), metadata=shown.to_metadata())

@@ -1,6 +1,6 @@
 """data_quality: duplicates, train/valid leaks, likely label errors, outliers and drift of new
-images, from the activations already cached (the body never runs). Heavy imports stay inside
-the function, so loading the definitions stays light.
+images, from the activations already cached (the body never runs). The library loads when the step
+runs (``LazyModule``), so loading the definitions stays light.
 
 Where a person sees it: counts and the top findings in the Dagster metadata, one contact sheet
 per finding kind (shown inline), the same plus data_quality.csv in MLflow, and two checks:
@@ -14,27 +14,26 @@ from typing import Optional
 
 import dagster as dg
 
+from assets._config import SettingsConfig
+from assets._util import LazyModule, png_markdown
+from assets.metadata import DataQualityMetadata
 from assets.partitions import arch_and_cut, arch_cut
+from precompute.settings import QualitySettings
 from resources import ActivationStoreResource, MlflowTracking, project_home
+
+# numpy, pandas, faiss and torch load when the step runs, not with the definitions
+quality = LazyModule("precompute.quality")
+outputs = LazyModule("precompute.quality.outputs")
+recipe = LazyModule("precompute.recipe")
 
 CHECKS = {
     "no_train_valid_leaks": "no image of the validation split is a near-copy of a training image",
     "label_issue_rate": "the share of likely label errors is at most the configured rate",
 }
-TABLE_COLUMNS = ["finding", "score", "relpath", "label", "suggested_label", "other_relpath", "note"]
 
 
-class DataQualityConfig(dg.Config):
-    k: int = 10                          # neighbours for duplicates, outliers and drift
-    duplicate_z: float = 4.0             # a pair's similarity margin over its neighbourhood, robust sigmas
-    exact_cosine: float = 0.985          # raw cosine at or above which a pair is a duplicate anyway
-    outlier_z: float = 4.0               # k-NN distance, robust sigmas above the median image
-    folds: int = 5                       # label heads (K-fold, stratified, seeded)
-    seed: int = 0
-    drift_percentile: float = 95.0       # new images at/above this percentile of the reference's k-NN distance
-    top: int = 12                        # findings per kind on a contact sheet
-    leak_severity: str = "WARN"          # no_train_valid_leaks: WARN or ERROR
-    max_label_issue_rate: float = 0.05   # label_issue_rate warns above this share of checked labels
+class DataQualityConfig(SettingsConfig, QualitySettings):
+    """data_quality's settings (precompute.settings.QualitySettings)."""
 
     def options(self):
         from precompute.quality import QualityOptions
@@ -49,9 +48,8 @@ def _previous(context) -> tuple[Optional[list], str]:
         asset_key=context.asset_key, asset_partitions=[context.partition_key]), limit=1).records
     if not records:
         return None, ""
-    meta = records[0].asset_materialization.metadata
-    seen = meta.get("seen_ids_path")
-    path = Path(str(seen.value)) if seen is not None else None
+    seen = DataQualityMetadata.from_metadata(records[0].asset_materialization.metadata).seen_ids_path
+    path = Path(seen) if seen else None
     if path is None or not path.is_file():
         context.log.warning(f"the last data_quality run's image list ({path}) is gone: no drift reference this time")
         return None, ""
@@ -65,64 +63,50 @@ def _severity(name: str):
         raise dg.Failure(f"leak_severity={name!r}: use WARN or ERROR", allow_retries=False) from None
 
 
+def _metadata(report, out, run_id: str) -> DataQualityMetadata:
+    s = report.summary
+    return DataQualityMetadata(
+        **out.counts, images=s["images"], label_issue_rate=s["label_issue_rate"], summary=s, csv=str(out.csv),
+        seen_ids_path=str(out.seen_ids), top_findings=outputs.markdown(report.findings, outputs.TABLE_COLUMNS),
+        overrides=outputs.markdown(out.overrides, rows=None), mlflow_run_id=run_id,
+        sheets={kind: png_markdown(p, kind) for kind, p in out.sheets.items()})
+
+
+def _checks(report, severity, max_label_issue_rate: float):
+    """The two checks' results: no_train_valid_leaks and label_issue_rate."""
+    s, leaks = report.summary, report.of("leak")
+    yield dg.AssetCheckResult(
+        check_name="no_train_valid_leaks", passed=len(leaks) == 0, severity=severity,
+        metadata={"leaks": len(leaks), "pairs": dg.MetadataValue.md(
+            outputs.markdown(leaks, ["relpath", "other_relpath", "similarity"]))})
+    refused = s.get("labels_refused")
+    yield dg.AssetCheckResult(
+        check_name="label_issue_rate", passed=bool(refused) or s["label_issue_rate"] <= max_label_issue_rate,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={"label_issue_rate": s["label_issue_rate"], "max_label_issue_rate": max_label_issue_rate,
+                  "label_issues": s["label_issues"], **({"not_checked": refused} if refused else {})})
+
+
 @dg.asset(group_name="recipe", partitions_def=arch_cut, tags={"precompute/cacheable": "false"},
           check_specs=[dg.AssetCheckSpec(name, asset="data_quality", description=d) for name, d in CHECKS.items()])
 def data_quality(context: dg.AssetExecutionContext, config: DataQualityConfig, image_manifest, activations,
                  store: ActivationStoreResource, tracking: MlflowTracking):
     """Duplicates and train/valid leaks, likely label errors, outliers and drift, from the cache."""
-    from assets._util import as_metadata, png_markdown
-    from assets.training import _mlflow_run
-    from precompute import recipe
-    from precompute.quality import data_quality_tables
-    from precompute.quality.overrides import applied_overrides
-    from precompute.quality.sheets import contact_sheets
-    from precompute.records import ActivationsRef, require_typed
-
     severity = _severity(config.leak_severity)
     arch, xtra_cut = arch_and_cut(context)
-    ref = require_typed(activations, ActivationsRef, "activations")
-    manifest = recipe.without_failed(image_manifest, ref.failed_images)
+    manifest = recipe.without_failed(image_manifest, activations.failed_images)
     previous, reference = _previous(context)
-    report = data_quality_tables(recipe.open_entry(store.get(), ref), manifest, previous, config.options(),
-                                 reference, context.log)
+    report = quality.data_quality_tables(recipe.open_entry(store.get(), activations), manifest, previous,
+                                         config.options(), reference, context.log)
     folder = project_home() / "data_quality" / arch / f"cut={xtra_cut}" / context.run.run_id
-    folder.mkdir(parents=True, exist_ok=True)
-    csv = folder / "data_quality.csv"
-    report.findings.to_csv(csv, index=False)
-    (folder / "seen_ids.txt").write_text("\n".join(report.seen_ids))
-    sheets = contact_sheets(report.findings, manifest, folder, config.top)
-    overrides = applied_overrides(manifest)
-    if len(overrides):
-        overrides.to_csv(folder / "overrides_applied.csv", index=False)
-    s = report.summary
-    counts = {"leaks": s["leaks"], "duplicates": s["pairs"] - s["leaks"], "label_issues": s["label_issues"],
-              "outliers": s["outliers"], "drifted": int((report.findings["finding"] == "drift").sum()),
-              "overrides_applied": len(overrides)}
-    with _mlflow_run(context, tracking, "data_quality", config.model_dump(), manifest) as run:
-        run.metrics({**counts, "label_issue_rate": s["label_issue_rate"],
-                     **{k: s[k] for k in ("drift_median_percentile", "drift_domain_auc") if k in s}})
-        run.json(s, "data_quality_summary.json")
-        for path in [csv, *sheets.values(), *([folder / "overrides_applied.csv"] if len(overrides) else [])]:
+    out = outputs.write_outputs(report, manifest, folder, config.top)
+    with tracking.open_run(context, "data_quality", config.model_dump(), arch, xtra_cut, manifest,
+                           activations.view_key) as run:
+        run.metrics(outputs.tracked_metrics(report, out))
+        run.json(report.summary, "data_quality_summary.json")
+        for path in out.files:
             run.artifact(path, "data_quality")
-    context.log.info(f"data_quality: {counts}; {csv}; MLflow run {run.run_id}")
-    top = report.findings[TABLE_COLUMNS].head(20)
-    metadata = {**counts, "images": s["images"], "label_issue_rate": s["label_issue_rate"],
-                "summary": s, "csv": dg.MetadataValue.path(str(csv)),
-                "seen_ids_path": dg.MetadataValue.path(str(folder / "seen_ids.txt")),
-                "top_findings": dg.MetadataValue.md(top.to_markdown(index=False) if len(top) else "none"),
-                "overrides": dg.MetadataValue.md(overrides.to_markdown(index=False) if len(overrides) else "none"),
-                "mlflow_run_id": run.run_id,
-                **{f"sheet_{kind}": dg.MetadataValue.md(png_markdown(p, kind)) for kind, p in sheets.items()}}
-    yield dg.Output({"summary": s, "csv": str(csv), "sheets": {k: str(p) for k, p in sheets.items()},
-                     "mlflow_run_id": run.run_id}, metadata=as_metadata(metadata))
-    leaks = report.of("leak")
-    yield dg.AssetCheckResult(
-        check_name="no_train_valid_leaks", passed=len(leaks) == 0, severity=severity,
-        metadata={"leaks": len(leaks), "pairs": dg.MetadataValue.md(
-            leaks[["relpath", "other_relpath", "similarity"]].head(20).to_markdown(index=False) if len(leaks) else "none")})
-    refused = s.get("labels_refused")
-    yield dg.AssetCheckResult(
-        check_name="label_issue_rate", passed=bool(refused) or s["label_issue_rate"] <= config.max_label_issue_rate,
-        severity=dg.AssetCheckSeverity.WARN,
-        metadata={"label_issue_rate": s["label_issue_rate"], "max_label_issue_rate": config.max_label_issue_rate,
-                  "label_issues": s["label_issues"], **({"not_checked": refused} if refused else {})})
+    context.log.info(f"data_quality: {out.counts}; {out.csv}; MLflow run {run.run_id}")
+    yield dg.Output({"summary": report.summary, "csv": str(out.csv), "sheets": {k: str(p) for k, p in out.sheets.items()},
+                     "mlflow_run_id": run.run_id}, metadata=_metadata(report, out, run.run_id).to_metadata())
+    yield from _checks(report, severity, config.max_label_issue_rate)

@@ -41,7 +41,6 @@ import resource
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -302,6 +301,22 @@ def _role(proc, stage_pid: int) -> str:
     return "child"
 
 
+def _peaks(peaks: dict, roles: dict) -> list:
+    return sorted(((roles[pid], peaks[pid] / 2**20) for pid in peaks if peaks[pid] > 40 * 2**20),
+                  key=lambda r: (r[0] != "stage", r[0], -r[1]))
+
+
+def _merge_peaks(attempts: list[list]) -> list:
+    """Per role, the attempt with the highest peaks (each process of it)."""
+    best: dict = {}
+    for processes in attempts:
+        for role in {r for r, _ in processes}:
+            mine = sorted((m for r, m in processes if r == role), reverse=True)
+            if sum(mine) > sum(best.get(role, [])):
+                best[role] = mine
+    return sorted(((r, m) for r, ms in best.items() for m in ms), key=lambda r: (r[0] != "stage", r[0], -r[1]))
+
+
 def run_stage(name: str, folder: Path, work: Path, n: int) -> dict:
     """One stage in a fresh subprocess; the RSS of it and its children polled at 5 Hz."""
     import psutil
@@ -314,7 +329,16 @@ def run_stage(name: str, folder: Path, work: Path, n: int) -> dict:
         proc = subprocess.Popen([sys.executable, __file__, "--stage", name, "--folder", str(folder), "--work", str(work),
                                  "--n", str(n), "--classes", str(CLASSES)], stdout=out, stderr=log, text=True, env=env)
     root, peaks, roles = psutil.Process(proc.pid), {}, {}
+    started, beat_at = time.perf_counter(), time.perf_counter()
+    beat = work / f"{name}.heartbeat"
+    with open(beat, "a") as f:
+        f.write(json.dumps({"seconds": 0.0, "processes": []}) + "\n")
     while proc.poll() is None:
+        if time.perf_counter() - beat_at >= 10:  # a cut-off attempt's time and memory, for --resume
+            beat_at = time.perf_counter()
+            lines = beat.read_text().splitlines()[:-1]
+            lines.append(json.dumps({"seconds": beat_at - started, "processes": _peaks(peaks, roles)}))
+            beat.write_text("\n".join(lines) + "\n")
         try:
             procs = [root, *root.children(recursive=True)]
         except psutil.Error:
@@ -329,28 +353,54 @@ def run_stage(name: str, folder: Path, work: Path, n: int) -> dict:
         time.sleep(0.2)
     if proc.returncode:
         raise SystemExit(f"stage {name} failed ({proc.returncode}):\n{log_path.read_text()[-4000:]}")
+    beat.unlink()
     result = json.loads(out_path.read_text().strip().splitlines()[-1])
-    result["processes"] = sorted(((roles[pid], peaks[pid] / 2**20) for pid in peaks if peaks[pid] > 40 * 2**20),
-                                 key=lambda r: (r[0] != "stage", r[0], -r[1]))
+    result["processes"] = _peaks(peaks, roles)
     shown = ", ".join(f"{role} {mib:.0f}" for role, mib in result["processes"])
     print(f"{name}: {result['seconds']:.1f} s, {result.get('images', 0):,} images, peak RSS MiB: {shown}  "
           + json.dumps({k: v for k, v in result.items() if k not in ('processes', 'seconds')}), flush=True)
     return result
 
 
-def measure(n: int, folder: Path | None = None, work: Path | None = None) -> dict:
+def measure(n: int, folder: Path | None = None, work: Path | None = None, resume: bool = False) -> dict:
+    """Every stage at ``n`` images. Each finished stage is saved at once (``imagenet_scale-<n>-c<classes>.json``
+    beside a kept work folder); ``resume`` goes on from the first unfinished stage, in the same work folder:
+    a precompute cut off (a session that ended, a crash) resumes on the resumable cache and its figures add
+    up the attempts (each one's wall time and computed rows are kept)."""
     folder = folder or OUT / f"imagenet-{n}-c{CLASSES}-r{_RECIPE}"
-    work = Path(tempfile.mkdtemp(dir=work or OUT, prefix=f"imagenet-scale-{n}-"))
-    # the +1% images of an earlier run are removed, so every run starts from n images
-    for i in range(n, n + max(1, round(n * NEW_FRACTION))):
-        image_path(folder, i).unlink(missing_ok=True)
-    try:
+    saved = (work or OUT) / f"imagenet_scale-{n}-c{CLASSES}.json"
+    kept = (work or OUT) / f"imagenet-scale-work-{n}-c{CLASSES}"
+    results = json.loads(saved.read_text()) if resume and saved.exists() else {"n": n, "stages": {}}
+    if resume and all(name in results["stages"] for name in STAGES):
+        return results  # finished before: nothing to run again
+    if resume and kept.exists():
+        work = kept
+    else:
+        shutil.rmtree(kept, ignore_errors=True)
+        work = kept
+        work.mkdir(parents=True)
+        # the +1% images of an earlier run are removed, so every run starts from n images
+        for i in range(n, n + max(1, round(n * NEW_FRACTION))):
+            image_path(folder, i).unlink(missing_ok=True)
         results = {"n": n, "stages": {}}
-        for name in STAGES:
-            results["stages"][name] = run_stage(name, folder, work, n)
-        return results
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    for name in STAGES:
+        if name in results["stages"]:
+            continue
+        beat = work / f"{name}.heartbeat"  # written every 10 s while the stage runs
+        earlier = [json.loads(line) for line in beat.read_text().splitlines()] if beat.exists() else []
+        if earlier and name != "precompute":
+            raise SystemExit(f"stage {name} at {n:,} was cut off and cannot resume; rerun without --resume")
+        result = run_stage(name, folder, work, n)
+        if earlier:  # a precompute cut off before: its rows were reused now, its time and memory count too
+            result["attempts"] = [*earlier, {"seconds": result["seconds"], "computed": result["computed"]}]
+            result["seconds"] += sum(a["seconds"] for a in earlier)
+            result["computed"], result["reused"] = result["computed"] + result["reused"], 0
+            result["processes"] = _merge_peaks([result["processes"], *(a["processes"] for a in earlier)])
+        results["stages"][name] = result
+        saved.write_text(json.dumps(results))
+        print(f"results saved to {saved}", flush=True)
+    shutil.rmtree(work, ignore_errors=True)
+    return results
 
 
 def _fmt_n(x: float) -> str:
@@ -378,7 +428,11 @@ def table(res: dict, label: str) -> str:
         "precompute": lambda r: f"{r['computed']:,} computed, {r['reused']:,} reused; shards "
                                 + " + ".join(f"{x:,.0f}" for x in r["shard_images_per_s"]) + " img/s; store "
                                 f"{r['store_bytes'] / 2**20:,.1f} MiB in {r['store_objects']:,} objects; "
-                                f"{r['worker_log_lines']} worker log lines in Dagster",
+                                f"{r['worker_log_lines']} worker log lines in Dagster"
+                                + (f"; in {len(r['attempts'])} attempts, resumed on the cache (wall s "
+                                   + " + ".join(f"{a['seconds']:,.0f}" for a in r["attempts"])
+                                   + "; a cut-off attempt's time is the parent's to its last 10 s heartbeat)"
+                                   if r.get("attempts") else ""),
         "head_epoch": lambda r: f"streamed: {r['streamed']}; valid accuracy after 1 epoch {r['valid_accuracy']:.1%}",
         "evaluation": lambda r: f"accuracy {r['accuracy']:.1%} (chance {1 / CLASSES:.1%})",
         "sensor_first": lambda r: f"{r['runs']} run(s) requested",
@@ -440,6 +494,7 @@ def main() -> None:
     p.add_argument("--work")
     p.add_argument("--classes", type=int, default=CLASSES, help="1,000 as ImageNet-1k; fewer for a quick check")
     p.add_argument("--no-write", action="store_true")
+    p.add_argument("--resume", action="store_true", help="go on from the first unfinished stage of a saved run")
     p.add_argument("--note", default="", help="a sentence for the section: why these sizes, what the machine was doing")
     p.add_argument("--render", nargs="*", help="write the section from saved results (benchmarks/out/imagenet_scale-*.json)")
     args = p.parse_args()
@@ -453,10 +508,7 @@ def main() -> None:
     for path in args.render or ():  # tables again from saved results, nothing measured
         runs.append(json.loads(Path(path).read_text()))
     for n in () if args.render else sorted({args.small, args.n}):
-        runs.append(measure(n))
-        saved = OUT / f"imagenet_scale-{n}-c{CLASSES}.json"
-        saved.write_text(json.dumps(runs[-1]))
-        print(f"results saved to {saved}", flush=True)
+        runs.append(measure(n, resume=args.resume))
     body = section(runs, args.note)
     print(f"\ntotal {time.perf_counter() - t0:,.0f} s\n\n{body}")
     if not args.no_write:
@@ -471,12 +523,20 @@ def section(runs: list[dict], note: str = "") -> str:
              "stage process and each of its children (the Dask workers), processes under 40 MiB left out. "
              "All figures in the measured tables are **measured** on this machine, which was shared with other "
              "jobs (wall times are not those of an idle machine).")
-    parts = [notes + (" " + note if note else "")] + [table(r, "measured") for r in runs]
-    if len(runs) >= 2:
-        parts.append(growth(runs[0], runs[-1]))
-    if len(runs) >= 2 and runs[-1]["n"] < IMAGENET_1K:
-        parts.append(projection(runs[0], runs[-1], IMAGENET_1K))
-        parts.append(f"{IMAGENET_1K:,} images: **not yet measured**; the table above is a projection.")
+    def label(r: dict) -> str:
+        todo = [name.replace("_", " ") for name in STAGES if name not in r["stages"]]
+        return "measured" + (f"; not yet run: {', '.join(todo)}" if todo else "")
+
+    parts = [notes + (" " + note if note else "")] + [table(r, label(r)) for r in runs]
+    done = [r for r in runs if all(name in r["stages"] for name in STAGES)]
+    if len(done) >= 2:
+        parts.append(growth(done[0], done[-1]))
+    if len(done) >= 2 and done[-1]["n"] < IMAGENET_1K:
+        parts.append(projection(done[0], done[-1], IMAGENET_1K))
+        big = [r for r in runs if r["n"] == IMAGENET_1K]
+        parts.append(f"{IMAGENET_1K:,} images: " + (
+            f"the stages in the table of {IMAGENET_1K:,} above are measured, the others only projected here."
+            if big else "**not yet measured**; the table above is a projection."))
     return "\n\n".join(parts)
 
 

@@ -2,13 +2,14 @@
 
 import dagster as dg
 
+from assets._config import SettingsConfig
 from assets.partitions import arch_cut
+from precompute.settings import HousekeepingSettings
 from resources import ActivationStoreResource
 
 
-class HousekeepingConfig(dg.Config):
-    unused_days: float = 30.0   # entries neither read nor written for this long may go
-    dry_run: bool = False
+class HousekeepingConfig(SettingsConfig, HousekeepingSettings):
+    """unused_days (>= 0): entries neither read nor written for this long may go; dry_run: only list them."""
 
 
 def entries_in_use(instance: dg.DagsterInstance) -> set[str]:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import dagster as dg
+from pydantic import Field
 
 from assets.activations import ActivationsConfig
 from assets.partitions import arch_and_cut, arch_cut
@@ -31,7 +32,7 @@ PROGRESS_EVERY_S = 2.0  # a worker reports its shard's progress at most this oft
 
 
 class ShardedPrecomputeConfig(ActivationsConfig):
-    shards: int = 2
+    shards: int = Field(2, ge=1)  # Dask tasks, each a share of the rows
 
 
 @dataclass(frozen=True)
@@ -163,41 +164,57 @@ def run_shards(client, job: ShardJob, manifest, log, retries: int, no_workers_ti
     return [results[k] for k in range(job.shards)]
 
 
-@dg.op(description="Scan once, then one Dask task per shard (the dask resource's cluster); gather their stats")
-def precompute_shards(context: dg.OpExecutionContext, config: ShardedPrecomputeConfig, images: ImageSource,
-                      store: ActivationStoreResource, compute: ComputeDevice, dask: DaskCluster) -> dict:
-    from precompute import recipe
-    from precompute.train import ConfigError
+def shard_job(context, config: ShardedPrecomputeConfig, store: ActivationStoreResource,
+              compute: ComputeDevice) -> ShardJob:
+    """The shard tasks' job, its settings checked first, in this step: a task would only fail (and be
+    retried by Dask) on them."""
+    from precompute.body_spec import BodySpec
+    from precompute.errors import ConfigError
+    from precompute.settings import all_checks
     from precompute.validate import validate_run
 
     arch, xtra_cut = arch_and_cut(context)
-    if config.shards < 1:
-        raise dg.Failure(f"shards {config.shards}: use 1 or more", allow_retries=False)
-    settings = config.model_dump(exclude={"shards"})
-    try:  # before any work, in this step: a task would only fail (and be retried) on it
-        recipe.CacheSettings(**settings)
-        validate_run(arch=arch, xtra_cut=xtra_cut, size=config.size, dtype=config.dtype, weights=config.weights,
-                     weights_path=config.weights_path)
+    settings = config.model_dump(exclude={"shards"})  # checked when the step built the config (settings)
+    try:
+        all_checks(lambda: BodySpec(arch, xtra_cut, config.size),
+                   lambda: validate_run(arch=arch, weights=config.weights, weights_path=config.weights_path))
     except ConfigError as exc:
         raise dg.Failure(str(exc), allow_retries=False) from exc
-    job = ShardJob(arch, xtra_cut, settings, store.root, json.loads(store.storage_options_json), store.compressor,
-                   compute.device, compute.num_threads, compute.num_workers, config.shards,
-                   topic=f"precompute-{context.run_id[:8]}")
-    with ExitStack() as stack:
-        try:  # first: an unreachable scheduler fails before the scan
-            client = stack.enter_context(dask.client())
-        except (ConnectionError, ValueError) as exc:
-            raise dg.Failure(str(exc), allow_retries=False) from exc
-        scan = images.scan()  # the one scan of the run: the shards get their rows, never the source
-        manifest = images.manifest(scan)
-        results = run_shards(client, job, manifest, context.log, dask.task_retries, dask.no_workers_timeout_s)
+    return ShardJob(arch, xtra_cut, settings, store.root, json.loads(store.storage_options_json), store.compressor,
+                    compute.device, compute.num_threads, compute.num_workers, config.shards,
+                    topic=f"precompute-{context.run_id[:8]}")
+
+
+def open_client(stack: ExitStack, dask: DaskCluster):
+    """The cluster's client for the rest of ``stack``; an unreachable scheduler fails the step, no retry."""
+    try:
+        return stack.enter_context(dask.client())
+    except (ConnectionError, ValueError) as exc:
+        raise dg.Failure(str(exc), allow_retries=False) from exc
+
+
+def gathered(results: list[dict], scan_stats: dict) -> tuple[dict, dict]:
+    """The shards' stats summed, and the step's metadata; shards that wrote different entries fail it."""
     entries = {r["entry"] for r in results}
     if len(entries) != 1:
         raise dg.Failure(f"shards wrote different entries {sorted(entries)}: their configs differ")
     total = {k: sum(r[k] for r in results) for k in ("images", "computed", "reused", "chunks", "failed")}
-    context.add_output_metadata({"entry": entries.pop(), **total, "shards": len(results),
-                                 "scan": dg.MetadataValue.json({k: v for k, v in scan.stats.items() if v is not None}),
-                                 "workers": dg.MetadataValue.json({str(r["shard"]): r["worker"] for r in results})})
+    return total, {"entry": entries.pop(), **total, "shards": len(results),
+                   "scan": dg.MetadataValue.json({k: v for k, v in scan_stats.items() if v is not None}),
+                   "workers": dg.MetadataValue.json({str(r["shard"]): r["worker"] for r in results})}
+
+
+@dg.op(description="Scan once, then one Dask task per shard (the dask resource's cluster); gather their stats")
+def precompute_shards(context: dg.OpExecutionContext, config: ShardedPrecomputeConfig, images: ImageSource,
+                      store: ActivationStoreResource, compute: ComputeDevice, dask: DaskCluster) -> dict:
+    job = shard_job(context, config, store, compute)
+    with ExitStack() as stack:
+        client = open_client(stack, dask)  # first: an unreachable scheduler fails before the scan
+        scan = images.scan()  # the one scan of the run: the shards get their rows, never the source
+        manifest = images.manifest(scan)
+        results = run_shards(client, job, manifest, context.log, dask.task_retries, dask.no_workers_timeout_s)
+    total, metadata = gathered(results, scan.stats)
+    context.add_output_metadata(metadata)
     return {**total, "shards": results}
 
 

@@ -22,11 +22,12 @@ from tqdm.auto import tqdm
 from precompute.archs import as_channels_last, channels_last
 from precompute.heads import concat_pool
 from precompute.images import ImageLoadError
+from precompute.settings import Decoder, choices
 from precompute.store import Entry
 from precompute.store.dtypes import from_torch, to_numpy
 from precompute.transforms import EncodedImageDataset, ImageDataset, decode_transform
 
-DECODERS = ("pil", "nvjpeg")  # where images are decoded: the CPU (PIL), or JPEGs on the CUDA device
+DECODERS = choices(Decoder)  # where images are decoded: the CPU (PIL), or JPEGs on the CUDA device
 
 log = logging.getLogger(__name__)
 

@@ -20,6 +20,9 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from precompute.errors import ConfigError
+from precompute.settings import check_head_shape
+
 
 class AdaptiveConcatPool2d(nn.Module):
     """cat([max pool, avg pool]) over the spatial dims: 2C features, as fastai did."""
@@ -136,29 +139,17 @@ class HeadConfig:
     custom: str | None = None
 
     def __post_init__(self):
-        from precompute.train import ConfigError
-
         # sequences from configs and files become tuples: the config stays hashable and compares equal
         if self.xtra_fc is not None and not isinstance(self.xtra_fc, (str, bytes)):
             object.__setattr__(self, "xtra_fc", tuple(self.xtra_fc))
         if self.ps is not None and not isinstance(self.ps, (int, float, str)):
             object.__setattr__(self, "ps", tuple(self.ps))
         if self.custom is not None:
-            self._check_custom(ConfigError)
-            return
-        sizes = list(self.xtra_fc if self.xtra_fc is not None else [512])
-        if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in sizes):
-            raise ConfigError(f"xtra_fc {sizes}: hidden layer sizes must be integers >= 1 (or [] for none)")
-        if self.ps is None:
-            return
-        drops = [self.ps] if isinstance(self.ps, (int, float)) else list(self.ps)
-        if not isinstance(self.ps, (int, float)) and len(drops) != len(sizes) + 1:
-            raise ConfigError(f"ps has {len(drops)} dropout values for {len(sizes) + 1} linear blocks (xtra_fc={sizes} "
-                              f"plus the output): give {len(sizes) + 1} values, one number, or none for fastai's defaults")
-        if any(not 0 <= p < 1 for p in drops):
-            raise ConfigError(f"ps {self.ps}: dropout probabilities must be in [0, 1)")
+            self._check_custom()
+        else:  # the shape rules live in precompute.settings (HeadSettings checks the same)
+            check_head_shape(self.ps, self.xtra_fc)
 
-    def _check_custom(self, ConfigError) -> None:
+    def _check_custom(self) -> None:
         try:
             factory = load_factory(self.custom)
         except UnknownHead as e:  # never imported: the message says how to register or allow it

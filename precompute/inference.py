@@ -12,9 +12,13 @@ from torch import nn
 
 from precompute.archs import ArchSpec, body_output_shape, cut_body, get_arch, layer_groups
 from precompute.records import StageRecord
-from precompute.rows import cached_split, image_loader, labelled_split, targets
+from precompute.rows import cached_rows, image_loader, labelled_split, targets
 from precompute.store import Entry
-from precompute.train import predict_proba, tensor_batches
+from precompute.train import StreamedRows, predict_proba
+
+# Valid rows up to this many bytes (as float32) are read at once; more are streamed chunk by chunk, so an
+# evaluation's memory holds one chunk of rows (plus the probabilities it returns) at any size.
+EVAL_MEMORY_BUDGET = 256 << 20
 from precompute.transforms import eval_transform, train_transform
 
 
@@ -57,7 +61,14 @@ def evaluate_on_images(record: StageRecord, manifest: pd.DataFrame, num_workers:
     return probs, targets(rows, record.task), tta_probs
 
 
-def evaluate_on_cache(record: StageRecord, entry: Entry, manifest: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+def evaluate_on_cache(record: StageRecord, entry: Entry, manifest: pd.DataFrame,
+                      memory_budget: int = EVAL_MEMORY_BUDGET) -> tuple[np.ndarray, np.ndarray]:
+    """(probs, targets) of the valid split's cached rows, in the manifest's order. Rows over
+    ``memory_budget`` bytes are streamed chunk by chunk (the store's order) and put back in order."""
     _, model, _ = rebuild(record, record.transform.size)
-    x, y = cached_split(entry, manifest, record.task, "valid")
-    return predict_proba(model[1], tensor_batches(x, y), task=record.task)
+    rows = cached_rows(entry, manifest, record.task, "valid", memory_budget)
+    probs, y = predict_proba(model[1], rows.batches(512), task=record.task)
+    if isinstance(rows, StreamedRows):
+        order = rows.order()
+        probs[order], y[order] = probs.copy(), y.copy()
+    return probs, y

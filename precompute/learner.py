@@ -32,6 +32,7 @@ from torch import nn
 from precompute.archs import ArchSpec, body_output_shape, describe_groups, get_arch, layer_groups
 from precompute.archs import freeze_to as freeze_groups
 from precompute.backbone import Backbone, load_backbone, transform_for, with_size
+from precompute.body_spec import BodySpec
 from precompute.inference import rebuild
 from precompute.callbacks import Callback, EpochTable, ProgressBar, Recorder
 from precompute.heads import HeadConfig
@@ -43,11 +44,12 @@ from precompute.manifest import build_manifest
 from precompute.records import ActivationsRef, StageRecord, require_typed
 from precompute.rows import (DEFAULT_MEMORY_BUDGET, cached_rows, failed_images, image_loader, labelled_split,
                              without_failed)
+from precompute.settings import ActivationSettings, all_checks
 from precompute.stages.cache_fill import activation_key, check_same_weights, open_entry, repair_entry
 from precompute.stages.cache_fill import precompute as fill_entry
 from precompute.store import ActivationStore, Entry
 from precompute.task import Task
-from precompute.train import (ConfigError, FitOptions, LearningRates, Schedule, StreamedRows, fit, group_lrs,
+from precompute.train import (ConfigError, FitOptions, check_batch_size, LearningRates, Schedule, StreamedRows, fit, group_lrs,
                               predict_proba)
 from precompute.transforms import TransformSpec, eval_transform, train_transform
 
@@ -68,8 +70,7 @@ class Learner(LearnerPredictions, LearnerFiles):
                  backbone: Backbone | None = None, record: StageRecord | None = None, bs: int = 64, seed: int = 0,
                  device: str = "cpu", num_workers: int = 0, pooled: bool = True, dtype: str = "float32",
                  verbose: bool = True):
-        if bs < 2:
-            raise ConfigError(f"bs={bs}: BatchNorm needs batches of 2 or more")
+        check_batch_size(bs)  # settings: the rule the pipeline's batch_size obeys
         self.spec, self.xtra_cut, self.weights_id, self.model = spec, xtra_cut, weights_id, model
         self.manifest, self.transform, self.head_config = manifest, transform, head_config
         self.store, self.backbone = store, backbone
@@ -118,6 +119,8 @@ class Learner(LearnerPredictions, LearnerFiles):
         aug = augmentation_args(aug_tfms)
         if precompute and aug is not None:  # before any work: nothing loaded, nothing written
             raise aug_precompute_error(aug)
+        all_checks(lambda: BodySpec(arch, xtra_cut, size), lambda: ActivationSettings.checked(  # as the pipeline's
+            size=size, pooled=pooled, dtype=dtype, weights=weights, weights_path=weights_path))
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         manifest = data if isinstance(data, pd.DataFrame) else build_manifest(data, label_delim=label_delim)
@@ -139,10 +142,7 @@ class Learner(LearnerPredictions, LearnerFiles):
     @classmethod
     def from_backbone(cls, bb: Backbone, manifest: pd.DataFrame, transform: TransformSpec, head_config: HeadConfig,
                       entry: Entry | None = None, **kw) -> "Learner":
-        """A new head (seeded with ``seed``) on a loaded pretrained body; with the cache ``entry``
-        of its rows (filled already), precompute is on."""
-        if not isinstance(head_config, HeadConfig):
-            raise TypeError(f"head_config is a precompute.heads.HeadConfig(ps, xtra_fc, custom), not {head_config!r}")
+        """A new head (seeded with ``seed``) on a pretrained body; precompute on with its rows' cache ``entry``."""
         n_classes = len(Task.from_manifest(manifest).classes)
         torch.manual_seed(kw.get("seed", 0))
         head = head_config.build(body_output_shape(bb.body, transform.size)[0], n_classes)

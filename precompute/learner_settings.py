@@ -7,8 +7,9 @@ import inspect
 import os
 from pathlib import Path
 
-from precompute.train import ConfigError
-from precompute.transforms import AUGMENTATION_PRESETS, TransformSpec, train_transform
+from precompute.errors import ConfigError
+from precompute.settings import AugmentationPreset, choices
+from precompute.transforms import Augmentation, TransformSpec, train_transform
 
 AugTfms = str | dict | None  # a preset name (side_on, top_down, basic), train_transform's arguments, or None
 _AUG_ARGS = set(inspect.signature(train_transform).parameters) - {"ts"}
@@ -28,15 +29,16 @@ def augmentation_args(aug_tfms: AugTfms) -> dict | None:
     if aug_tfms is None:
         return None
     if isinstance(aug_tfms, str):
-        if aug_tfms not in AUGMENTATION_PRESETS:
-            raise ConfigError(f"aug_tfms={aug_tfms!r}: choose a preset ({', '.join(sorted(AUGMENTATION_PRESETS))}), "
+        if aug_tfms not in choices(AugmentationPreset):  # the pipeline's augmentation setting has the same choices
+            raise ConfigError(f"aug_tfms={aug_tfms!r}: choose a preset ({', '.join(choices(AugmentationPreset))}), "
                               "a dict of precompute.transforms.train_transform's arguments, or None")
         return {"preset": aug_tfms}
     if isinstance(aug_tfms, dict):
         unknown = set(aug_tfms) - _AUG_ARGS
         if unknown:
             raise ConfigError(f"aug_tfms has unknown keys {sorted(unknown)}: valid are {sorted(_AUG_ARGS)}")
-        train_transform(TransformSpec(), **aug_tfms)  # the transform's own checks (preset, max_zoom)
+        Augmentation(aug_tfms.get("preset"), aug_tfms.get("max_zoom"))  # settings.AugmentationSettings' rules
+        train_transform(TransformSpec(), **aug_tfms)  # and the transform's own (a type that cannot build one)
         return dict(aug_tfms)
     raise ConfigError(f"aug_tfms={aug_tfms!r}: give a preset name, a dict, or None")
 

@@ -130,6 +130,7 @@ def build_manifest(
     df = df.astype({"width": "Int64", "height": "Int64"})
     df = df.sort_values(["split", "label", "relpath"], kind="stable", ignore_index=True)
     df.attrs["label_delim"] = label_delim or None  # pandas carries attrs through filters and pickling
+    df.attrs["source"] = str(source)  # where the images came from: a tracked run names it (its dataset input)
     bad = df[df.status != "ok"]
     if len(bad):
         log.warning("%d of %d manifest rows are not usable: %s", len(bad), len(df), bad.status.value_counts().to_dict())

@@ -54,6 +54,7 @@ class StageRecord:
     fit_options: FitOptions | None = None               # optimizer, weight decay, label smoothing, early stopping
     failed_images: tuple = ()                           # (image_id, path, reason): no rows, left out
     mlflow_run_id: str | None = None
+    view_key: str | None = None                         # the cached rows' view the head learned from (its data)
 
     def __post_init__(self):
         if not isinstance(self.head, HeadConfig):

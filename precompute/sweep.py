@@ -37,6 +37,8 @@ import torch
 from torch import nn
 
 from precompute.heads import _expand_ps, build_head, concat_pool
+from precompute.rows import DEFAULT_MEMORY_BUDGET, cached_rows
+from precompute.settings import check_head_shape, check_sweep_values
 from precompute.task import MultiLabel, Task
 from precompute.train import SINGLE_LABEL, ArrayRows, ConfigError, Schedule, StreamedRows, fit_head_on_cache
 from precompute.versions import SWEEP_CODE_VERSION
@@ -60,14 +62,9 @@ class SweepConfig:
         object.__setattr__(self, "xtra_fc", tuple(int(v) for v in self.xtra_fc))
         if isinstance(self.ps, (list, tuple)):
             object.__setattr__(self, "ps", tuple(float(v) for v in self.ps))
-        if not self.lr > 0 or self.epochs < 1 or self.wd < 0 or not 0 <= self.label_smoothing < 1:
-            raise ConfigError(f"head config {self}: needs lr > 0, epochs >= 1, wd >= 0, 0 <= label_smoothing < 1")
-        try:
-            drops = self.dropouts()
-        except ValueError as exc:
-            raise ConfigError(f"head config {self}: {exc}") from None
-        if any(not 0 <= p < 1 for p in drops):
-            raise ConfigError(f"head config {self}: dropout rates must be in [0, 1)")
+        # the rules of precompute.settings (SweepSettings checks the sweep's lists with the same)
+        check_sweep_values(lr=[self.lr], epochs=[self.epochs], wd=[self.wd], label_smoothing=[self.label_smoothing])
+        check_head_shape(self.ps, self.xtra_fc)
 
     def dropouts(self) -> tuple[float, ...]:
         return tuple(_expand_ps(self.ps, len(self.xtra_fc) + 1))
@@ -318,6 +315,16 @@ def head_sweep(train: ArrayRows | StreamedRows, valid: ArrayRows | StreamedRows,
             seconds[i] = time.perf_counter() - g0
     return SweepResult(configs, sweep_rows(configs, histories, seconds), histories, states,
                        time.perf_counter() - t0, batched)
+
+
+def sweep_entry(entry, manifest: pd.DataFrame, configs: Sequence[SweepConfig], batch_size: int = 64,
+                seed: int = 0) -> tuple[SweepResult, list[str]]:
+    """``head_sweep`` on a cache entry's rows of ``manifest`` (its train and valid splits; one class per
+    image or several labels, as the manifest says). Returns (result, classes)."""
+    task = Task.from_manifest(manifest)
+    train = cached_rows(entry, manifest, task, "train", DEFAULT_MEMORY_BUDGET)
+    valid = cached_rows(entry, manifest, task, "valid", DEFAULT_MEMORY_BUDGET)
+    return head_sweep(train, valid, len(task.classes), configs, batch_size, seed, task=task), list(task.classes)
 
 
 def sweep_rows(configs: Sequence[SweepConfig], histories: Sequence[list[dict]], seconds: Sequence[float]) -> list[SweepRow]:

@@ -165,6 +165,27 @@ class Tracker:
             self._close_parent(parent, "FINISHED")
 
 
+def log_sweep(tracker: Tracker, name: str, params: dict, tags: dict, result, summary: dict,
+              child_params: dict) -> tuple[str, list[str]]:
+    """A head sweep (``precompute.sweep``'s result and summary) in MLflow: one run with the best
+    configuration's metrics and params and the table as JSON, and under it one child run per
+    configuration (its params, ``child_params`` and per-epoch metrics). Returns (run id, child run ids)."""
+    with tracker.run(name, params, tags) as parent:
+        children = []
+        for i, (cfg, history) in enumerate(zip(result.configs, result.histories)):
+            child_tags = {**tags, "stage": "head_sweep.config", "mlflow.parentRunId": parent.run_id}
+            with tracker.run(f"head_sweep config {i}", {"config": i, **cfg.as_dict(), **child_params},
+                             child_tags) as child:
+                child.history(history)
+            children.append(child.run_id)
+        best = summary["table"][summary["best_index"]]
+        parent.metrics({"best_valid_accuracy": best["valid_accuracy"], "best_valid_loss": best["valid_loss"],
+                        "best_config": summary["best_index"], "seconds": result.seconds})
+        parent.json(summary["table"], "sweep_table.json")
+        parent.params({f"best.{k}": v for k, v in summary["best"].items()})
+    return parent.run_id, children
+
+
 @contextmanager
 def _fluent_tracking_uri(uri: str) -> Iterator[None]:
     """MLflow's fluent API (log_model needs it) on ``uri``, then the global tracking URI and

@@ -12,7 +12,6 @@ restarts (fastai 0.7's ``cycle_len``/``cycle_mult``) after a short warm-up at lr
 from __future__ import annotations
 
 import logging
-import math
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -27,27 +26,13 @@ from precompute.archs import as_channels_last, channels_last
 from precompute.callbacks import (BatchNormPolicy, Callback, EarlyStopping, EpochRow, FitLoop, MixedPrecision,
                                   OnEpoch, sorted_callbacks)
 from precompute.errors import ConfigError  # noqa: F401 - defined torch-free, re-exported here
+from precompute.settings import (N_LAYER_GROUPS, FitSettings, ScheduleSettings,  # noqa: F401 - re-exported
+                                 check_batch_size, check_lrs as _check_lrs, check_precompute_augment, lr_spec)
 from precompute.task import SingleLabel, Task
 
 EpochCallback = Callable[[EpochRow], None]
 log = logging.getLogger(__name__)
 LearningRates = float | Sequence[float] | slice | str
-
-
-def check_precompute_augment(precompute: bool, augment: bool) -> None:
-    if precompute and augment:
-        raise ConfigError(
-            "precompute=True with augment=True: cached activations are computed once from "
-            "un-augmented images, so augmentation cannot apply to them. Set augment=False to "
-            "train on the cache, or precompute=False to train on freshly augmented images.")
-
-
-N_LAYER_GROUPS = 3  # archs.layer_groups: body below lr_cut, body above, head
-
-
-def check_batch_size(batch_size: int) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 2:
-        raise ConfigError(f"batch_size {batch_size!r}: use 2 or more (BatchNorm cannot train on a batch of one)")
 
 
 def seed_everything(seed: int) -> int:
@@ -68,42 +53,20 @@ def group_lrs(lr: LearningRates, n_groups: int, frozen: int = 0) -> list[float]:
       groups, lo for the earliest and hi for the head (fastai's ``slice``).
     """
     trainable = n_groups - frozen
-    if isinstance(lr, str):
-        try:
-            lo, hi = (float(v) for v in lr.split(":"))
-        except ValueError:
-            raise ConfigError(f"learning-rate range {lr!r} must look like '1e-4:1e-2'") from None
-        lr = slice(lo, hi)
-    if isinstance(lr, slice):
-        lo, hi = float(lr.start), float(lr.stop)
-        if not 0 < lo <= hi:
-            raise ConfigError(f"learning-rate range {lo}:{hi} needs 0 < lo <= hi")
+    spec = lr_spec(lr, n_groups)  # settings.lr_spec: the one parser, and its errors
+    if isinstance(spec, tuple):
+        lo, hi = spec
         spread = [hi] if trainable == 1 else list(np.geomspace(lo, hi, trainable))
         return [0.0] * frozen + [float(v) for v in spread]
-    if isinstance(lr, (int, float)):
-        return [0.0] * frozen + [float(lr)] * trainable
-    lrs = [float(v) for v in lr]
-    if len(lrs) != n_groups:
-        raise ConfigError(f"{len(lrs)} learning rates given for {n_groups} layer groups; give one value, "
-                          f"a range 'lo:hi', or exactly {n_groups} (one per group, earliest first)")
-    return [0.0] * frozen + lrs[frozen:]
+    if isinstance(spec, float):
+        return [0.0] * frozen + [spec] * trainable
+    return [0.0] * frozen + spec[frozen:]
 
 
 def check_lrs(lr: LearningRates, n_groups: int = N_LAYER_GROUPS, frozen: int = 0) -> list[float]:
-    """``group_lrs``, each rate finite and >= 0, and some trainable group's above 0."""
-    try:
-        lrs = group_lrs(lr, n_groups, frozen)
-    except (TypeError, ValueError) as e:
-        if isinstance(e, ConfigError):
-            raise
-        raise ConfigError(f"learning rate {lr!r}: give a number, a range 'lo:hi' or {n_groups} numbers") from None
-    bad = [v for v in lrs if not math.isfinite(v) or v < 0]
-    if bad:
-        raise ConfigError(f"learning rates must be finite and >= 0, got {lr!r}")
-    if not any(lrs[frozen:]):
-        raise ConfigError(f"every trainable layer group has learning rate 0 ({lr!r}): nothing would train; "
-                          "give a rate > 0")
-    return lrs
+    """``group_lrs`` of a usable setting (settings.check_lrs: finite, >= 0, some trainable rate above 0)."""
+    _check_lrs(lr, n_groups, frozen)
+    return group_lrs(lr, n_groups, frozen)
 
 
 def differential_lrs(lr: float, n_groups: int, factor: float = 3.0) -> list[float]:
@@ -132,11 +95,9 @@ class Schedule:
     warmup: float = 0.05
     pct_start: float = 0.25
 
-    def __post_init__(self):
-        if self.kind not in ("one_cycle", "sgdr", "constant"):
-            raise ConfigError(f"schedule {self.kind!r}: choose one_cycle, sgdr or constant")
-        if min(self.epochs, self.cycles, self.cycle_len, self.cycle_mult) < 1:
-            raise ConfigError("epochs, cycles, cycle_len and cycle_mult must be >= 1")
+    def __post_init__(self):  # settings.ScheduleSettings decides what is valid
+        ScheduleSettings.checked(schedule=self.kind, epochs=self.epochs, cycles=self.cycles,
+                                 cycle_len=self.cycle_len, cycle_mult=self.cycle_mult)
 
     @property
     def total_epochs(self) -> int:
@@ -185,18 +146,8 @@ class FitOptions:
     label_smoothing: float = 0.0
     early_stopping_patience: int | None = None
 
-    def __post_init__(self):
-        if self.optimizer not in ("adamw", "sgd"):
-            raise ConfigError(f"optimizer {self.optimizer!r}: choose adamw or sgd")
-        if not 0 <= self.momentum < 1:
-            raise ConfigError(f"momentum {self.momentum}: use a value in [0, 1), e.g. 0.9")
-        if not self.weight_decay >= 0:
-            raise ConfigError(f"weight_decay {self.weight_decay}: use 0 or more, e.g. 1e-2")
-        if not 0 <= self.label_smoothing < 1:
-            raise ConfigError(f"label_smoothing {self.label_smoothing}: use a value in [0, 1), e.g. 0.1")
-        if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
-            raise ConfigError(f"early_stopping_patience {self.early_stopping_patience}: use 1 or more epochs, "
-                              "or leave it unset to run every epoch")
+    def __post_init__(self):  # settings.FitSettings decides what is valid
+        FitSettings.checked(**asdict(self))
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -257,6 +208,11 @@ class StreamedRows:
 
     def n_batches(self, batch_size: int) -> int:
         return sum(-(-len(g) // batch_size) for g in self._by_chunk())
+
+    def order(self) -> np.ndarray:
+        """The positions (in ``image_ids``) that ``batches()`` without a generator yields, in that order."""
+        groups = self._by_chunk()
+        return np.concatenate(groups) if groups else np.zeros(0, np.int64)
 
     def batches(self, batch_size: int, generator: torch.Generator | None = None):
         groups = self._by_chunk()

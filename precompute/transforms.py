@@ -21,6 +21,7 @@ from torchvision.transforms import InterpolationMode, v2
 from precompute.images import ImageLoadError, device_decodable, load_rgb, read_checked, shape_problem
 from precompute.labels import class_names, is_multilabel, label_delim, multi_hot
 from precompute.manifest import ok_rows
+from precompute.settings import AugmentationPreset, AugmentationSettings, choices
 from precompute.transform_spec import TransformSpec
 
 _INTERPOLATIONS = {m.value: m for m in InterpolationMode}
@@ -47,6 +48,7 @@ AUGMENTATION_PRESETS = {
     # ... and no geometry but the zoom, for glyphs such as digits where a flip is another glyph.
     "basic": dict(flip=False, vflip=False, rot90=False, rotate=5, lighting=0.05),
 }
+assert set(AUGMENTATION_PRESETS) == set(choices(AugmentationPreset)), "a preset here is a choice in precompute.settings"
 
 
 @dataclass(frozen=True)
@@ -56,13 +58,9 @@ class Augmentation:
     preset: str | None = None
     max_zoom: float | None = None
 
-    def __post_init__(self):
-        from precompute.train import ConfigError
-
-        if self.preset is not None and self.preset not in AUGMENTATION_PRESETS:
-            raise ConfigError(f"augmentation {self.preset!r}: choose one of {', '.join(sorted(AUGMENTATION_PRESETS))}")
-        if self.max_zoom is not None and not self.max_zoom >= 1:
-            raise ConfigError(f"max_zoom {self.max_zoom}: use 1 (no zoom) or more, e.g. 1.1")
+    def __post_init__(self):  # settings.AugmentationSettings decides what is valid
+        given = {"augmentation": self.preset, "max_zoom": self.max_zoom}
+        AugmentationSettings.checked(**{k: v for k, v in given.items() if v is not None})
 
 
 def train_transform(

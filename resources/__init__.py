@@ -105,6 +105,29 @@ class MlflowTracking(dg.ConfigurableResource):
 
         return Tracker(self.tracking_uri, self.experiment, self.artifact_root)
 
+    @contextmanager
+    def open_run(self, context, stage: str, params: dict, arch: str, xtra_cut: int, manifest=None,
+                 view_key: Optional[str] = None):
+        """A pipeline stage's MLflow run (a child of the Dagster run's parent run), with what re-executes
+        it (``precompute rerun <run id>``): the Dagster run config, job, asset selection and partition,
+        the git commit, and the image manifest as a dataset input. Its source is the manifest's own
+        (``manifest.attrs["source"]``) and its digest ``view_key``, the rows the stage trained on (the
+        activations' view key, which a stage record carries on): both come with the stage's inputs."""
+        from precompute.archs import get_arch
+        from precompute.tracking import JOB_TAG, PARTITION_TAG, SELECTION_TAG, git_commit
+
+        tracker, dagster_run = self.tracker(), context.run
+        keys = dagster_run.asset_selection or context.job_def.asset_layer.selected_asset_keys  # None: the whole job
+        selection = ",".join(sorted(k.to_user_string() for k in keys))
+        tags = tracker.stage_tags(dagster_run.run_id, context.partition_key, stage,
+                                  {PARTITION_TAG: context.partition_key, JOB_TAG: dagster_run.job_name,
+                                   SELECTION_TAG: selection, "arch": arch})
+        source = manifest.attrs.get("source") if manifest is not None else None
+        with tracker.run(f"{stage} {arch} cut={xtra_cut}",
+                         {"arch": arch, "cut": xtra_cut, "lr_cut": get_arch(arch).lr_cut, **params}, tags) as run:
+            run.provenance(dagster_run.run_config, manifest, source, view_key, git_commit())
+            yield run
+
 
 class ComputeDevice(dg.ConfigurableResource):
     """Where tensors run: "auto" picks the first CUDA device when there is one, else the CPU."""

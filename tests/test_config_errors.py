@@ -1,5 +1,8 @@
 """Bad configuration is rejected before any work, with a message that says what to change.
 
+The values of a stage are checked by their model (precompute.settings) and the cut body by
+precompute.body_spec.BodySpec; precompute.validate probes what needs the disk or the network.
+
 Each test asserts the ConfigError's message and that nothing happened: no store folder, no MLflow
 database, and an answer within seconds when an endpoint is down. Also the security rules: every
 torch.load is weights-only, and the UIs bind to 127.0.0.1.
@@ -19,8 +22,12 @@ from pathlib import Path
 
 import pytest
 
-from precompute import validate
+from precompute import body_spec, validate
 from precompute.archs import ARCHS
+from precompute.body_spec import BodySpec
+from precompute.heads import HeadConfig
+from precompute.settings import (ActivationSettings, AugmentationSettings, HeadSettings, ImageStageSettings, all_checks,
+                                 check_lrs)
 from precompute.train import ConfigError, check_precompute_augment, group_lrs
 from precompute.validate import validate_run
 
@@ -37,8 +44,12 @@ def places(tmp_path):
 
 
 def rejected(**kwargs) -> str:
+    return refused(validate_run, **kwargs)
+
+
+def refused(check, *args, **kwargs) -> str:
     with pytest.raises(ConfigError) as info:
-        validate_run(**kwargs)
+        check(*args, **kwargs)
     return str(info.value)
 
 
@@ -51,36 +62,39 @@ def closed_port() -> int:
 # --------------------------------------------------------------------------- one test per error
 
 
-def test_unknown_arch_lists_the_known_ones(places):
-    msg = rejected(arch="resnet19", xtra_cut=0, size=224, **places)
+def test_unknown_arch_lists_the_known_ones():
+    msg = refused(BodySpec, "resnet19", 0, 224)
     assert "unknown arch 'resnet19'" in msg
     assert ", ".join(sorted(ARCHS)) in msg and "PRECOMPUTE_ARCHS" in msg
 
 
 @pytest.mark.parametrize("arch, cut, top", [("resnet34", 7, 6), ("resnet34", -1, 6), ("vgg16_bn", 43, 42)])
-def test_cut_out_of_range_gives_the_range(places, arch, cut, top):
-    msg = rejected(arch=arch, xtra_cut=cut, **places)
+def test_cut_out_of_range_gives_the_range(arch, cut, top):
+    msg = refused(BodySpec, arch, cut)
     assert f"cut (xtra_cut) {cut} is out of range for {arch}: valid cuts are 0..{top}" in msg
     assert "PRECOMPUTE_CUTS" in msg
 
 
 @pytest.mark.parametrize("lr", [[1e-4, 1e-3], [1e-5, 1e-4, 1e-3, 1e-2]])
-def test_learning_rate_list_of_the_wrong_length(places, lr):
-    msg = rejected(lr=lr, **places)
+def test_learning_rate_list_of_the_wrong_length(lr):
+    msg = refused(ImageStageSettings.checked, lrs=lr)
     with pytest.raises(ConfigError) as same:
         group_lrs(lr, 3)  # the check reuses train.group_lrs: one message for one mistake
     assert msg == str(same.value)
     assert f"{len(lr)} learning rates given for 3 layer groups" in msg and "exactly 3" in msg
 
 
-def test_learning_rates_must_be_usable(places):
-    assert "finite and >= 0" in rejected(lr=[1e-3, float("nan"), 1e-2], **places)
-    assert "nothing would train" in rejected(lr=[1e-3, 0.0, 0.0], frozen=1, **places)
-    assert "must look like '1e-4:1e-2'" in rejected(lr="1e-3", **places)
+def test_learning_rates_must_be_usable():
+    assert "finite and >= 0" in refused(check_lrs, [1e-3, float("nan"), 1e-2])
+    assert "nothing would train" in refused(check_lrs, [1e-3, 0.0, 0.0], frozen=1)
+    assert "must look like '1e-4:1e-2'" in refused(ImageStageSettings.checked, lr_range="1e-3")
+    # head_augmented trains the head only: rates for the body alone train nothing; finetuned trains them
+    assert "nothing would train" in refused(ImageStageSettings.checked, lrs=[1e-3, 1e-3, 0.0])
+    ImageStageSettings.checked({"frozen": 0}, lrs=[1e-3, 1e-3, 0.0])
 
 
-def test_precompute_with_augmentation(places):
-    msg = rejected(precompute=True, augment=True, **places)
+def test_precompute_with_augmentation():
+    msg = refused(ImageStageSettings.checked, precompute=True, augment=True)
     with pytest.raises(ConfigError) as same:
         check_precompute_augment(True, True)
     assert msg == str(same.value) and "Set augment=False" in msg and "precompute=False" in msg
@@ -91,12 +105,12 @@ def test_precompute_with_augmentation(places):
     ("resnet18", 1, 8, 16, 16),  # one child earlier: layer4 (2x) is gone
     ("vgg16_bn", 0, 31, 32, 32),  # unpadded pools: 31 px leaves no map at all
 ])
-def test_image_size_too_small_for_the_arch(places, arch, cut, size, smallest, stride):
-    msg = rejected(arch=arch, xtra_cut=cut, size=size, **places)
+def test_image_size_too_small_for_the_arch(arch, cut, size, smallest, stride):
+    msg = refused(BodySpec, arch, cut, size)
     assert f"image size {size} is too small for {arch} at cut {cut}" in msg
     assert f"downsamples {stride}x" in msg and f"set size >= {smallest}" in msg and "default is 224" in msg
-    assert validate.min_image_size(arch, cut) == smallest
-    validate_run(arch=arch, xtra_cut=cut, size=smallest)  # the minimum itself is accepted
+    assert body_spec.min_image_size(arch, cut) == smallest
+    BodySpec(arch, cut, smallest)  # the minimum itself is accepted
 
 
 def test_min_image_size_matches_a_real_forward():
@@ -105,10 +119,10 @@ def test_min_image_size_matches_a_real_forward():
 
     spec = ARCHS["resnet18"]
     body = cut_body(spec.build(), spec, 0)
-    smallest = validate.min_image_size("resnet18", 0)
+    smallest = body_spec.min_image_size("resnet18", 0)
     assert body_output_shape(body, smallest)[1:] == (1, 1)
     assert body_output_shape(body, 2 * smallest)[1:] == (2, 2)
-    assert next(validate._shape_body("resnet18", 0).parameters()).is_meta  # the check allocates no weights
+    assert next(body_spec._shape_body("resnet18", 0).parameters()).is_meta  # the check allocates no weights
 
 
 def test_unreachable_s3_store_fails_fast_and_names_the_setting(places):
@@ -193,11 +207,19 @@ def test_mlflow_sqlite_path_that_cannot_be_created(tmp_path):
 
 
 def test_every_error_at_once(places):
-    msg = rejected(arch="resnet18", xtra_cut=0, size=8, lr=[1.0, 2.0], precompute=True, augment=True,
-                   batch_size=1, dtype="int8", store=places["store"], tracking_uri=f"http://127.0.0.1:{closed_port()}")
-    assert msg.startswith("6 configuration errors, nothing was run:\n- precompute=True with augment=True")
-    for part in ("too small for resnet18", "2 learning rates", "batch_size 1", "dtype 'int8'", "MLFLOW_TRACKING_URI"):
+    """A model reports every bad value it holds, and all_checks merges the models, the body and the probes."""
+    msg = refused(all_checks, lambda: BodySpec("resnet18", 0, 8),
+                  lambda: ImageStageSettings.checked(batch_size=1, max_zoom=0.5, schedule="cosine"),
+                  lambda: ActivationSettings.checked(dtype="int8"),
+                  lambda: validate_run(store=places["store"], tracking_uri=f"http://127.0.0.1:{closed_port()}"))
+    assert msg.startswith("6 configuration errors, nothing was run:\n- image size 8 is too small for resnet18")
+    for part in ("schedule 'cosine': choose one of one_cycle, sgdr, constant", "batch_size 1: use 2 or more",
+                 "max_zoom 0.5: use 1 or more", "dtype 'int8': choose one of float32, float16, bfloat16",
+                 "MLFLOW_TRACKING_URI"):
         assert part in msg
+    # the rules between values (precompute x augmentation, rates per group): all of them at once too
+    msg = refused(ImageStageSettings.checked, precompute=True, augment=True, lrs=[1.0, 2.0])
+    assert msg.startswith("2 configuration errors") and "Set augment=False" in msg and "2 learning rates" in msg
 
 
 def test_other_values(tmp_path, monkeypatch):
@@ -205,13 +227,16 @@ def test_other_values(tmp_path, monkeypatch):
     monkeypatch.setattr("torch.hub.get_dir", lambda: str(tmp_path / "hub"))
     assert "is not in the torch hub cache" in rejected(arch="resnet18", weights="pretrained")
     assert "weights_path" in rejected(arch="resnet18", weights_path=str(tmp_path / "none.pt"))
-    assert "'package.module:function'" in rejected(custom_head="no_such_module:head")
-    assert "ps has 1 dropout values for 3 linear blocks" in rejected(ps=[0.5], xtra_fc=[512, 256])
-    assert "augmentation 'sideways': choose one of basic, side_on, top_down" in rejected(augmentation="sideways")
-    assert "max_zoom 0.9" in rejected(max_zoom=0.9)
-    validate_run(arch="resnet18", weights="random", batch_size=2, dtype="float16", custom_head="linear",
-                 augmentation="top_down", max_zoom=1.2)
-    validate_run(ps=[0.25, 0.5], xtra_fc=[512])
+    assert "'package.module:function'" in refused(HeadConfig, custom="no_such_module:head")
+    assert "ps has 1 dropout values for 3 linear blocks" in refused(HeadSettings.checked, ps=[0.5], xtra_fc=[512, 256])
+    assert "augmentation 'sideways': choose one of basic, side_on, top_down" in refused(
+        AugmentationSettings.checked, augmentation="sideways")
+    assert "max_zoom 0.9" in refused(AugmentationSettings.checked, max_zoom=0.9)
+    validate_run(arch="resnet18", weights="random")
+    ActivationSettings.checked(weights="random", batch_size=2, dtype="float16")
+    HeadConfig(custom="linear")
+    AugmentationSettings.checked(augmentation="top_down", max_zoom=1.2)
+    HeadSettings.checked(ps=[0.25, 0.5], xtra_fc=[512])
 
 
 def test_manifest_must_train_and_measure():
@@ -327,13 +352,21 @@ def test_activations_asset_rejects_before_any_work(tmp_path, dogscats):
 
     images = copy_tree(dogscats, tmp_path / "images", {"train": 2, "valid": 1})
     store = tmp_path / "store"
-    result = dg.materialize(
-        [image_manifest, activations], partition_key="resnet34|0", raise_on_error=False,
-        resources={"images": ImageSource(source=str(images)), "store": ActivationStoreResource(root=str(store)),
-                   "compute": ComputeDevice(device="cpu")},
-        run_config={"ops": {"activations": {"config": {"size": 16, "weights": "random", "dtype": "int8"}}}})
+    resources = {"images": ImageSource(source=str(images)), "store": ActivationStoreResource(root=str(store)),
+                 "compute": ComputeDevice(device="cpu")}
+
+    def run(config: dict):
+        return dg.materialize([image_manifest, activations], partition_key="resnet34|0", raise_on_error=False,
+                              resources=resources, run_config={"ops": {"activations": {"config": config}}})
+
+    # a value outside a choice: refused when the run is launched, by Dagster's config check (the launchpad's)
+    with pytest.raises(dg.DagsterInvalidConfigError, match="int8") as launch:
+        run({"dtype": "int8"})
+    assert "float32" in str(launch.value) and "bfloat16" in str(launch.value)
+    # a size the arch cannot take and weights that are not there: in the step, before any work
+    result = run({"size": 16, "weights_path": str(tmp_path / "no.pt")})
     assert not result.success
     failure = next(e for e in result.all_events if e.is_step_failure).step_failure_data
     assert "2 configuration errors" in failure.error.message and "set size >= 32" in failure.error.message
-    assert "dtype 'int8'" in failure.error.message
+    assert "no.pt is not a file" in failure.error.message
     assert not store.exists()  # rejected before the store was touched or a weight was loaded

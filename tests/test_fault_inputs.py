@@ -29,7 +29,7 @@ from precompute.archs import get_arch
 from precompute.data import (MAX_ASPECT_RATIO, STATUSES, ImageDataset, ImageLoadError, TransformSpec, build_manifest,
                              eval_transform, ok_rows)
 from precompute.features import compute_activations
-from precompute.heads import ALLOWED_HEADS_ENV, HEADS, UnknownHead, build_head, register_head
+from precompute.heads import ALLOWED_HEADS_ENV, HEADS, HeadConfig, UnknownHead, build_head, register_head
 from precompute.store import ActivationStore
 from precompute.train import ConfigError
 from precompute.validate import validate_run
@@ -166,16 +166,16 @@ def test_run_config_custom_head_must_be_registered_or_allowed(monkeypatch):
     monkeypatch.delenv(ALLOWED_HEADS_ENV, raising=False)
     sys.modules.pop("this", None)
     with pytest.raises(ConfigError) as err:
-        validate_run(custom_head="this:s")
+        HeadConfig(custom="this:s")
     assert "'this:s'" in str(err.value) and ALLOWED_HEADS_ENV in str(err.value)
     with pytest.raises(UnknownHead):
         build_head(8, 2, custom="this:s")
     assert "this" not in sys.modules
 
-    validate_run(custom_head="linear")  # registered in code
+    HeadConfig(custom="linear")  # registered in code
     assert build_head(8, 2, custom="linear").classifier.in_features == 16
     monkeypatch.setenv(ALLOWED_HEADS_ENV, "torch.nn:Identity, torch.nn:Linear")  # allowed by the operator
-    validate_run(custom_head="torch.nn:Linear")
+    HeadConfig(custom="torch.nn:Linear")
     assert build_head(8, 2, custom="torch.nn:Linear").classifier.out_features == 2
 
     @register_head("test_fault_inputs.two_layer")

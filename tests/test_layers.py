@@ -20,10 +20,10 @@ ORCHESTRATION = ("pipelines", "assets", "resources", "dagster", "dagster_dask", 
 
 # The library's layers, lowest first; a module imports only from its own layer and those below.
 LAYERS = {
-    # what everything builds on: errors, code versions, the probes of outside services, the cut table,
+    # what everything builds on: errors, code versions, the stage settings (pydantic), the probes of outside services, the cut table,
     # weights, heads, the Task (with labels, its tag helpers) and the one fit loop
-    "core": ["errors", "versions", "probes", "labels", "archs", "weights", "heads", "metrics", "transform_spec", "task",
-             "train", "callbacks", "lr_find"],
+    "core": ["errors", "versions", "settings", "probes", "labels", "archs", "body_spec", "weights", "heads", "metrics",
+             "transform_spec", "task", "train", "callbacks", "lr_find"],
     # images and their manifests: names and roots, decoding, object storage, the scan index, transforms
     "data": ["paths", "images", "sources", "scan_index_file", "scan_index", "listing", "manifest", "transforms", "demo_data", "data"],
     "store": ["store"],  # the Zarr activation cache, every module of precompute/store/

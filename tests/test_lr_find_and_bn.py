@@ -165,16 +165,19 @@ def test_freeze_bn_stats_also_keeps_a_trainable_body_groups_stats():
     assert [not torch.equal(bn.running_mean, m) for bn, m in zip(bns, before)] == [False, True, True]
 
 
-def test_lr_find_head_sweeps_the_head_head_on_cache_is_configured_with():
-    from types import SimpleNamespace
+def test_lr_find_head_sweeps_its_own_configured_head_and_head_on_cache_takes_only_a_matching_rate():
+    """No asset reads another's config: lr_find_head declares the head it sweeps (head_on_cache's
+    defaults), its result carries it, and head_on_cache refuses a suggested rate for another head."""
+    from assets.training import HeadOnCacheConfig, LrFindHeadConfig
+    from precompute.errors import ConfigError
+    from precompute.lr_find import LRFindResult
 
-    from assets.training import _configured_head
-
-    def ctx(run_config):
-        return SimpleNamespace(run=SimpleNamespace(run_config=run_config))
-
-    configured = {"ops": {"head_on_cache": {"config": {"ps": [0.1, 0.2, 0.3], "xtra_fc": [64, 16]}},
-                          "lr_find_head": {"config": {"num_it": 10}}}}
-    assert _configured_head(ctx(configured)) == HeadConfig([0.1, 0.2, 0.3], [64, 16], None)
-    assert _configured_head(ctx({"ops": {"head_on_cache": {"config": {"custom_head": "linear"}}}})).custom == "linear"
-    assert _configured_head(ctx({})) == HeadConfig(None, [512], None)  # head_on_cache's defaults
+    assert LrFindHeadConfig().head_config() == HeadOnCacheConfig().head_config() == HeadConfig(None, [512], None)
+    head = HeadConfig([0.1, 0.2, 0.3], [64, 16], None)
+    assert LrFindHeadConfig(ps=[0.1, 0.2, 0.3], xtra_fc=[64, 16], num_it=10).head_config() == head
+    finder = LRFindResult([1e-4, 1e-3], [1.0, 0.5], {"valley": 2e-3}, head=head)
+    same = HeadOnCacheConfig(ps=[0.1, 0.2, 0.3], xtra_fc=[64, 16], lr_from_finder=True)
+    assert same.stage(finder).lr == 2e-3
+    with pytest.raises(ConfigError, match="give lr_find_head the same ps, xtra_fc and custom_head"):
+        HeadOnCacheConfig(lr_from_finder=True).stage(finder)  # the default head: not the one swept
+    assert HeadOnCacheConfig(lr=1e-2).stage(finder).lr == 1e-2  # without lr_from_finder the finder is not used

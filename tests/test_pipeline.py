@@ -19,7 +19,7 @@ SMALL = {"ops": {
 CACHE_STAGE = [image_manifest, activations, lr_find_head, head_on_cache]
 
 
-def test_whole_recipe_materializes(env):
+def test_whole_recipe_materializes(env, tiny_tree):
     resources, instance, uri, tmp_path = env
     result = dg.materialize(RECIPE_ASSETS, partition_key=PARTITION, resources=resources, instance=instance,
                             run_config=SMALL)
@@ -77,6 +77,12 @@ def test_whole_recipe_materializes(env):
     acts = instance.get_latest_materialization_event(activations.key).asset_materialization
     assert acts.tags["dagster/data_version"] == acts.metadata["view_key"].value
     assert acts.metadata["computed"].value == 24
+    # every stage's MLflow run names the same data, and it came with the stage's inputs (no instance
+    # lookup): the manifest's own source and the activations' view key, carried on by the stage records
+    from precompute.tracking import rerun_spec
+    for stage, run in by_stage.items():
+        spec = rerun_spec(uri, run.info.run_id)
+        assert (spec.dataset_digest, spec.dataset_source) == (acts.metadata["view_key"].value, str(tiny_tree)), stage
     again = dg.materialize([image_manifest, activations], partition_key=PARTITION, resources=resources,
                            instance=instance, run_config={"ops": {"activations": SMALL["ops"]["activations"]}},
                            selection=[activations])

@@ -55,9 +55,9 @@ def test_sgdr_warms_up_then_restarts_with_longer_cycles():
 
 
 def test_schedule_errors():
-    with pytest.raises(ConfigError, match="one_cycle, sgdr or constant"):
+    with pytest.raises(ConfigError, match="schedule 'linear': choose one of one_cycle, sgdr, constant"):
         Schedule("linear")
-    with pytest.raises(ConfigError, match=">= 1"):
+    with pytest.raises(ConfigError, match="cycle_mult 0: use 1 or more"):
         Schedule("sgdr", cycle_mult=0)
 
 
@@ -188,3 +188,24 @@ def test_head_on_cache_cached_trains_once_per_fingerprint(trained):
     assert reused and len(calls) == 1 and again.mlflow_run_id == "run-1"
     _, reused = recipe.head_on_cache_cached(entry, "fp-test-cached", train, reuse=False)
     assert not reused and len(calls) == 2
+
+
+def test_evaluation_streamed_from_the_cache_equals_in_memory_and_keeps_the_manifest_order(trained, tmp_path):
+    """Over its memory budget the evaluation reads the valid rows chunk by chunk (issue 21: memory flat at
+    ImageNet size); the store's chunk order then differs from the manifest's, and the result is put back."""
+    from precompute.inference import evaluate_on_cache
+    from precompute.rows import cached_rows
+
+    _, _, manifest, bb, ts, _, head = trained
+    valid = manifest[manifest.split == "valid"]
+    store = ActivationStore(str(tmp_path / "store"))
+    recipe.precompute(valid.iloc[::2], store, bb, ts)  # every other valid image in one chunk, then the rest:
+    entry, _, _ = recipe.precompute(manifest, store, bb, ts)  # the store's order interleaves the manifest's
+    streamed = cached_rows(entry, manifest, head.task, "valid", memory_budget=0)
+    assert list(streamed.order()) != sorted(streamed.order())  # the streaming order is not the manifest's
+    in_memory = evaluate_on_cache(head, entry, manifest)
+    probs, y = evaluate_on_cache(head, entry, manifest, memory_budget=0)
+    np.testing.assert_allclose(probs, in_memory[0], rtol=1e-5, atol=1e-6)
+    assert y.tolist() == in_memory[1].tolist()
+    assert in_memory[1].tolist() == [head.classes.index(c) for c in
+                                     manifest[(manifest.split == "valid") & (manifest.status == "ok")]["label"]]

@@ -171,7 +171,7 @@ def test_fit_options_choose_the_optimizer_and_are_checked():
     assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["momentum"] == 0.5
     assert sgd.param_groups[0]["weight_decay"] == 1e-3
     assert isinstance(_optimizer([model], [0.1], FitOptions()), torch.optim.AdamW)
-    for bad, says in [(dict(optimizer="adam"), "choose adamw or sgd"), (dict(momentum=1.0), "momentum 1.0"),
+    for bad, says in [(dict(optimizer="adam"), "optimizer .adam.: choose one of adamw, sgd"), (dict(momentum=1.0), "momentum 1.0"),
                       (dict(weight_decay=-1.0), "weight_decay -1.0"), (dict(label_smoothing=1.0), "label_smoothing"),
                       (dict(early_stopping_patience=0), "early_stopping_patience 0")]:
         with pytest.raises(ConfigError, match=says):

@@ -385,3 +385,17 @@ def test_sensor_reads_only_changed_files_through_the_index(tmp_path, reads, monk
     reads.clear()
     over = tick(touched.cursor)
     assert over.run_requests and reads == [] and json.loads(over.cursor)["digest"] is None
+
+    monkeypatch.setenv("PRECOMPUTE_SENSOR_READ_BUDGET", "2000")
+    monkeypatch.setenv("PRECOMPUTE_SENSOR_SCAN_MAX_FILES", "10")  # 11 files: over the content check's limit
+    victim = root / "train" / "a" / "img002.bmp"
+    st = victim.stat()
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    reads.clear()
+    big = tick(over.cursor)  # touched only, but too many files to rebuild the manifest inside a tick: launch
+    assert big.run_requests and reads == [] and json.loads(big.cursor)["digest"] is None
+    monkeypatch.setenv("PRECOMPUTE_SENSOR_SCAN_MAX_FILES", "11")
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns + 2 * 10**9))
+    reads.clear()
+    small = tick(big.cursor)  # at the limit: the content check runs again, reading the touched and new files
+    assert sorted(reads) == ["img002.bmp", "new.bmp"] and json.loads(small.cursor)["digest"] == manifest_digest(build_manifest(root))

@@ -112,6 +112,9 @@ def test_adding_an_arch_to_the_config_adds_its_partitions(tmp_path):
 
 @pytest.mark.parametrize("text, expected", [
     ("run_config:\n  ops:\n    head_on_cache: {config: {epoch: 3}}\n", ["partition", "epoch", "recipe job"]),
+    # the config classes' rules too (precompute.settings), every op's at once: no scheduled run would pass
+    ("run_config:\n  ops:\n    head_augmented: {config: {precompute: true}}\n    finetuned: {config: {epochs: 0}}\n",
+     ["partition", "head_augmented: precompute=True with augment=True", "finetuned: epochs 0: use 1 or more"]),
     ("run_config: [1, 2]\n", ["run_config", "must be a Dagster run config mapping"]),
     ("run_config:\n  activations: {config: {size: 64}}\n", ["unknown top-level key", "'activations'", "ops"]),
     ("partition_run_config:\n  resnet99: {ops: {}}\n", ["'resnet99'", "configured partition", "tf_efficientnet_lite0|0"]),
@@ -119,7 +122,7 @@ def test_adding_an_arch_to_the_config_adds_its_partitions(tmp_path):
 def test_bad_run_config_names_the_problem(tmp_path, text, expected):
     cfg = tmp_path / "precompute.yaml"
     cfg.write_text("archs: [tf_efficientnet_lite0]\ncuts: [0]\n" + text)
-    if "epoch:" in text:  # a key the op's config does not have: caught against the job's schema at load
+    if "ops:\n" in text:  # a key the op's config does not have, or a value it refuses: caught at load
         proc = _load_definitions(cfg)
         assert proc.returncode != 0
         message = proc.stderr

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -19,7 +19,8 @@ from precompute.features import PrecomputeStats, check_decoder, compute_activati
 from precompute.manifest import ok_rows
 from precompute.records import ActivationsRef, require_typed
 from precompute.store import ActivationStore, CacheCorruption, CacheKey, Entry, VerifyReport, view_key
-from precompute.train import ConfigError, check_batch_size
+from precompute.errors import ConfigError
+from precompute.settings import ActivationSettings, StorageDtype, choices
 from precompute.transforms import TransformSpec, eval_transform
 from precompute.weights import ALLOW_DOWNLOAD_ENV, WeightsUnavailable, looks_like_torch_file, resolve_weights_file
 
@@ -120,18 +121,10 @@ class CacheSettings:
     weights: str = "pretrained"
     weights_path: str | None = None
     decoder: str = "pil"           # pil (CPU) or nvjpeg (JPEGs on the CUDA device): part of the entry's key
-    DTYPES: ClassVar[tuple[str, ...]] = ("float32", "float16", "bfloat16")  # bfloat16 is stored as its bits
+    DTYPES: ClassVar[tuple[str, ...]] = choices(StorageDtype)  # bfloat16 is stored as its bits
 
-    def __post_init__(self):
-        if self.dtype not in self.DTYPES:
-            raise ConfigError(f"dtype {self.dtype!r}: the activation store keeps {' or '.join(self.DTYPES)}")
-        check_batch_size(self.batch_size)
-        if isinstance(self.chunk_rows, bool) or not isinstance(self.chunk_rows, int) or self.chunk_rows < 1:
-            raise ConfigError(f"chunk_rows {self.chunk_rows!r}: use 1 or more rows per committed chunk")
-        if self.weights not in ("pretrained", "random"):
-            raise ConfigError(f"weights {self.weights!r}: use 'pretrained' or 'random' (or pass weights_path)")
-        if self.weights == "random" and self.weights_path is not None:
-            raise ConfigError("weights='random' and a weights_path contradict each other: drop one")
+    def __post_init__(self):  # settings.ActivationSettings decides what is valid
+        ActivationSettings.checked(**asdict(self))
 
     def check_weights(self, arch: str) -> None:
         """The weights ``arch`` would load exist (or may be downloaded); nothing is loaded or downloaded."""

@@ -21,8 +21,8 @@ from precompute.records import ActivationsRef, StageRecord, checked_record
 from precompute.stages.common import LOG, OpenRun, log_stage, schedule_params
 from precompute.stages.cache_fill import open_entry
 from precompute.store import ActivationStore, Entry, ResultCache
-from precompute.train import (ConfigError, EpochCallback, FitOptions, Schedule, check_batch_size, check_lrs,
-                              check_precompute_augment)
+from precompute.settings import HeadStageSettings
+from precompute.train import EpochCallback, FitOptions, Schedule
 from precompute.transforms import TransformSpec
 
 HEAD_CODE_VERSION = "1"  # bump when training on the cache changes its result for the same inputs
@@ -59,7 +59,9 @@ def lr_find_on_ref(ref: ActivationsRef, manifest: pd.DataFrame, store: Activatio
                    batch_size: int = 64, seed: int = 0, num_it: int = 100) -> LRFindResult:
     """``lr_find_on_cache`` on the entry an activations result points at (images failed there left out)."""
     learn = Learner.from_cache(ref, manifest, store, head_config, bs=batch_size, seed=seed)
-    return learn.lr_find(num_it=num_it)
+    result = learn.lr_find(num_it=num_it)
+    result.head = head_config
+    return result
 
 
 def head_fingerprint(view: str, config: dict) -> str:
@@ -108,12 +110,8 @@ class HeadStage:
     options: FitOptions = FitOptions()
 
     def __post_init__(self):
-        check_precompute_augment(self.precompute, self.augment)
-        if not self.precompute:
-            raise ConfigError("head_on_cache trains on the cache: set precompute=True, or use head_augmented "
-                              "to train the head on images")
-        check_batch_size(self.batch_size)
-        check_lrs(self.lr, 1)
+        HeadStageSettings.checked(precompute=self.precompute, augment=self.augment, batch_size=self.batch_size,
+                                  lr=self.lr)  # settings.HeadStageSettings decides what is valid
         if not isinstance(self.head, HeadConfig):
             raise TypeError(f"HeadStage.head is a precompute.heads.HeadConfig, got {type(self.head).__name__}")
 
@@ -139,6 +137,7 @@ def train_head_stage(ref: ActivationsRef, manifest: pd.DataFrame, store: Activat
             return log_stage(run, record)
 
     record, reused = head_on_cache_cached(entry, fingerprint, train, reuse=reuse)
+    record.view_key = ref.view_key  # the stages after it log the same data (a head kept before this field lacked it)
     if reused:
         log.info(f"head_on_cache reused: same activations ({ref.view_key}), config and seed as MLflow run "
                  f"{record.mlflow_run_id}; nothing trained")

@@ -16,9 +16,9 @@ from precompute.learner import Learner
 from precompute.lr_find import LRFindResult
 from precompute.records import StageRecord, save_model
 from precompute.stages.common import LOG, OpenRun, log_stage, schedule_params
-from precompute.train import (N_LAYER_GROUPS, EpochCallback, FitOptions, LearningRates, Schedule, check_batch_size, check_lrs,
-                              check_precompute_augment, differential_lrs, group_lrs)
-from precompute.transforms import Augmentation, TransformSpec
+from precompute.settings import ImageStageSettings, rate_fields
+from precompute.train import N_LAYER_GROUPS, EpochCallback, FitOptions, LearningRates, Schedule, differential_lrs, group_lrs
+from precompute.transforms import TransformSpec
 
 
 def stage_lrs(lr: LearningRates, n_groups: int, freeze: int, spread: float = 3.0) -> list[float]:
@@ -55,12 +55,12 @@ class ImageStage:
     options: FitOptions = FitOptions()     # optimizer, weight decay, label smoothing, early stopping
 
     def __post_init__(self):
-        check_precompute_augment(self.precompute, self.augment)
-        check_batch_size(self.batch_size)
-        if self.augmentation:
-            Augmentation(self.augmentation.get("preset"), self.augmentation.get("max_zoom"))
-        if not isinstance(self.lr, (int, float)) or self.lr != 0:  # a rate of 0 only measures (tests do)
-            check_lrs(self.lr, N_LAYER_GROUPS, self.frozen(N_LAYER_GROUPS))
+        aug = {k: v for k, v in (("augmentation", (self.augmentation or {}).get("preset")),
+                                 ("max_zoom", (self.augmentation or {}).get("max_zoom"))) if v is not None}
+        measure_only = isinstance(self.lr, (int, float)) and self.lr == 0  # a rate of 0 only measures (tests do)
+        ImageStageSettings.checked({"frozen": self.frozen(N_LAYER_GROUPS), "check_lr": not measure_only},
+                                   precompute=self.precompute, augment=self.augment, batch_size=self.batch_size,
+                                   lr_spread=self.lr_spread, size=self.size, **aug, **rate_fields(self.lr))
 
     def frozen(self, n_groups: int) -> int:
         """How many layer groups, from the first, stay frozen."""
@@ -128,6 +128,7 @@ def run_image_stage(previous: StageRecord, manifest: pd.DataFrame, stage: ImageS
     as a servable network."""
     with open_run(stage.logged_params(previous, params)) as run:
         record = train_image_stage(previous, manifest, stage, num_workers, device, cbs=[TrackEpochs(run, stage.name, log)])
+        record.view_key = previous.view_key  # the data it descends from, for the next stage's tracked run
         if export:
             run.artifact(save_model(record, run.run_id, tempfile.mkdtemp(prefix="model-")), "model")
             run.pytorch_model(record, "network")
