@@ -27,7 +27,7 @@ precompute_tracking = LazyModule("precompute.tracking")  # mlflow, likewise; `tr
 class HeadSweepConfig(SettingsConfig, SweepSettings):
     """head_sweep's settings (precompute.settings.SweepSettings): search grid or random."""
 
-    def configs(self) -> "list[sweep.HeadConfig]":
+    def configs(self) -> "list[sweep.SweepConfig]":
         space = dict(ps=self.ps, xtra_fc=[tuple(x) for x in self.xtra_fc], epochs=self.epochs, wd=self.wd,
                      label_smoothing=self.label_smoothing)
         if self.search == "grid":

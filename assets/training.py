@@ -24,6 +24,7 @@ from resources import ActivationStoreResource, ComputeDevice, MlflowTracking
 # torch, matplotlib and mlflow load when a step runs, not with the definitions (issue 20)
 body_spec = LazyModule("precompute.body_spec")
 evaluate = LazyModule("precompute.evaluate")
+heads = LazyModule("precompute.heads")
 recipe = LazyModule("precompute.recipe")
 train = LazyModule("precompute.train")
 validate = LazyModule("precompute.validate")
@@ -45,8 +46,8 @@ class ScheduleConfig(SettingsConfig, TrainingSettings):
 class HeadOnCacheConfig(HeadStageSettings, ScheduleConfig):  # the model first: its defaults win
     """head_on_cache's settings (precompute.settings.HeadStageSettings)."""
 
-    def head_config(self) -> dict:
-        return {"ps": self.ps, "xtra_fc": self.xtra_fc, "custom": self.custom_head}
+    def head_config(self) -> "heads.HeadConfig":
+        return heads.HeadConfig(self.ps, self.xtra_fc, self.custom_head)
 
     def stage(self, finder=None) -> "recipe.HeadStage":
         if self.lr_from_finder and finder and finder.head is not None and finder.head != self.head_config():
@@ -92,8 +93,8 @@ class LrFindHeadConfig(LrFindConfig):
     xtra_fc: list[int] = [512]
     custom_head: Optional[str] = None
 
-    def head_config(self) -> dict:
-        return {"ps": self.ps, "xtra_fc": self.xtra_fc, "custom": self.custom_head}
+    def head_config(self) -> "heads.HeadConfig":
+        return heads.HeadConfig(self.ps, self.xtra_fc, self.custom_head)
 
 
 def _checked(build, body: Optional[tuple] = None, **probes):
@@ -148,7 +149,7 @@ def lr_find_head(context: dg.AssetExecutionContext, config: LrFindHeadConfig, im
                                    config.seed, config.num_it)
     return _lr_find_output(context, tracking, "lr_find_head", result,
                            {**config.model_dump(exclude={"ps", "xtra_fc", "custom_head"}),
-                            **{f"head.{k}": v for k, v in head_config.items()}}, image_manifest,
+                            **{f"head.{k}": v for k, v in head_config.as_dict().items()}}, image_manifest,
                            activations.view_key)
 
 

@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 ARCHS = ("tf_efficientnet_lite0", "resnet34")
 GPU, ON_GPU_DECODER = "cuda", "nvjpeg"  # --cpu-dry-run: "cpu" and "pil", to try the script's logic anywhere
 SIZE = 224
-HEAD = {"ps": None, "xtra_fc": [512], "custom": None}
+HEAD = {"ps": None, "xtra_fc": [512], "custom": None}  # precompute.heads.HeadConfig's fields
 TOL = {"gpu_pil_max": 1e-2, "nvjpeg_median": 5e-2, "nvjpeg_max": 0.2, "bf16_max": 4e-3, "head_acc": 0.03,
        "finetune_acc": 0.05, "finetune_loss": 0.1}
 
@@ -121,6 +121,7 @@ def check(results: list, name: str, value: float, limit: float) -> None:
 
 def run_arch(arch: str, ref_manifest, bulk_manifest, workers: int, results: list, rows: list) -> None:
     from precompute import recipe
+    from precompute.heads import HeadConfig
     from precompute.manifest import ok_rows
     from precompute.train import Schedule
     from precompute.weights import WeightsUnavailable
@@ -159,7 +160,7 @@ def run_arch(arch: str, ref_manifest, bulk_manifest, workers: int, results: list
 
     heads = {}
     for k in ("cpu", "gpu_pil", "gpu_nvjpeg"):
-        rec = recipe.train_head_on_cache(runs[k][0], ref_manifest, bb, ts, HEAD, epochs=3, lr=3e-3, batch_size=64)
+        rec = recipe.train_head_on_cache(runs[k][0], ref_manifest, bb, ts, HeadConfig(**HEAD), epochs=3, lr=3e-3, batch_size=64)
         heads[k] = rec
         last = rec.history[-1]
         n_train = int((ok_rows(ref_manifest, "train")).shape[0])

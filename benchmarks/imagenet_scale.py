@@ -232,12 +232,13 @@ def stage(name: str, folder: Path, work: Path, n: int) -> dict:
         import torch
 
         from precompute import recipe
+        from precompute.heads import HeadConfig
         from precompute.train import Schedule
 
         manifest = _manifest(work)
         bb, ts, entry = _entry(work)
         t = _start()
-        record = recipe.train_head_on_cache(entry, manifest, bb, ts, {"xtra_fc": []}, lr=3e-2, batch_size=256,
+        record = recipe.train_head_on_cache(entry, manifest, bb, ts, HeadConfig(xtra_fc=[]), lr=3e-2, batch_size=256,
                                             memory_budget=0, schedule=Schedule("one_cycle", epochs=1))
         seconds = time.perf_counter() - t
         torch.save(record.to_dict(), work / "head.pt")

@@ -45,6 +45,7 @@ from precompute.data import build_manifest, ok_rows
 from precompute.heads import concat_pool
 from precompute import store as store_module
 from precompute.store import COMPRESSORS, ActivationStore, CacheKey, Entry
+from precompute.transform_spec import TransformSpec
 
 N_PHOTOS, SIZE, REPEATS = 256, 224, 5
 Blosc = zarr.codecs.BloscCodec
@@ -115,7 +116,7 @@ def entry_reads(arr: np.ndarray, n_chunks: int, folder: Path) -> list[dict]:
     """Entry.read of an entry holding ``n_chunks`` committed chunks (copies of ``arr`` under other
     ids), against numpy.load of one .npy of the same rows; a fresh Entry object per read, so each
     read lists the commit records again as a new reader does. Best of REPEATS, codecs interleaved."""
-    key = CacheKey("bench", "none", 0, 0, {}, versions={})
+    key = CacheKey("bench", "none", 0, 0, TransformSpec(), versions={})
     ids = [f"{c:03d}-{i:05d}" for c in range(n_chunks) for i in range(len(arr))]
     folder = folder / f"entries-{arr.ndim}d-{arr.dtype}-{n_chunks}"
     folder.mkdir()

@@ -18,7 +18,7 @@ import logging
 import math
 import sys
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, NotRequired, Sequence, TypedDict
 
 import torch
 from torch import nn
@@ -30,6 +30,17 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 log = logging.getLogger("precompute.train")
+
+
+class EpochRow(TypedDict):
+    """One epoch of a fit, as ``fit`` records it and a stage record keeps it (plain data: files, MLflow)."""
+    epoch: int
+    train_loss: float
+    valid_loss: float
+    valid_accuracy: float
+    lr: float                          # the last group's rate at the epoch's last batch
+    seconds: float
+    lr_steps: NotRequired[list[float]]  # every batch's rate; dropped where only the epoch is kept
 
 
 @dataclass(eq=False)
@@ -48,8 +59,8 @@ class FitLoop:
     epoch: int = 0
     loss: float = 0.0                      # the last batch's training loss
     lr: float = 0.0                        # the last group's rate for the last batch
-    row: dict = field(default_factory=dict)  # the last epoch's row
-    history: list[dict] = field(default_factory=list)
+    row: EpochRow = field(default_factory=dict)  # the last epoch's row
+    history: list[EpochRow] = field(default_factory=list)
     stop: bool = False                     # a callback ends the fit after the current batch
 
 

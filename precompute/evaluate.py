@@ -1,4 +1,4 @@
-"""Metrics, plots and the Markdown report of a recipe run."""
+"""Per-class metrics, plots and the Markdown report of a recipe run (a Task's own metrics: ``metrics``)."""
 
 from __future__ import annotations
 
@@ -10,27 +10,16 @@ import matplotlib
 matplotlib.use("Agg")  # no display on servers; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from sklearn.metrics import (accuracy_score, average_precision_score, confusion_matrix, fbeta_score,  # noqa: E402
-                             log_loss, precision_recall_fscore_support)
+from sklearn.metrics import average_precision_score, confusion_matrix, precision_recall_fscore_support  # noqa: E402
 
-THRESHOLD_GRID = np.round(np.arange(0.05, 0.951, 0.05), 2)
-
-
-def stage_metrics(probs: np.ndarray, targets: np.ndarray, n_classes: int, thresholds=None) -> dict:
-    """accuracy, loss and n; multi-label targets (2-d multi-hot) get ``multilabel_metrics``."""
-    if targets.ndim == 2:
-        return multilabel_metrics(probs, targets, thresholds)
-    labels = list(range(n_classes))
-    return {"accuracy": float(accuracy_score(targets, probs.argmax(1))),
-            "loss": float(log_loss(targets, np.clip(probs, 1e-7, 1), labels=labels)),
-            "n": int(len(targets))}
+from precompute.metrics import multilabel_predictions, thresholds_or_half  # noqa: E402
 
 
 def per_class(probs: np.ndarray, targets: np.ndarray, classes: Sequence[str], thresholds=None) -> list[dict]:
     """Precision, recall, F1 and support per class; for multi-label targets (2-d) per tag at
     ``thresholds`` (default 0.5), with the tag's threshold and average precision."""
     if targets.ndim == 2:
-        th = _thresholds(thresholds, probs.shape[1])
+        th = thresholds_or_half(thresholds, probs.shape[1])
         p, r, f, n = precision_recall_fscore_support(targets.astype(int), multilabel_predictions(probs, th),
                                                      zero_division=0)
         return [{"class": c, "precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(n[i]),
@@ -41,48 +30,6 @@ def per_class(probs: np.ndarray, targets: np.ndarray, classes: Sequence[str], th
                                                  zero_division=0)
     return [{"class": c, "precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(n[i])}
             for i, c in enumerate(classes)]
-
-
-# -- multi-label ---------------------------------------------------------------------------------
-
-def _thresholds(thresholds, n: int) -> np.ndarray:
-    return np.full(n, 0.5) if thresholds is None else np.asarray(thresholds, dtype=float)
-
-
-def choose_thresholds(probs: np.ndarray, targets: np.ndarray, grid: Sequence[float] = THRESHOLD_GRID) -> list[float]:
-    """Per label, the threshold on ``grid`` with the best F1 on these (validation) rows; ties go
-    to the one nearest 0.5, and a label without positives here keeps 0.5. fastai 0.7 tuned one
-    threshold for all labels (planet's ``opt_th``); one per label suits labels of unequal frequency.
-    Tuned on validation, so metrics on the same rows are optimistic: the report says so."""
-    out = []
-    for j in range(probs.shape[1]):
-        y = targets[:, j] > 0.5
-        if not y.any():
-            out.append(0.5)
-            continue
-        scores = [(fbeta_score(y, probs[:, j] >= t, beta=1, zero_division=0), -abs(t - 0.5), float(t)) for t in grid]
-        out.append(max(scores)[2])
-    return out
-
-
-def multilabel_metrics(probs: np.ndarray, targets: np.ndarray, thresholds=None) -> dict:
-    """accuracy = fastai's ``accuracy_thresh`` (share of correct label decisions); exact_match =
-    every label of an image right; F1 micro/macro over labels; F2 averaged over images (the
-    planet competition's score); loss = mean binary cross-entropy."""
-    pred, y = multilabel_predictions(probs, thresholds), (targets > 0.5).astype(int)
-    p = np.clip(probs, 1e-7, 1 - 1e-7)
-    return {"accuracy": float((pred == y).mean()),
-            "exact_match": float((pred == y).all(1).mean()),
-            "f1_micro": float(fbeta_score(y, pred, beta=1, average="micro", zero_division=0)),
-            "f1_macro": float(fbeta_score(y, pred, beta=1, average="macro", zero_division=0)),
-            "f2_samples": float(fbeta_score(y, pred, beta=2, average="samples", zero_division=0)),
-            "loss": float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean()),
-            "n": int(len(y))}
-
-
-def multilabel_predictions(probs: np.ndarray, thresholds=None) -> np.ndarray:
-    """0/1 per image and label: the probability reaches the label's threshold (default 0.5)."""
-    return (probs >= _thresholds(thresholds, probs.shape[1])).astype(int)
 
 
 def predicted_tags(probs: np.ndarray, classes: Sequence[str], thresholds=None) -> list[list[str]]:

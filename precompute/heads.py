@@ -139,6 +139,11 @@ class HeadConfig:
     custom: str | None = None
 
     def __post_init__(self):
+        # sequences from configs and files become tuples: the config stays hashable and compares equal
+        if self.xtra_fc is not None and not isinstance(self.xtra_fc, (str, bytes)):
+            object.__setattr__(self, "xtra_fc", tuple(self.xtra_fc))
+        if self.ps is not None and not isinstance(self.ps, (int, float, str)):
+            object.__setattr__(self, "ps", tuple(self.ps))
         if self.custom is not None:
             self._check_custom()
         else:  # the shape rules live in precompute.settings (HeadSettings checks the same)
@@ -157,8 +162,21 @@ class HeadConfig:
                               "-> nn.Module")
 
     def as_dict(self) -> dict:
-        """As stage records keep it (``build_head(in_channels, n_classes, **as_dict())``)."""
-        return {"ps": self.ps, "xtra_fc": None if self.xtra_fc is None else list(self.xtra_fc), "custom": self.custom}
+        """As stage records keep it on disk (``head_config``: plain lists, numbers and a name)."""
+        return {"ps": list(self.ps) if isinstance(self.ps, tuple) else self.ps,
+                "xtra_fc": None if self.xtra_fc is None else list(self.xtra_fc), "custom": self.custom}
+
+    @classmethod
+    def from_dict(cls, d) -> "HeadConfig":
+        """A head config read from a model file, a cached result or an MLflow artifact (``as_dict``'s
+        form, the same in every version): a custom name is refused before anything is imported."""
+        check_head_config(d)
+        return cls(ps=d.get("ps"), xtra_fc=d.get("xtra_fc", (512,)), custom=d.get("custom"))
+
+    def build(self, in_channels: int, n_classes: int) -> "Head":
+        """The head for a body giving ``in_channels`` channels (``xtra_fc`` None: fastai's one hidden 512)."""
+        return build_head(in_channels, n_classes, self.ps, (512,) if self.xtra_fc is None else self.xtra_fc,
+                          self.custom)
 
 
 def build_head(in_channels: int, n_classes: int, ps=None, xtra_fc: Sequence[int] = (512,),

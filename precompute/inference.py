@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from precompute.archs import ArchSpec, body_output_shape, cut_body, get_arch, layer_groups
-from precompute.heads import build_head
 from precompute.records import StageRecord
 from precompute.rows import cached_rows, image_loader, labelled_split, targets
 from precompute.store import Entry
@@ -27,7 +26,7 @@ def rebuild(record: StageRecord, size: int) -> tuple[ArchSpec, nn.Sequential, li
     """The network of a stage record, without loading pretrained weights again."""
     spec = get_arch(record.arch)
     body = cut_body(spec.build(), spec, record.xtra_cut)
-    head = build_head(body_output_shape(body, size)[0], len(record.classes), **record.head_config)
+    head = record.head.build(body_output_shape(body, size)[0], len(record.classes))
     model = nn.Sequential(body, head)
     model.load_state_dict(record.state_dict)
     return spec, model, layer_groups(body, head, spec, record.xtra_cut)

@@ -31,7 +31,7 @@ class Interpretation:
     def _single_label(self, what: str) -> None:
         if self.targets.ndim != 1:
             raise ValueError(f"{what} is for one class per image; for multi-label targets see "
-                             "precompute.evaluate.per_class and multilabel_metrics")
+                             "precompute.evaluate.per_class and precompute.metrics.multilabel_metrics")
 
     def confusion_matrix(self) -> np.ndarray:
         """Rows: actual class, columns: predicted class, in the order of ``classes``."""

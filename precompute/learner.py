@@ -35,13 +35,13 @@ from precompute.backbone import Backbone, load_backbone, transform_for, with_siz
 from precompute.body_spec import BodySpec
 from precompute.inference import rebuild
 from precompute.callbacks import Callback, EpochTable, ProgressBar, Recorder
-from precompute.heads import HeadConfig, build_head
+from precompute.heads import HeadConfig
 from precompute.learner_io import LearnerFiles
 from precompute.learner_preds import LearnerPredictions
 from precompute.learner_settings import (AugTfms, aug_precompute_error, augmentation_args, default_store,
                                          trained_body_error)
 from precompute.manifest import build_manifest
-from precompute.records import ActivationsRef, StageRecord
+from precompute.records import ActivationsRef, StageRecord, require_typed
 from precompute.rows import (DEFAULT_MEMORY_BUDGET, cached_rows, failed_images, image_loader, labelled_split,
                              without_failed)
 from precompute.settings import ActivationSettings, all_checks
@@ -66,7 +66,7 @@ class Learner(LearnerPredictions, LearnerFiles):
     """
 
     def __init__(self, spec: ArchSpec, xtra_cut: int, weights_id: str, model: nn.Sequential, manifest: pd.DataFrame,
-                 transform: TransformSpec, head_config: dict, *, store: ActivationStore | None = None,
+                 transform: TransformSpec, head_config: HeadConfig, *, store: ActivationStore | None = None,
                  backbone: Backbone | None = None, record: StageRecord | None = None, bs: int = 64, seed: int = 0,
                  device: str = "cpu", num_workers: int = 0, pooled: bool = True, dtype: str = "float32",
                  verbose: bool = True):
@@ -130,7 +130,7 @@ class Learner(LearnerPredictions, LearnerFiles):
                               "pass a folder, a CSV, or precompute.manifest.build_manifest(...)")
         if not isinstance(store, ActivationStore):
             store = ActivationStore(str(store) if store is not None else default_store())
-        head_config = HeadConfig(ps, [512] if xtra_fc is None else [int(n) for n in xtra_fc], custom_head).as_dict()
+        head_config = HeadConfig(ps, (512,) if xtra_fc is None else [int(n) for n in xtra_fc], custom_head)
         bb = load_backbone(arch, xtra_cut, weights, weights_path)
         learn = cls.from_backbone(bb, manifest, transform_for(bb.spec, size), head_config, store=store, bs=bs,
                                   seed=seed, device=device, num_workers=num_workers, pooled=pooled, dtype=dtype,
@@ -140,13 +140,12 @@ class Learner(LearnerPredictions, LearnerFiles):
         return learn
 
     @classmethod
-    def from_backbone(cls, bb: Backbone, manifest: pd.DataFrame, transform: TransformSpec, head_config: dict,
+    def from_backbone(cls, bb: Backbone, manifest: pd.DataFrame, transform: TransformSpec, head_config: HeadConfig,
                       entry: Entry | None = None, **kw) -> "Learner":
-        """A new head (seeded with ``seed``) on a loaded pretrained body; with the cache ``entry``
-        of its rows (filled already), precompute is on."""
+        """A new head (seeded with ``seed``) on a pretrained body; precompute on with its rows' cache ``entry``."""
         n_classes = len(Task.from_manifest(manifest).classes)
         torch.manual_seed(kw.get("seed", 0))
-        head = build_head(body_output_shape(bb.body, transform.size)[0], n_classes, **head_config)
+        head = head_config.build(body_output_shape(bb.body, transform.size)[0], n_classes)
         learn = cls(bb.spec, bb.xtra_cut, bb.weights_id, nn.Sequential(bb.body, head), manifest, transform,
                     head_config, backbone=bb, **kw)
         if entry is not None:
@@ -154,7 +153,7 @@ class Learner(LearnerPredictions, LearnerFiles):
         return learn
 
     @classmethod
-    def from_cache(cls, ref: ActivationsRef, manifest: pd.DataFrame, store: ActivationStore, head_config: dict,
+    def from_cache(cls, ref: ActivationsRef, manifest: pd.DataFrame, store: ActivationStore, head_config: HeadConfig,
                    **kw) -> "Learner":
         """A new head on the entry an activations result points at, precompute on (the rows are
         there: nothing is computed); images that failed at precompute are left out."""
@@ -162,7 +161,7 @@ class Learner(LearnerPredictions, LearnerFiles):
         bb = ref.backbone()
         check_same_weights(bb, entry)
         manifest = without_failed(manifest, ref.failed_images)  # no rows for them
-        learn = cls.from_backbone(bb, manifest, ref.transform(), head_config, entry, store=store,
+        learn = cls.from_backbone(bb, manifest, ref.key.transform, head_config, entry, store=store,
                                   **{"verbose": False, **kw})
         learn.view_key = ref.view_key
         return learn
@@ -170,10 +169,11 @@ class Learner(LearnerPredictions, LearnerFiles):
     @classmethod
     def from_record(cls, record: StageRecord, manifest: pd.DataFrame, **kw) -> "Learner":
         """The network of a stage record (no pretrained weights loaded), continuing from it on images."""
+        record = require_typed(record, StageRecord, "the previous stage's record")
         manifest = without_failed(manifest, record.failed_images)  # the stages before left them out too
         _, model, _ = rebuild(record, record.transform.size)
         learn = cls(get_arch(record.arch), record.xtra_cut, record.weights_id, model, manifest, record.transform,
-                    record.head_config, record=record, **{"verbose": False, **kw})
+                    record.head, record=record, **{"verbose": False, **kw})
         learn.aug_tfms = record.augmentation or None
         return learn
 
@@ -403,7 +403,7 @@ class Learner(LearnerPredictions, LearnerFiles):
         if stage != "pretrained":
             extra = {"fit_options": self.fit_options, "failed_images": failed_images(self.manifest), **extra}
         return StageRecord(stage=stage, arch=self.spec.name, xtra_cut=self.xtra_cut, task=self.task,
-                           head_config=self.head_config, transform=self.transform, weights_id=self.weights_id,
+                           head=self.head_config, transform=self.transform, weights_id=self.weights_id,
                            state_dict=state, history=history, groups=describe_groups(self.groups, lrs),
                            seed=extra.pop("seed", self.seed), **extra)
 

@@ -16,6 +16,7 @@ from precompute.archs import layer_groups
 from precompute.inference import predict_paths
 from precompute.interpret import Interpretation
 from precompute.lr_find import LRFindResult, Suggest, lr_find
+from precompute.metrics import Evaluation
 from precompute.rows import cached_rows, image_loader, labelled_split, targets
 from precompute.train import LearningRates, predict_proba, tensor_batches
 from precompute.transforms import eval_transform, train_transform
@@ -56,7 +57,7 @@ class LearnerPredictions:
             return predict_proba(self.model[1], tensor_batches(x, y), task=self.task)[0], y
         return self.predict(list(rows["path"])), y
 
-    def validate(self) -> dict:
+    def validate(self) -> Evaluation:
         """Loss and accuracy on the validation split (from the cache when ``precompute`` is on)."""
         return self.record.task.metrics(*self.get_preds("valid"))  # multi-label: the record's tuned thresholds
 

@@ -32,6 +32,8 @@ from precompute.task import Task
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+    from precompute.heads import HeadConfig
+
     from precompute.callbacks import FitLoop
 
 log = logging.getLogger(__name__)
@@ -95,7 +97,7 @@ class LRFindResult:
     suggestions: dict[str, float | None] = field(default_factory=dict)
     method: str = "valley"
     stopped: str | None = None  # why the sweep ended early, if it did
-    head: dict | None = None    # on the cache: the head config swept (a stage using the rate checks it trains the same)
+    head: "HeadConfig | None" = None    # on the cache: the head config swept (a stage using the rate checks it trains the same)
 
     @property
     def suggestion(self) -> float | None:

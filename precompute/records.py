@@ -16,7 +16,8 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from precompute.backbone import Backbone, load_backbone
-from precompute.heads import UnknownHead, check_head_config
+from precompute.callbacks import EpochRow
+from precompute.heads import HeadConfig, UnknownHead, check_head_config
 from precompute.store import CacheKey, Entry
 from precompute.task import Task
 from precompute.train import FitOptions, Schedule
@@ -35,11 +36,11 @@ class StageRecord:
     arch: str
     xtra_cut: int
     task: Task
-    head_config: dict
+    head: HeadConfig
     transform: TransformSpec
     weights_id: str
     state_dict: dict
-    history: list[dict] = field(default_factory=list)   # one row per epoch, as train.fit returns it
+    history: list[EpochRow] = field(default_factory=list)  # one row per epoch, as train.fit returns it
     groups: list[dict] | None = None                    # archs.describe_groups, with each group's lr
     seed: int = 0
     schedule: Schedule | None = None
@@ -56,7 +57,18 @@ class StageRecord:
     view_key: str | None = None                         # the cached rows' view the head learned from (its data)
 
     def __post_init__(self):
+        if not isinstance(self.head, HeadConfig):
+            raise TypeError(f"StageRecord.head is a precompute.heads.HeadConfig, got {type(self.head).__name__}: "
+                            "StageRecord.from_dict reads the plain form")
         self.failed_images = tuple(tuple(f) for f in self.failed_images or ())
+
+    def __setstate__(self, state: dict) -> None:
+        """Migrates a pickle of the earlier layout (Dagster's IO manager keeps records pickled): its
+        head was the plain ``head_config`` dict, now a checked ``HeadConfig``."""
+        state = dict(state)
+        if "head_config" in state:
+            state["head"] = HeadConfig.from_dict(state.pop("head_config"))
+        self.__dict__.update(state)
 
     @property
     def classes(self) -> list[str]:
@@ -68,12 +80,13 @@ class StageRecord:
         return getattr(self.task, "thresholds", None)
 
     @property
-    def last_epoch(self) -> dict:
+    def last_epoch(self) -> EpochRow | dict:
         return self.history[-1] if self.history else {}
 
     def to_dict(self, groups: bool = True) -> dict:
         """The record as plain data (``groups=False``: as model files hold it)."""
         d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["head_config"] = d.pop("head").as_dict()  # the name files have always used: any version reads it
         d.update(task=self.task.to_dict(), classes=self.classes, transform=self.transform.key(),
                  schedule=None if self.schedule is None else self.schedule.as_dict(),
                  fit_options=None if self.fit_options is None else self.fit_options.as_dict(),
@@ -87,17 +100,12 @@ class StageRecord:
         """A record from ``to_dict``, or from the flat dict of earlier versions (``multilabel``,
         ``label_delim`` and ``thresholds`` beside ``classes``; ``schedule`` a dict)."""
         task = Task.from_dict(d["task"] if d.get("task") else d)
-        known = {f.name for f in fields(cls)} - {"task", "transform", "schedule", "fit_options"}
+        known = {f.name for f in fields(cls)} - {"task", "head", "transform", "schedule", "fit_options"}
         schedule, options = d.get("schedule"), d.get("fit_options")
-        return cls(task=task, transform=TransformSpec(**d["transform"]),
+        return cls(task=task, head=HeadConfig.from_dict(d["head_config"]), transform=TransformSpec(**d["transform"]),
                    schedule=Schedule(**schedule) if schedule else None,
                    fit_options=FitOptions(**options) if options else None,
                    **{k: v for k, v in d.items() if k in known and v is not None})
-
-    @classmethod
-    def coerce(cls, record: "StageRecord | dict") -> "StageRecord":
-        """The typed record; a plain dict (as materializations before this class stored it) is read too."""
-        return record if isinstance(record, cls) else cls.from_dict(record)
 
 
 @dataclass(frozen=True)
@@ -106,46 +114,57 @@ class ActivationsRef:
     weights, and the images that failed at precompute (no rows: later stages leave them out)."""
     store: str
     entry: str
-    key: dict                              # CacheKey.parts()
+    key: CacheKey                          # the entry's key (its arch, weights, cut and transform)
     view_key: str
     weights: str = "pretrained"
     weights_path: str | None = None
     failed_images: tuple = field(default_factory=tuple)  # (image_id, path, reason) per failed image
 
     def __post_init__(self):
+        if not isinstance(self.key, CacheKey):
+            raise TypeError(f"ActivationsRef.key is a CacheKey, got {type(self.key).__name__}: "
+                            "ActivationsRef.from_dict reads the plain form")
         object.__setattr__(self, "failed_images", tuple(tuple(f) for f in self.failed_images or ()))
+
+    def __setstate__(self, state: dict) -> None:
+        """Migrates a pickle of the earlier layout (Dagster's IO manager keeps refs pickled): its key
+        was the dict of the key's parts, now the ``CacheKey`` itself (the same entry, the same digest)."""
+        state = dict(state)
+        if isinstance(state.get("key"), dict):
+            state["key"] = CacheKey.from_parts(state["key"])
+        self.__dict__.update(state)
 
     @classmethod
     def of(cls, entry: Entry, view: str, weights: str = "pretrained", weights_path: str | None = None,
            failed=()) -> "ActivationsRef":
-        return cls(store=entry.store.root, entry=entry.rel, key=entry.key.parts(), view_key=view,
+        return cls(store=entry.store.root, entry=entry.rel, key=entry.key, view_key=view,
                    weights=weights, weights_path=weights_path, failed_images=failed)
 
     def to_dict(self) -> dict:
-        return {"store": self.store, "entry": self.entry, "key": self.key, "view_key": self.view_key,
+        return {"store": self.store, "entry": self.entry, "key": self.key.parts(), "view_key": self.view_key,
                 "weights": self.weights, "weights_path": self.weights_path,
                 "failed_images": [list(f) for f in self.failed_images]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ActivationsRef":
-        return cls(store=d["store"], entry=d["entry"], key=d["key"], view_key=d["view_key"],
+        return cls(store=d["store"], entry=d["entry"], key=CacheKey.from_parts(d["key"]), view_key=d["view_key"],
                    weights=d.get("weights", "pretrained"), weights_path=d.get("weights_path"),
                    failed_images=d.get("failed_images") or ())
 
-    @classmethod
-    def coerce(cls, ref: "ActivationsRef | dict") -> "ActivationsRef":
-        """The typed ref; a plain dict (as materializations before the dataclass stored it) is read too."""
-        return ref if isinstance(ref, cls) else cls.from_dict(ref)
-
-    def cache_key(self) -> CacheKey:
-        return CacheKey(**self.key)
-
-    def transform(self) -> TransformSpec:
-        return TransformSpec(**self.key["transform"])
-
     def backbone(self) -> Backbone:
         """The frozen body the rows were computed with (its weights as configured then)."""
-        return load_backbone(self.key["arch"], self.key["xtra_cut"], self.weights, self.weights_path)
+        return load_backbone(self.key.arch, self.key.xtra_cut, self.weights, self.weights_path)
+
+
+def require_typed(value, cls: type, what: str):
+    """``value`` itself when it is a ``cls``. A plain dict is what materializations stored before
+    ``cls`` existed: refused with the one-time migration that rewrites them (``precompute.migrate``),
+    never read silently."""
+    if isinstance(value, cls):
+        return value
+    hint = (f": {what} was stored as a dict by an earlier version; run `python -m precompute.migrate "
+            f"$DAGSTER_HOME/storage` once, or materialize it again") if isinstance(value, dict) else ""
+    raise TypeError(f"{what} is a {type(value).__name__}, not a {cls.__name__}{hint}")
 
 
 def checked_record(record, source: str) -> StageRecord:
@@ -155,7 +174,7 @@ def checked_record(record, source: str) -> StageRecord:
     if isinstance(record, dict) and set(REQUIRED_KEYS) <= record.keys():
         head_config = record["head_config"]
     elif isinstance(record, StageRecord):
-        head_config = record.head_config
+        head_config = record.head.as_dict()
     else:
         raise ValueError(f"{source} is not a stage record (a dict with arch, classes, head_config, state_dict): "
                          "pass a model .pt saved by a training stage")
@@ -163,7 +182,7 @@ def checked_record(record, source: str) -> StageRecord:
         check_head_config(head_config)
     except UnknownHead as e:
         raise UnknownHead(f"{source}: {e}") from None
-    return StageRecord.coerce(record)
+    return record if isinstance(record, StageRecord) else StageRecord.from_dict(record)
 
 
 def save_model(record: StageRecord, run_id: str, folder: str | None = None) -> str:

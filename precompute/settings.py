@@ -369,7 +369,7 @@ _SWEEP_RULES = {"lr": lambda v: v > 0, "epochs": lambda v: v >= 1, "wd": lambda 
 
 
 def check_sweep_values(**values: Sequence) -> None:
-    """The values a head sweep tries (each a list; sweep.HeadConfig checks its one value here too)."""
+    """The values a head sweep tries (each a list; sweep.SweepConfig checks its one value here too)."""
     bad = {name: list(given) for name, given in values.items() if not all(_SWEEP_RULES[name](v) for v in given)}
     if bad:
         raise ConfigError(f"sweep values out of range {bad}: lr > 0, epochs >= 1, wd >= 0, "

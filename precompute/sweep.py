@@ -47,8 +47,9 @@ CONFIG_COLUMNS = ["lr", "ps", "xtra_fc", "epochs", "wd", "label_smoothing"]
 
 
 @dataclass(frozen=True)
-class HeadConfig:
-    """One head to train: ``ps`` None is fastai's 0.25 ... 0.5; a float is one rate for every block."""
+class SweepConfig:
+    """One head of a sweep and how it trains (``heads.HeadConfig`` is the head alone, as a stage
+    record keeps it): ``ps`` None is fastai's 0.25 ... 0.5; a float is one rate for every block."""
 
     lr: float = 3e-3
     ps: float | tuple[float, ...] | None = None
@@ -77,39 +78,62 @@ class HeadConfig:
 
 def grid(lr: Sequence[float] = (1e-3, 3e-3, 1e-2), ps: Sequence = (None,), xtra_fc: Sequence = ((512,),),
          epochs: Sequence[int] = (5,), wd: Sequence[float] = (1e-2,),
-         label_smoothing: Sequence[float] = (0.0,)) -> list[HeadConfig]:
+         label_smoothing: Sequence[float] = (0.0,)) -> list[SweepConfig]:
     """Every combination, in a fixed order (lr varies fastest)."""
-    return [HeadConfig(lr=l, ps=p, xtra_fc=tuple(x), epochs=e, wd=w, label_smoothing=s)
+    return [SweepConfig(lr=l, ps=p, xtra_fc=tuple(x), epochs=e, wd=w, label_smoothing=s)
             for s, w, e, x, p, l in itertools.product(label_smoothing, wd, epochs, xtra_fc, ps, lr)]
 
 
 def random_search(n: int, seed: int = 0, lr: tuple[float, float] = (1e-4, 3e-2), ps: Sequence = (None, 0.25, 0.5),
                   xtra_fc: Sequence = ((512,), (256,), ()), epochs: Sequence[int] = (3, 5),
                   wd: Sequence[float] = (0.0, 1e-3, 1e-2, 1e-1),
-                  label_smoothing: Sequence[float] = (0.0, 0.1)) -> list[HeadConfig]:
+                  label_smoothing: Sequence[float] = (0.0, 0.1)) -> list[SweepConfig]:
     """``n`` configurations: lr log-uniform in the range, the others picked from their lists (seeded)."""
     rng = random.Random(seed)
     lo, hi = np.log10(lr[0]), np.log10(lr[1])
-    return [HeadConfig(lr=float(10 ** rng.uniform(lo, hi)), ps=rng.choice(list(ps)), xtra_fc=tuple(rng.choice(list(xtra_fc))),
+    return [SweepConfig(lr=float(10 ** rng.uniform(lo, hi)), ps=rng.choice(list(ps)), xtra_fc=tuple(rng.choice(list(xtra_fc))),
                        epochs=rng.choice(list(epochs)), wd=rng.choice(list(wd)),
                        label_smoothing=rng.choice(list(label_smoothing))) for _ in range(n)]
 
 
+@dataclass(frozen=True)
+class SweepRow:
+    """One configuration's result: its last epoch's losses and accuracy, and its share of the time."""
+    config: SweepConfig
+    train_loss: float
+    valid_loss: float
+    valid_accuracy: float
+    seconds: float
+
+    def to_dict(self) -> dict:
+        """The table's row: the config's columns (ps and xtra_fc as JSON text), then the results."""
+        d = self.config.as_dict()
+        return {"lr": d["lr"], "ps": "default" if d["ps"] is None else json.dumps(d["ps"]),
+                "xtra_fc": json.dumps(d["xtra_fc"]), "epochs": d["epochs"], "wd": d["wd"],
+                "label_smoothing": d["label_smoothing"], "train_loss": self.train_loss, "valid_loss": self.valid_loss,
+                "valid_accuracy": self.valid_accuracy, "seconds": self.seconds}
+
+
 @dataclass
 class SweepResult:
-    configs: list[HeadConfig]
-    table: pd.DataFrame                        # one row per config: config columns, final losses, accuracy, seconds
+    configs: list[SweepConfig]
+    rows: list[SweepRow]                       # one per config, in the configs' order
     histories: list[list[dict]]                # per config: one row per epoch (as train.fit records it)
     state_dicts: list[dict] = field(repr=False)  # per config: the trained Head's state_dict
     seconds: float = 0.0
     batched: bool = True
 
     @property
+    def table(self) -> pd.DataFrame:
+        """One row per config: config columns, final losses, accuracy, seconds."""
+        return pd.DataFrame([r.to_dict() for r in self.rows])
+
+    @property
     def best_index(self) -> int:
         return best_index(self.table)
 
     @property
-    def best(self) -> HeadConfig:
+    def best(self) -> SweepConfig:
         return self.configs[self.best_index]
 
 
@@ -130,7 +154,7 @@ class _MaskDropout(nn.Module):
         return x * self.mask if self.training else x
 
 
-def _new_head(cfg: HeadConfig, in_channels: int, n_classes: int, seed: int) -> nn.Module:
+def _new_head(cfg: SweepConfig, in_channels: int, n_classes: int, seed: int) -> nn.Module:
     torch.manual_seed(seed)  # as the Learner builds the head for head_on_cache
     return build_head(in_channels, n_classes, cfg.ps, cfg.xtra_fc)
 
@@ -140,7 +164,7 @@ class _HeadStack:
     beta1 and weight decay follow its own OneCycleLR), stacked each step for one ``vmap`` of
     ``functional_call`` over a stateless copy of the head; buffers (BatchNorm statistics) stacked."""
 
-    def __init__(self, heads: Sequence[nn.Module], configs: Sequence[HeadConfig], seed: int):
+    def __init__(self, heads: Sequence[nn.Module], configs: Sequence[SweepConfig], seed: int):
         self.params = [{k: v.detach().clone().requires_grad_() for k, v in h.named_parameters()} for h in heads]
         self.buffers = {k: torch.stack([dict(h.named_buffers())[k] for h in heads]) for k, _ in heads[0].named_buffers()}
         self.base = copy.deepcopy(heads[0]).to("meta")
@@ -178,7 +202,7 @@ class _HeadStack:
                 **{k: v[m].clone() for k, v in self.buffers.items()}}
 
 
-def _train_group(configs: list[HeadConfig], train, valid, in_channels: int, n_classes: int, batch_size: int,
+def _train_group(configs: list[SweepConfig], train, valid, in_channels: int, n_classes: int, batch_size: int,
                  seed: int, on_epoch: Callable[[int, dict], None] | None, indices: list[int], task: Task):
     M, epochs = len(configs), configs[0].epochs
     model = _HeadStack([_new_head(c, in_channels, n_classes, seed) for c in configs], configs, seed)
@@ -236,7 +260,7 @@ MAX_CHUNK_BYTES = 16 << 20  # per stacked weight tensor: glibc reuses freed bloc
                             # mapped afresh on each allocation (page faults on every step of a memory-bound loop)
 
 
-def _chunks(idx: list[int], cfg: HeadConfig, in_channels: int, n_classes: int) -> list[list[int]]:
+def _chunks(idx: list[int], cfg: SweepConfig, in_channels: int, n_classes: int) -> list[list[int]]:
     sizes = [2 * in_channels, *cfg.xtra_fc, n_classes]
     largest = max(a * b for a, b in zip(sizes[:-1], sizes[1:])) * 4
     per = max(1, MAX_CHUNK_BYTES // largest)
@@ -244,7 +268,7 @@ def _chunks(idx: list[int], cfg: HeadConfig, in_channels: int, n_classes: int) -
 
 
 def head_sweep(train: ArrayRows | StreamedRows, valid: ArrayRows | StreamedRows, n_classes: int,
-               configs: Iterable[HeadConfig], batch_size: int = 64, seed: int = 0, batched: bool = True,
+               configs: Iterable[SweepConfig], batch_size: int = 64, seed: int = 0, batched: bool = True,
                on_epoch: Callable[[int, dict], None] | None = None, task: Task | None = None) -> SweepResult:
     """Train every config on the cached rows; ``on_epoch(config_index, row)`` after each epoch.
 
@@ -289,11 +313,11 @@ def head_sweep(train: ArrayRows | StreamedRows, valid: ArrayRows | StreamedRows,
                 row.pop("lr_steps", None)
             states[i] = {k: v.detach().clone() for k, v in head.state_dict().items()}
             seconds[i] = time.perf_counter() - g0
-    return SweepResult(configs, sweep_table(configs, histories, seconds), histories, states,
+    return SweepResult(configs, sweep_rows(configs, histories, seconds), histories, states,
                        time.perf_counter() - t0, batched)
 
 
-def sweep_entry(entry, manifest: pd.DataFrame, configs: Sequence[HeadConfig], batch_size: int = 64,
+def sweep_entry(entry, manifest: pd.DataFrame, configs: Sequence[SweepConfig], batch_size: int = 64,
                 seed: int = 0) -> tuple[SweepResult, list[str]]:
     """``head_sweep`` on a cache entry's rows of ``manifest`` (its train and valid splits; one class per
     image or several labels, as the manifest says). Returns (result, classes)."""
@@ -303,16 +327,10 @@ def sweep_entry(entry, manifest: pd.DataFrame, configs: Sequence[HeadConfig], ba
     return head_sweep(train, valid, len(task.classes), configs, batch_size, seed, task=task), list(task.classes)
 
 
-def sweep_table(configs: Sequence[HeadConfig], histories: Sequence[list[dict]], seconds: Sequence[float]) -> pd.DataFrame:
-    rows = []
-    for c, h, s in zip(configs, histories, seconds):
-        d = c.as_dict()
-        last = h[-1] if h else {}
-        rows.append({"lr": d["lr"], "ps": "default" if d["ps"] is None else json.dumps(d["ps"]), "xtra_fc": json.dumps(d["xtra_fc"]), "epochs": d["epochs"],
-                     "wd": d["wd"], "label_smoothing": d["label_smoothing"],
-                     "train_loss": last.get("train_loss", float("nan")), "valid_loss": last.get("valid_loss", float("nan")),
-                     "valid_accuracy": last.get("valid_accuracy", float("nan")), "seconds": s})
-    return pd.DataFrame(rows)
+def sweep_rows(configs: Sequence[SweepConfig], histories: Sequence[list[dict]], seconds: Sequence[float]) -> list[SweepRow]:
+    nan = float("nan")  # a config without an epoch (no validation rows) has no result
+    return [SweepRow(c, (h[-1] if h else {}).get("train_loss", nan), (h[-1] if h else {}).get("valid_loss", nan),
+                     (h[-1] if h else {}).get("valid_accuracy", nan), s) for c, h, s in zip(configs, histories, seconds)]
 
 
 def head_from_result(result: SweepResult, index: int, n_classes: int) -> nn.Module:
@@ -374,7 +392,7 @@ def plot_sweep(table: pd.DataFrame, path: str | Path) -> Path:
 
 # -- reuse: the sweep is a pure function of its rows, configs, batch size and seed ----------------------
 
-def sweep_fingerprint(view: str, configs: Sequence[HeadConfig], batch_size: int, seed: int) -> str:
+def sweep_fingerprint(view: str, configs: Sequence[SweepConfig], batch_size: int, seed: int) -> str:
     import hashlib
 
     payload = {"view": view, "configs": [c.as_dict() for c in configs], "batch_size": batch_size, "seed": seed,
@@ -403,8 +421,8 @@ def summary(result: SweepResult) -> dict:
             "seconds": result.seconds, "batched": result.batched}
 
 
-def configs_from_summary(s: dict) -> list[HeadConfig]:
-    return [HeadConfig(**{**c, "xtra_fc": tuple(c["xtra_fc"])}) for c in s["configs"]]
+def configs_from_summary(s: dict) -> list[SweepConfig]:
+    return [SweepConfig(**{**c, "xtra_fc": tuple(c["xtra_fc"])}) for c in s["configs"]]
 
 
 def head_on_cache_settings(summary_: dict, view_key: str) -> dict:
@@ -417,7 +435,7 @@ def head_on_cache_settings(summary_: dict, view_key: str) -> dict:
     if "batch_size" not in summary_ or "seed" not in summary_:
         raise ConfigError("from_sweep: this head_sweep result predates from_sweep (no batch size or seed kept): "
                           "materialize head_sweep again with reuse: false")
-    best = HeadConfig(**{**summary_["best"], "xtra_fc": tuple(summary_["best"]["xtra_fc"])})
+    best = SweepConfig(**{**summary_["best"], "xtra_fc": tuple(summary_["best"]["xtra_fc"])})
     return {"lr": best.lr, "ps": None if best.ps is None else list(best.dropouts()), "xtra_fc": list(best.xtra_fc),
             "epochs": best.epochs, "weight_decay": best.wd, "label_smoothing": best.label_smoothing,
             "schedule": "one_cycle", "optimizer": "adamw", "early_stopping_patience": None,

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from precompute.labels import class_names, label_delim, multi_hot, split_tags
+from precompute.metrics import Evaluation, choose_thresholds, multilabel_metrics, multilabel_predictions, stage_metrics
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ class Task:
         """The predicted label of each row of ``probs``, spelled as the manifest spells labels."""
         raise NotImplementedError
 
-    def metrics(self, probs: np.ndarray, targets: np.ndarray) -> dict:
+    def metrics(self, probs: np.ndarray, targets: np.ndarray) -> Evaluation:
         raise NotImplementedError
 
     def tuned(self, probs: np.ndarray, targets: np.ndarray) -> "Task":
@@ -116,9 +117,7 @@ class SingleLabel(Task):
     def decode(self, probs: np.ndarray) -> list[str]:
         return [self.classes[i] for i in self.predictions(probs)]
 
-    def metrics(self, probs: np.ndarray, targets: np.ndarray) -> dict:
-        from precompute.evaluate import stage_metrics  # matplotlib comes with it: only when needed
-
+    def metrics(self, probs: np.ndarray, targets: np.ndarray) -> Evaluation:
         return stage_metrics(probs, targets, len(self.classes))
 
 
@@ -155,8 +154,6 @@ class MultiLabel(Task):
         return ((out > 0) == (y > 0.5)).float().mean(1).sum().item()
 
     def predictions(self, probs: np.ndarray) -> np.ndarray:
-        from precompute.evaluate import multilabel_predictions
-
         return multilabel_predictions(probs, self.thresholds)
 
     def tags(self, probs: np.ndarray) -> list[list[str]]:
@@ -165,14 +162,10 @@ class MultiLabel(Task):
     def decode(self, probs: np.ndarray) -> list[str]:
         return [self.label_delim.join(t) for t in self.tags(probs)]
 
-    def metrics(self, probs: np.ndarray, targets: np.ndarray) -> dict:
-        from precompute.evaluate import multilabel_metrics
-
+    def metrics(self, probs: np.ndarray, targets: np.ndarray) -> Evaluation:
         return multilabel_metrics(probs, targets, self.thresholds)
 
     def tuned(self, probs: np.ndarray, targets: np.ndarray) -> "MultiLabel":
-        from precompute.evaluate import choose_thresholds
-
         return replace(self, thresholds=choose_thresholds(probs, targets))
 
     def to_dict(self) -> dict:

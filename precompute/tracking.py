@@ -291,9 +291,9 @@ class RunLogger:
         Registry as ``precompute-<arch>-cut<n>``. Returns mlflow's ModelInfo (``registered_model_version``)."""
         from precompute import serving
         from precompute.recipe import save_model
-        from precompute.records import StageRecord
+        from precompute.records import StageRecord, require_typed
 
-        record = StageRecord.coerce(record)
+        record = require_typed(record, StageRecord, "the record to log")
         with _fluent_tracking_uri(self.client.tracking_uri), tempfile.TemporaryDirectory() as tmp, \
                 mlflow.start_run(run_id=self.run_id):
             path = save_model(record, self.run_id, tmp)  # weights only: loaded with weights_only=True

@@ -23,14 +23,14 @@ from torch import nn
 from torch.optim import lr_scheduler
 
 from precompute.archs import as_channels_last, channels_last
-from precompute.callbacks import (BatchNormPolicy, Callback, EarlyStopping, FitLoop, MixedPrecision, OnEpoch,
-                                  sorted_callbacks)
+from precompute.callbacks import (BatchNormPolicy, Callback, EarlyStopping, EpochRow, FitLoop, MixedPrecision,
+                                  OnEpoch, sorted_callbacks)
 from precompute.errors import ConfigError  # noqa: F401 - defined torch-free, re-exported here
 from precompute.settings import (N_LAYER_GROUPS, FitSettings, ScheduleSettings,  # noqa: F401 - re-exported
                                  check_batch_size, check_lrs as _check_lrs, check_precompute_augment, lr_spec)
 from precompute.task import SingleLabel, Task
 
-EpochCallback = Callable[[dict], None]
+EpochCallback = Callable[[EpochRow], None]
 log = logging.getLogger(__name__)
 LearningRates = float | Sequence[float] | slice | str
 
@@ -267,7 +267,7 @@ def fit(model: nn.Module, groups: Sequence[nn.Module], lrs: Sequence[float],
         device="cpu", task: Task = SINGLE_LABEL, freeze_bn_stats: bool = True,
         on_epoch: EpochCallback | None = None, label_smoothing: float = 0.0,
         options: FitOptions | None = None, callbacks: Sequence[Callback] = (),
-        precision: str | None = None) -> list[dict]:
+        precision: str | None = None) -> list[EpochRow]:
     """Train ``model``: the one loop every stage and the Learner run. One row per epoch (losses,
     accuracy, seconds, and the lr of every step); without ``valid_batches`` no validation runs.
 
@@ -340,7 +340,7 @@ def fit_head_on_cache(head: nn.Module, train: ArrayRows | StreamedRows, valid: A
                       epochs: int = 3, lr: float = 1e-3, batch_size: int = 64, seed: int = 0, wd: float = 1e-2,
                       on_epoch: EpochCallback | None = None, schedule: Schedule | None = None,
                       task: Task = SINGLE_LABEL, label_smoothing: float = 0.0,
-                      options: FitOptions | None = None, callbacks: Sequence[Callback] = ()) -> list[dict]:
+                      options: FitOptions | None = None, callbacks: Sequence[Callback] = ()) -> list[EpochRow]:
     """Train the head on cached activations: no image is decoded, no body run."""
     if len(train) < 2:
         raise ConfigError(f"{len(train)} training rows: the head needs at least 2 training images")

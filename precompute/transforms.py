@@ -1,6 +1,6 @@
 """Transforms and the dataset: the pixels the network sees.
 
-``TransformSpec`` is everything that determines them (part of the activation cache's key):
+``TransformSpec`` (precompute.transform_spec) is everything that determines them (part of the cache key):
 ``eval_transform`` is the deterministic transform whose outputs the cache stores,
 ``train_transform`` the random augmentation of fastai 0.7's presets (``AUGMENTATION_PRESETS``).
 ``ImageDataset`` pairs a manifest's usable rows, decoded by ``load_rgb``, with a transform;
@@ -11,7 +11,7 @@ Given the rows' ``image_ids``, both decode only bytes that hash to them (``image
 from __future__ import annotations
 
 import io
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -22,58 +22,9 @@ from precompute.images import ImageLoadError, device_decodable, load_rgb, read_c
 from precompute.labels import class_names, is_multilabel, label_delim, multi_hot
 from precompute.manifest import ok_rows
 from precompute.settings import AugmentationPreset, AugmentationSettings, choices
+from precompute.transform_spec import TransformSpec
 
 _INTERPOLATIONS = {m.value: m for m in InterpolationMode}
-
-
-@dataclass(frozen=True)
-class TransformSpec:
-    """Everything that determines the pixels fed to the network (part of the cache key)."""
-
-    size: int = 224
-    resize: int | None = None  # shorter side before the crop; None -> int(size * 256 / 224), 256 for 224
-    crop: str = "center"  # "center" | "none" (squish the whole image to size x size)
-    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
-    std: tuple[float, ...] = (0.229, 0.224, 0.225)
-    interpolation: str = "bilinear"
-
-    def __post_init__(self):
-        # Lists from configs become tuples so the spec stays hashable and its key stable.
-        object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
-        object.__setattr__(self, "std", tuple(float(s) for s in self.std))
-        if self.crop not in ("center", "none"):
-            raise ValueError(f"crop must be 'center' or 'none', got {self.crop!r}")
-        if self.interpolation not in _INTERPOLATIONS:
-            raise ValueError(f"interpolation must be one of {sorted(_INTERPOLATIONS)}, got {self.interpolation!r}")
-        if len(self.mean) != 3 or len(self.std) != 3:
-            raise ValueError(f"mean and std need 3 values (RGB), got {self.mean} and {self.std}")
-        if self.size <= 0 or (self.resize is not None and self.resize < self.size):
-            raise ValueError(f"need 0 < size <= resize, got size={self.size} resize={self.resize}")
-
-    @property
-    def resize_to(self) -> int:
-        # torchvision's 256/224 ratio; fastai's 1.14 gives int(224 * 1.14) == 255 in floating point
-        return self.resize if self.resize is not None else int(self.size * 256 / 224)
-
-    @property
-    def interpolation_mode(self) -> InterpolationMode:
-        return _INTERPOLATIONS[self.interpolation]
-
-    def key(self) -> dict:
-        """JSON-able dict of every field; resize is resolved so equivalent specs share a key."""
-        d = asdict(self)
-        d.update(resize=self.resize_to, mean=list(self.mean), std=list(self.std))
-        return d
-
-    @classmethod
-    def for_arch(cls, spec, size: int | None = None, **overrides) -> "TransformSpec":
-        """Normalization and input size from an arch record (``mean``, ``std``, ``input_size``).
-
-        ``input_size`` may be an int or a timm-style ``(C, H, W)`` tuple (square assumed).
-        """
-        default = spec.input_size if isinstance(spec.input_size, int) else spec.input_size[-1]
-        fields = dict(size=size or default, mean=tuple(spec.mean), std=tuple(spec.std))
-        return cls(**{**fields, **overrides})
 
 
 def _to_normalized_tensor(ts: TransformSpec) -> list:

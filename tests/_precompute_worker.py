@@ -42,7 +42,7 @@ TRANSFORM = TransformSpec(size=IMAGE_SIZE)
 def make_key(**changes) -> CacheKey:
     # versions are fixed here (not library_versions()) so the worker need not import timm
     key = CacheKey(arch="counting-body", weights_id="seed:0", xtra_cut=0, cut_index=2,
-                   transform=TRANSFORM.key(), pooled=True, dtype="float32",
+                   transform=TRANSFORM, pooled=True, dtype="float32",
                    versions={"torch": torch.__version__, "precompute_code": CODE_VERSION})
     return dataclasses.replace(key, **changes)
 

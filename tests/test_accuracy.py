@@ -4,6 +4,7 @@ import pytest
 
 from precompute import recipe
 from precompute.data import build_manifest
+from precompute.heads import HeadConfig
 from precompute.store import ActivationStore
 
 
@@ -14,7 +15,7 @@ def test_head_on_cached_lite0_activations_reaches_97_percent_on_dogscats(tmp_pat
     ts = recipe.transform_for(bb.spec)  # 224 px, mean = std = 0.5 from the arch record
     entry, stats, _ = recipe.precompute(manifest, ActivationStore(str(tmp_path / "store")), bb, ts, batch_size=32)
     assert stats.computed == 560
-    record = recipe.train_head_on_cache(entry, manifest, bb, ts, {"ps": None, "xtra_fc": [512], "custom": None},
+    record = recipe.train_head_on_cache(entry, manifest, bb, ts, HeadConfig(),
                                         epochs=5, lr=3e-3, batch_size=64, seed=0)
     accuracy = record.history[-1]["valid_accuracy"]
     print(f"dogscats valid accuracy, head on cached lite0 activations: {accuracy:.4f}")

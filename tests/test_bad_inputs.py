@@ -27,6 +27,7 @@ from precompute.data import (
     manifest_summary,
     ok_rows,
 )
+from precompute.heads import HeadConfig
 from precompute.store import ActivationStore
 from precompute.validate import check_manifest
 from tests.conftest import (BAD_CLASS, BAD_NAME, bytes_path, can_use_bytes_names, needs_photos, opened_files, photos,
@@ -94,7 +95,7 @@ def test_end_to_end_every_bad_input_together(messy, tmp_path, caplog):
     assert all(passed for passed, _ in recipe.verify_entry(entry, df).values())
 
     # the head trains on the usable rows; the unseen class is neither a class nor in the accuracy
-    record = recipe.train_head_on_cache(entry, df, bb, ts, {"ps": None, "xtra_fc": [8], "custom": None},
+    record = recipe.train_head_on_cache(entry, df, bb, ts, HeadConfig(xtra_fc=[8]),
                                         epochs=1, batch_size=4)
     assert record.classes == ["cats", "dogs"]
     assert np.isfinite(record.history[-1]["valid_loss"])

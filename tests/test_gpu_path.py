@@ -28,7 +28,7 @@ TS = TransformSpec(size=32)
 
 
 def key(**kw) -> CacheKey:
-    return CacheKey(**{"arch": "tiny", "weights_id": "w", "xtra_cut": 0, "cut_index": 2, "transform": TS.key(),
+    return CacheKey(**{"arch": "tiny", "weights_id": "w", "xtra_cut": 0, "cut_index": 2, "transform": TS,
                        "versions": {"torch": "x"}, **kw})
 
 
@@ -58,7 +58,7 @@ def test_decoder_is_part_of_the_key_and_the_default_key_is_unchanged():
     # their digest, and their key.json reads back as decoder pil
     assert "decoder" not in pil.parts() and nvjpeg.parts()["decoder"] == "nvjpeg"
     assert set(pil.parts()) == {"arch", "weights_id", "xtra_cut", "cut_index", "transform", "pooled", "dtype", "versions"}
-    assert CacheKey(**pil.parts()) == pil and CacheKey(**nvjpeg.parts()).decoder == "nvjpeg"
+    assert CacheKey.from_parts(pil.parts()) == pil and CacheKey.from_parts(nvjpeg.parts()).decoder == "nvjpeg"
     assert key(dtype="bfloat16").digest() not in (pil.digest(), key(dtype="float16").digest())
 
 

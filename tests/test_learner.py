@@ -40,7 +40,7 @@ def learn(tree, store):
 
 
 def test_head_trains_on_the_cache_and_the_body_never_runs(learn, tree, store):
-    assert learn.validate()["accuracy"] >= 0.75  # 16 validation photos, chance is 0.5
+    assert learn.validate().accuracy >= 0.75  # 16 validation photos, chance is 0.5
     again = new_learner(tree, store)
     assert (again.precompute_stats.computed, again.precompute_stats.reused) == (0, 48)  # read back, not recomputed
     calls = []
@@ -154,8 +154,8 @@ def test_images_continue_from_the_cache_head_then_unfreeze_trains_every_group(le
     on_cache = learn.validate()
     learn.precompute = False  # the same network, now fed from images: the same validation numbers
     on_images = learn.validate()
-    assert on_images["accuracy"] == on_cache["accuracy"]
-    assert on_images["loss"] == pytest.approx(on_cache["loss"], rel=1e-3)
+    assert on_images.accuracy == on_cache.accuracy
+    assert on_images.loss == pytest.approx(on_cache.loss, rel=1e-3)
     learn.aug_tfms = "side_on"
     learn.fit(1e-3, 1)
     assert learn.record.stage == "head_augmented" and learn.record.augment

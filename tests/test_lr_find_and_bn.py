@@ -11,7 +11,7 @@ from torch import nn
 from precompute import recipe
 from precompute.archs import freeze_to
 from precompute.data import build_manifest
-from precompute.heads import build_head
+from precompute.heads import HeadConfig, build_head
 from precompute.store import ActivationStore
 from precompute.lr_find import LR_FIND_MIN_IT, lr_find
 from precompute.train import ArrayRows, Schedule, fit, fit_head_on_cache
@@ -93,7 +93,7 @@ def test_lr_find_on_images_after_a_trained_head(tmp_path, tiny_tree):
     bb = recipe.load_backbone("tf_efficientnet_lite0")
     ts = recipe.transform_for(bb.spec, 32)
     entry, _, _ = recipe.precompute(manifest, ActivationStore(str(tmp_path / "store")), bb, ts)
-    head = recipe.train_head_on_cache(entry, manifest, bb, ts, {"ps": None, "xtra_fc": [32], "custom": None},
+    head = recipe.train_head_on_cache(entry, manifest, bb, ts, HeadConfig(xtra_fc=[32]),
                                       epochs=4, lr=1e-2, batch_size=8)
     num_it = LR_FIND_MIN_IT + 6
     result = recipe.lr_find_on_images(head, manifest, 0, batch_size=4, num_it=num_it,
@@ -172,9 +172,8 @@ def test_lr_find_head_sweeps_its_own_configured_head_and_head_on_cache_takes_onl
     from precompute.errors import ConfigError
     from precompute.lr_find import LRFindResult
 
-    assert LrFindHeadConfig().head_config() == HeadOnCacheConfig().head_config() == {
-        "ps": None, "xtra_fc": [512], "custom": None}
-    head = {"ps": [0.1, 0.2, 0.3], "xtra_fc": [64, 16], "custom": None}
+    assert LrFindHeadConfig().head_config() == HeadOnCacheConfig().head_config() == HeadConfig(None, [512], None)
+    head = HeadConfig([0.1, 0.2, 0.3], [64, 16], None)
     assert LrFindHeadConfig(ps=[0.1, 0.2, 0.3], xtra_fc=[64, 16], num_it=10).head_config() == head
     finder = LRFindResult([1e-4, 1e-3], [1.0, 0.5], {"valley": 2e-3}, head=head)
     same = HeadOnCacheConfig(ps=[0.1, 0.2, 0.3], xtra_fc=[64, 16], lr_from_finder=True)

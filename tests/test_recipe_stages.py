@@ -13,6 +13,7 @@ from precompute import recipe
 from precompute.archs import freeze_to
 from precompute.cli import main as cli
 from precompute.data import build_manifest
+from precompute.heads import HeadConfig
 from precompute.predict import load_model, predict_folder
 from precompute.store import ActivationStore
 from precompute.lr_find import lr_find
@@ -94,14 +95,14 @@ def trained(tmp_path_factory, dogscats):
     bb = recipe.load_backbone("tf_efficientnet_lite0")
     ts = recipe.transform_for(bb.spec, 64)
     entry, _, _ = recipe.precompute(manifest, ActivationStore(str(root / "store")), bb, ts)
-    head = recipe.train_head_on_cache(entry, manifest, bb, ts, {"ps": None, "xtra_fc": [32], "custom": None},
+    head = recipe.train_head_on_cache(entry, manifest, bb, ts, HeadConfig(xtra_fc=[32]),
                                       epochs=2, lr=1e-2, batch_size=8)
     return root, tree, manifest, bb, ts, entry, head
 
 
 def test_same_configuration_twice_gives_the_same_metrics(trained):
     _, _, manifest, bb, ts, entry, head = trained
-    again = recipe.train_head_on_cache(entry, manifest, bb, ts, head.head_config, epochs=2, lr=1e-2, batch_size=8)
+    again = recipe.train_head_on_cache(entry, manifest, bb, ts, head.head, epochs=2, lr=1e-2, batch_size=8)
     assert [r["valid_loss"] for r in again.history] == [r["valid_loss"] for r in head.history]
     runs = [recipe.train_on_images(head, manifest, "finetuned", Schedule("one_cycle", epochs=1), 1e-3, freeze=0,
                                    batch_size=8, seed=5, augmentation={"preset": "side_on"}) for _ in range(2)]
@@ -112,7 +113,7 @@ def test_same_configuration_twice_gives_the_same_metrics(trained):
 
 def test_lr_find_suggests_a_rate_and_restores_the_model(trained):
     _, _, manifest, bb, ts, entry, head = trained
-    result = recipe.lr_find_on_cache(entry, manifest, bb, ts, head.head_config, batch_size=4, num_it=40)
+    result = recipe.lr_find_on_cache(entry, manifest, bb, ts, head.head, batch_size=4, num_it=40)
     assert 1e-7 <= result.suggestion <= 10 and len(result.lrs) == len(result.losses) > 5
     assert all(b > a for a, b in zip(result.lrs, result.lrs[1:]))  # exponential sweep
     _, model, groups = recipe.rebuild(head, ts.size)
@@ -164,12 +165,13 @@ def test_activations_ref_round_trips_and_opens_its_entry(trained):
     d = ref.to_dict()
     assert d["failed_images"] == [["img-9", "a/b.jpg", "truncated"]] and d["key"] == entry.key.parts()
     assert recipe.ActivationsRef.from_dict(d) == ref == copy.deepcopy(ref)  # deepcopy: the pickle protocol Dagster's IO manager uses
-    assert recipe.ActivationsRef.coerce(d) == ref and recipe.ActivationsRef.coerce(ref) is ref
     with pytest.raises(Exception):
         ref.view_key = "other"  # frozen
     store = ActivationStore(str(root / "store"))
-    assert recipe.open_entry(store, ref).rel == entry.rel == recipe.open_entry(store, d).rel
-    assert ref.transform().key() == ts.key() and ref.backbone().weights_id == bb.weights_id
+    assert recipe.open_entry(store, ref).rel == entry.rel
+    with pytest.raises(TypeError, match="python -m precompute.migrate"):
+        recipe.open_entry(store, d)  # a dict is what an earlier version stored: migrated once, never read as is
+    assert ref.key.transform == ts.resolved() and ref.key == entry.key and ref.backbone().weights_id == bb.weights_id
 
 
 def test_head_on_cache_cached_trains_once_per_fingerprint(trained):

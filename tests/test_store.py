@@ -14,7 +14,7 @@ from precompute.store import ActivationStore, CacheKey, view_key
 
 def make_key(**changes) -> CacheKey:
     key = CacheKey(arch="resnet18", weights_id="sha256:abc", xtra_cut=0, cut_index=8,
-                   transform=TransformSpec(size=64).key(), pooled=True, dtype="float32")
+                   transform=TransformSpec(size=64), pooled=True, dtype="float32")
     return replace(key, **changes)
 
 
@@ -69,8 +69,8 @@ def test_chunk_without_commit_record_is_invisible(tmp_path):
 
 @pytest.mark.parametrize("change", [
     {"arch": "resnet34"}, {"weights_id": "sha256:def"}, {"xtra_cut": 1}, {"cut_index": 7},
-    {"transform": TransformSpec(size=96).key()}, {"transform": TransformSpec(size=64, crop="none").key()},
-    {"transform": TransformSpec(size=64, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)).key()},
+    {"transform": TransformSpec(size=96)}, {"transform": TransformSpec(size=64, crop="none")},
+    {"transform": TransformSpec(size=64, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))},
     {"pooled": False}, {"dtype": "float16"}, {"versions": {"torch": "0.0"}},
 ])
 def test_every_key_part_changes_the_entry(tmp_path, change):
@@ -193,3 +193,53 @@ def test_reachability_probe_creates_nothing_and_says_what_to_fix(tmp_path):
         ActivationStore(str(tmp_path / "file" / "store")).check_reachable()
     with pytest.raises(ConfigError, match="unreachable"):
         Tracker("http://127.0.0.1:9").check_reachable()  # nothing listens on port 9
+
+
+# A key as the code before CacheKey.transform was a TransformSpec wrote it (precompute/store/key.py at
+# 7c3c907): key.json is json.dumps(parts, indent=2, sort_keys=True), and the digest names the folder.
+PINNED_VERSIONS = {"torch": "2.3.0", "torchvision": "0.18.0", "timm": "1.0.3", "zarr": "2.18.2", "precompute_code": "7"}
+PINNED_KEY_JSON = json.dumps({
+    "arch": "resnet34", "cut_index": 7, "dtype": "float16", "pooled": False,
+    "transform": {"crop": "center", "interpolation": "bilinear", "mean": [0.485, 0.456, 0.406], "resize": 73,
+                  "size": 64, "std": [0.229, 0.224, 0.225]},
+    "versions": PINNED_VERSIONS, "weights_id": "torchvision:ResNet34_Weights.IMAGENET1K_V1", "xtra_cut": 1,
+}, indent=2, sort_keys=True)
+
+
+def test_key_digest_and_key_json_are_unchanged_by_the_typed_transform(tmp_path):
+    """Every existing cache stays in use: the same inputs give the digest (and folder, and view key) that
+    the dict-typed key gave, and a key.json written by it reads back as an equal key."""
+    key = CacheKey(arch="resnet34", weights_id="torchvision:ResNet34_Weights.IMAGENET1K_V1", xtra_cut=1, cut_index=7,
+                   transform=TransformSpec(size=64), pooled=False, dtype="float16", versions=PINNED_VERSIONS)
+    assert key.digest() == "18d45b90a7b8e9c2da219317"
+    assert key.rel() == "resnet34/cut=1/18d45b90a7b8e9c2da219317"
+    assert view_key(key, ["a", "b"], ["x", "y"]) == "875e48ff25deb5d58c4228db"
+    nvjpeg = CacheKey(arch="tf_efficientnet_lite0", weights_id="sha256:abc", xtra_cut=0, cut_index=5,
+                      transform=TransformSpec(224, 256, "none", (0.5,) * 3, (0.5,) * 3, "bicubic"),
+                      versions={"torch": "x"}, decoder="nvjpeg")
+    assert nvjpeg.digest() == "b13dd847bdebe22cd12327cd"
+
+    old = CacheKey.from_parts(json.loads(PINNED_KEY_JSON))
+    assert old == key and old.transform == TransformSpec(size=64, resize=73) and isinstance(old.transform, TransformSpec)
+    assert json.dumps(key.parts(), indent=2, sort_keys=True) == PINNED_KEY_JSON
+
+    store = ActivationStore(str(tmp_path / "store"))  # an entry folder the old code made is found by the new key
+    (tmp_path / "store" / key.rel()).mkdir(parents=True)
+    (tmp_path / "store" / key.rel() / "key.json").write_text(PINNED_KEY_JSON)
+    assert store.open_rel(key.rel()).key == key
+
+
+def test_a_cache_key_takes_a_transform_spec_not_a_dict():
+    with pytest.raises(TypeError, match="TransformSpec"):
+        make_key(transform=TransformSpec(size=64).key())
+    with pytest.raises(ValueError, match="not the parts of a cache key"):
+        CacheKey.from_parts({"arch": "resnet18"})
+
+
+def test_transform_spec_names_torchvisions_interpolations():
+    from torchvision.transforms import InterpolationMode
+
+    from precompute.transform_spec import INTERPOLATIONS
+
+    assert set(INTERPOLATIONS) == {m.value for m in InterpolationMode}
+    assert TransformSpec(interpolation="bicubic").interpolation_mode is InterpolationMode.BICUBIC

@@ -23,7 +23,7 @@ OTHER = TransformSpec(size=40)  # entry B: another image size, the same pooled r
 
 def fill(store: ActivationStore, images: Path, ts: TransformSpec):
     manifest = manifest_of(images)
-    entry = store.entry(make_key(transform=ts.key()))
+    entry = store.entry(make_key(transform=ts))
     compute_activations(SlowBody(), manifest, eval_transform(ts), entry, batch_size=4, chunk_rows=8)
     ids = list(manifest["image_id"])
     return entry, ids, entry.read(ids)

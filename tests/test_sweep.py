@@ -36,6 +36,9 @@ def test_batched_sweep_equals_each_config_alone(data):
     batched = sweep.head_sweep(train, valid, 3, configs, batch_size=32, seed=3)
     alone = sweep.head_sweep(train, valid, 3, configs, batch_size=32, seed=3, batched=False)
     assert len(batched.table) == len(configs) == 64
+    # one typed row per config, its last epoch's numbers; the table is those rows as plain values
+    assert [r.config for r in batched.rows] == configs and isinstance(batched.rows[0], sweep.SweepRow)
+    assert batched.rows[5].valid_loss == batched.histories[5][-1]["valid_loss"] == batched.table["valid_loss"].iloc[5]
     cols = ["train_loss", "valid_loss", "valid_accuracy"]
     np.testing.assert_allclose(batched.table[cols].to_numpy(), alone.table[cols].to_numpy(), atol=1e-5)
     for hb, ha in zip(batched.histories, alone.histories):
@@ -67,15 +70,15 @@ def test_best_is_highest_accuracy_then_lowest_loss():
 
 def test_configs_are_checked_and_searched():
     with pytest.raises(ConfigError):
-        sweep.HeadConfig(lr=0)
+        sweep.SweepConfig(lr=0)
     with pytest.raises(ConfigError):
-        sweep.HeadConfig(ps=(0.1,), xtra_fc=(8,))  # two blocks, one rate
+        sweep.SweepConfig(ps=(0.1,), xtra_fc=(8,))  # two blocks, one rate
     assert len(sweep.grid(lr=[1, 2], ps=[None, 0.5], wd=[0, 1])) == 8
     a, b = sweep.random_search(10, seed=1), sweep.random_search(10, seed=1)
     assert a == b and len(set(a)) > 1 and all(1e-4 <= c.lr <= 3e-2 for c in a)
     with pytest.raises(ConfigError, match="multi-hot"):  # targets and task must agree
         sweep.head_sweep(ArrayRows(np.zeros((4, 6), np.float32), np.zeros((4, 2), np.float32)),
-                         ArrayRows(np.zeros((2, 6), np.float32), np.zeros((2, 2), np.float32)), 2, [sweep.HeadConfig()],
+                         ArrayRows(np.zeros((2, 6), np.float32), np.zeros((2, 2), np.float32)), 2, [sweep.SweepConfig()],
                          task=SingleLabel(("a", "b")))
 
 
@@ -162,7 +165,7 @@ def test_head_sweep_asset_tracks_children_and_reuses(env):
     assert run.success
     record = run.output_for_node("head_on_cache")
     row = sweep_out["table"][sweep_out["best_index"]]
-    assert record.head_config["xtra_fc"] == sweep_out["best"]["xtra_fc"] and record.seed == 1
+    assert list(record.head.xtra_fc) == sweep_out["best"]["xtra_fc"] and record.seed == 1
     assert record.history[-1]["valid_loss"] == pytest.approx(row["valid_loss"], abs=1e-5)
     assert record.history[-1]["valid_accuracy"] == pytest.approx(row["valid_accuracy"])
     params = client.get_run(record.mlflow_run_id).data.params

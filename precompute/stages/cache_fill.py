@@ -17,7 +17,7 @@ from precompute.archs import get_arch
 from precompute.backbone import Backbone, load_backbone, transform_for
 from precompute.features import PrecomputeStats, check_decoder, compute_activations
 from precompute.manifest import ok_rows
-from precompute.records import ActivationsRef
+from precompute.records import ActivationsRef, require_typed
 from precompute.store import ActivationStore, CacheCorruption, CacheKey, Entry, VerifyReport, view_key
 from precompute.errors import ConfigError
 from precompute.settings import ActivationSettings, StorageDtype, choices
@@ -30,7 +30,7 @@ LOG = logging.getLogger(__name__)
 def activation_key(bb: Backbone, ts: TransformSpec, pooled: bool = True, dtype: str = "float32",
                    decoder: str = "pil") -> CacheKey:
     return CacheKey(arch=bb.spec.name, weights_id=bb.weights_id, xtra_cut=bb.xtra_cut,
-                    cut_index=len(bb.body), transform=ts.key(), pooled=pooled, dtype=dtype, decoder=decoder)
+                    cut_index=len(bb.body), transform=ts, pooled=pooled, dtype=dtype, decoder=decoder)
 
 
 def precompute(manifest: pd.DataFrame, store: ActivationStore, bb: Backbone, ts: TransformSpec,
@@ -67,10 +67,10 @@ def repair_entry(entry: Entry, manifest: pd.DataFrame, writable: bool = True) ->
     return report
 
 
-def open_entry(store: ActivationStore, ref: ActivationsRef | dict) -> Entry:
+def open_entry(store: ActivationStore, ref: ActivationsRef) -> Entry:
     """The entry an activations result points at (its key.json is put right if it was damaged).
     The rows are not checked here: ``check_same_weights`` and ``verify_entry`` do that."""
-    return store.entry(ActivationsRef.coerce(ref).cache_key())
+    return store.entry(require_typed(ref, ActivationsRef, "the activations result").key)
 
 
 def check_same_weights(bb: Backbone, entry: Entry) -> None:

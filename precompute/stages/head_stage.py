@@ -28,7 +28,7 @@ from precompute.transforms import TransformSpec
 HEAD_CODE_VERSION = "1"  # bump when training on the cache changes its result for the same inputs
 
 
-def _head_learner(entry: Entry, manifest: pd.DataFrame, bb: Backbone, ts: TransformSpec, head_config: dict,
+def _head_learner(entry: Entry, manifest: pd.DataFrame, bb: Backbone, ts: TransformSpec, head_config: HeadConfig,
                   batch_size: int, seed: int, memory_budget: int | None) -> Learner:
     learn = Learner.from_backbone(bb, manifest, ts, head_config, entry, bs=batch_size, seed=seed, verbose=False)
     if memory_budget is not None:  # 0: every row streamed from the store
@@ -37,7 +37,7 @@ def _head_learner(entry: Entry, manifest: pd.DataFrame, bb: Backbone, ts: Transf
 
 
 def train_head_on_cache(entry: Entry, manifest: pd.DataFrame, bb: Backbone, ts: TransformSpec,
-                        head_config: dict, epochs: int = 3, lr: float = 1e-3, batch_size: int = 64,
+                        head_config: HeadConfig, epochs: int = 3, lr: float = 1e-3, batch_size: int = 64,
                         seed: int = 0, on_epoch: EpochCallback | None = None, memory_budget: int | None = None,
                         schedule: Schedule | None = None, options: FitOptions | None = None,
                         cbs: Sequence[Callback] = ()) -> StageRecord:
@@ -48,19 +48,19 @@ def train_head_on_cache(entry: Entry, manifest: pd.DataFrame, bb: Backbone, ts: 
     return learn.fit_schedule(learn.lrs_for(lr), schedule or Schedule("one_cycle", epochs=epochs), cbs=cbs)
 
 
-def lr_find_on_cache(entry: Entry, manifest: pd.DataFrame, bb: Backbone, ts: TransformSpec, head_config: dict,
+def lr_find_on_cache(entry: Entry, manifest: pd.DataFrame, bb: Backbone, ts: TransformSpec, head_config: HeadConfig,
                      batch_size: int = 64, seed: int = 0, num_it: int = 100,
                      memory_budget: int | None = None) -> LRFindResult:
     """lr_find for a new head on the cached activations (cheap: no body runs)."""
     return _head_learner(entry, manifest, bb, ts, head_config, batch_size, seed, memory_budget).lr_find(num_it=num_it)
 
 
-def lr_find_on_ref(ref: ActivationsRef, manifest: pd.DataFrame, store: ActivationStore, head_config: dict,
+def lr_find_on_ref(ref: ActivationsRef, manifest: pd.DataFrame, store: ActivationStore, head_config: HeadConfig,
                    batch_size: int = 64, seed: int = 0, num_it: int = 100) -> LRFindResult:
     """``lr_find_on_cache`` on the entry an activations result points at (images failed there left out)."""
-    learn = Learner.from_cache(ActivationsRef.coerce(ref), manifest, store, head_config, bs=batch_size, seed=seed)
+    learn = Learner.from_cache(ref, manifest, store, head_config, bs=batch_size, seed=seed)
     result = learn.lr_find(num_it=num_it)
-    result.head = dict(head_config)
+    result.head = head_config
     return result
 
 
@@ -100,7 +100,7 @@ def head_on_cache_cached(entry: Entry, fingerprint: str, train: Callable[[], Sta
 @dataclass(frozen=True)
 class HeadStage:
     """The ``head_on_cache`` stage: a new head trained on the cached rows only (fastai's precompute=True)."""
-    head_config: dict
+    head: HeadConfig
     schedule: Schedule = Schedule("one_cycle", epochs=5)
     lr: float = 3e-3
     batch_size: int = 64
@@ -111,22 +111,22 @@ class HeadStage:
 
     def __post_init__(self):
         HeadStageSettings.checked(precompute=self.precompute, augment=self.augment, batch_size=self.batch_size,
-                                  lr=self.lr)  # settings.HeadStageSettings decides what is valid ...
-        HeadConfig(**self.head_config)  # ... and the head's own record, its custom factory too
+                                  lr=self.lr)  # settings.HeadStageSettings decides what is valid
+        if not isinstance(self.head, HeadConfig):
+            raise TypeError(f"HeadStage.head is a precompute.heads.HeadConfig, got {type(self.head).__name__}")
 
 
-def train_head_stage(ref: ActivationsRef | dict, manifest: pd.DataFrame, store: ActivationStore, stage: HeadStage,
+def train_head_stage(ref: ActivationsRef, manifest: pd.DataFrame, store: ActivationStore, stage: HeadStage,
                      open_run: OpenRun, params: dict, reuse: bool = True,
                      log=LOG) -> tuple[StageRecord, bool, str]:
     """``head_on_cache`` as the pipeline runs it. A head is a pure function of its rows, config and
     seed, so an identical request (same ``head_fingerprint`` of the view and ``params``) returns the
     earlier head instead of training again. Returns (record, reused, fingerprint)."""
-    ref = ActivationsRef.coerce(ref)
     entry = open_entry(store, ref)
     fingerprint = head_fingerprint(ref.view_key, {**params, "lr": stage.lr})
 
     def train() -> StageRecord:
-        learn = Learner.from_cache(ref, manifest, store, stage.head_config, bs=stage.batch_size, seed=stage.seed)
+        learn = Learner.from_cache(ref, manifest, store, stage.head, bs=stage.batch_size, seed=stage.seed)
         learn.fit_options = stage.options
         logged = {**params, **stage.options.as_dict(), **schedule_params(stage.schedule), "lr": stage.lr,
                   "size": learn.transform.size, "epochs": stage.schedule.total_epochs, "entry_key": entry.key.digest(),

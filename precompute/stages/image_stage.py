@@ -81,7 +81,7 @@ def stage_learner(previous: StageRecord, manifest: pd.DataFrame, stage: ImageSta
                   device="cpu") -> Learner:
     """A Learner continuing from ``previous`` as ``stage`` says: its size, frozen groups, augmentation,
     BatchNorm policy and fit options (the task, classes or labels, is the previous one's)."""
-    learn = Learner.from_record(StageRecord.coerce(previous), manifest, bs=stage.batch_size, seed=stage.seed,
+    learn = Learner.from_record(previous, manifest, bs=stage.batch_size, seed=stage.seed,
                                 device=device, num_workers=num_workers)
     learn.set_size(stage.size)
     learn.freeze_to(stage.frozen(learn.n_groups))
@@ -120,13 +120,12 @@ def lr_find_on_images(previous: StageRecord, manifest: pd.DataFrame, freeze: int
     return learn.lr_find(num_it=num_it, lr=stage_lrs(1.0, learn.n_groups, learn.frozen, lr_spread))
 
 
-def run_image_stage(previous: StageRecord | dict, manifest: pd.DataFrame, stage: ImageStage, open_run: OpenRun,
+def run_image_stage(previous: StageRecord, manifest: pd.DataFrame, stage: ImageStage, open_run: OpenRun,
                     params: dict, export: bool = False, num_workers: int = 0, device="cpu",
                     log=LOG) -> StageRecord:
     """An image stage as the pipeline runs it, in one tracked run whose params carry the real image
     size and epoch count; with ``export`` the record also goes to the run as the model file and
     as a servable network."""
-    previous = StageRecord.coerce(previous)
     with open_run(stage.logged_params(previous, params)) as run:
         record = train_image_stage(previous, manifest, stage, num_workers, device, cbs=[TrackEpochs(run, stage.name, log)])
         record.view_key = previous.view_key  # the data it descends from, for the next stage's tracked run

@@ -9,7 +9,8 @@ import pandas as pd
 
 from precompute import evaluate
 from precompute.inference import evaluate_on_cache, evaluate_on_images
-from precompute.records import ActivationsRef, StageRecord
+from precompute.metrics import Evaluation
+from precompute.records import ActivationsRef, StageRecord, require_typed
 from precompute.rows import labelled_split, without_failed
 from precompute.stages.cache_fill import open_entry
 from precompute.store import ActivationStore, Entry
@@ -17,7 +18,7 @@ from precompute.store import ActivationStore, Entry
 
 def evaluate_stages(records: dict[str, StageRecord], entry: Entry | None, manifest: pd.DataFrame,
                     num_workers: int = 0, device="cpu", tta: int = 0,
-                    augmentation: dict | None = None) -> tuple[dict[str, dict], tuple]:
+                    augmentation: dict | None = None) -> tuple[dict[str, Evaluation], tuple]:
     """Every stage on the validation split, with TTA when ``tta`` > 0; the stage named head_on_cache is
     also scored on the cache (``entry``): the same numbers, a check that the cache is not stale.
     Returns (metrics per stage, (probs, targets, tta_probs) of the last stage)."""
@@ -29,10 +30,7 @@ def evaluate_stages(records: dict[str, StageRecord], entry: Entry | None, manife
             cache_probs, _ = evaluate_on_cache(record, entry, manifest)
             stages[name + " (on cache)"] = task.metrics(cache_probs, y)
         m = task.metrics(probs, y)
-        if tta_probs is not None:
-            t = task.metrics(tta_probs, y)
-            m.update(tta_accuracy=t["accuracy"], tta_loss=t["loss"])
-        stages[name] = m
+        stages[name] = m if tta_probs is None else m.with_tta(task.metrics(tta_probs, y))
         final = (probs, y, tta_probs)
     return stages, final
 
@@ -73,18 +71,18 @@ def write_report(folder, title: str, records: dict[str, StageRecord], stages: di
     return md
 
 
-def evaluation_report(records: dict[str, StageRecord | dict], ref: ActivationsRef | dict, store: ActivationStore,
+def evaluation_report(records: dict[str, StageRecord], ref: ActivationsRef, store: ActivationStore,
                       manifest: pd.DataFrame, folder, title: str, details: dict, tta: int = 4, top_losses: int = 8,
                       num_workers: int = 0, device="cpu") -> tuple[dict[str, dict], str]:
     """The ``evaluation_report`` stage: every stage scored (``evaluate_stages``, TTA with the last
     stage's augmentation) and the report written to ``folder`` (``write_report``). Returns
     (metrics per stage, the report's Markdown)."""
-    ref = ActivationsRef.coerce(ref)
-    records = {name: StageRecord.coerce(r) for name, r in records.items()}
-    manifest = without_failed(manifest, ref.failed_images)  # no rows for them
     entry = open_entry(store, ref)
+    records = {name: require_typed(r, StageRecord, f"the {name} record") for name, r in records.items()}
+    manifest = without_failed(manifest, ref.failed_images)  # no rows for them
     last = list(records.values())[-1]
-    stages, final = evaluate_stages(records, entry, manifest, num_workers, device, tta, last.augmentation or None)
+    scores, final = evaluate_stages(records, entry, manifest, num_workers, device, tta, last.augmentation or None)
+    stages = {name: m.to_dict() for name, m in scores.items()}  # plain numbers: metadata, MLflow, the report
     Path(folder).mkdir(parents=True, exist_ok=True)
     details = {**details, "entry_key": entry.key.digest(), "view_key": ref.view_key, "tta_views": tta,
                **{f"mlflow_run.{r.stage}": r.mlflow_run_id for r in records.values()}}

@@ -92,7 +92,7 @@ class ActivationStore:
         ValueError when its key.json is missing or damaged."""
         try:
             parts = json.loads(self.fs.cat_file(f"{self.base}/{rel}/key.json"))
-            key = CacheKey(**parts)
+            key = CacheKey.from_parts(parts)
         except FileNotFoundError:
             raise ValueError(f"{rel}/key.json is missing") from None
         except (ValueError, TypeError) as exc:

@@ -266,7 +266,7 @@ def _restore_key(store: ActivationStore, entry: Entry, sound_chunks: list[str]) 
     for chunk in sound_chunks:
         try:
             attrs = json.loads(store.fs.cat_file(f"{entry.path}/chunks/{chunk}/zarr.json"))["attributes"]
-            key = CacheKey(**attrs["key"])
+            key = CacheKey.from_parts(attrs["key"])
         except (OSError, ValueError, KeyError, TypeError):
             continue
         if key.rel() == entry.rel:  # the folder's name is the digest of the key: this is its key
