@@ -8,7 +8,7 @@ from assets.partitions import arch_and_cut, arch_cut
 from precompute.errors import ConfigError
 from precompute.versions import CODE_VERSION
 
-recipe = LazyModule("precompute.recipe")  # torch loads when a step runs, not with the definitions
+cache_fill = LazyModule("precompute.stages.cache_fill")  # torch loads when a step runs, not with the definitions
 validate = LazyModule("precompute.validate")
 from resources import ActivationStoreResource, ComputeDevice
 
@@ -54,9 +54,10 @@ def activations(context: dg.AssetExecutionContext, config: ActivationsConfig, im
                      weights_path=config.weights_path, manifest=image_manifest)
         writable = validate.check_store(store.root, store.storage_options_json, read_only_ok=True)  # the one probe
         device = compute.setup()
-        fill = recipe.fill_cache(image_manifest, store.get(), arch, xtra_cut, recipe.CacheSettings(**config.model_dump()),
-                                 writable, compute.num_workers, device, progress_logger(context), context.log)
-    except (ConfigError, recipe.ReadOnlyStore) as exc:
+        settings = cache_fill.CacheSettings(**config.model_dump())
+        fill = cache_fill.fill_cache(image_manifest, store.get(), arch, xtra_cut, settings, writable,
+                                     compute.num_workers, device, progress_logger(context), context.log)
+    except (ConfigError, cache_fill.ReadOnlyStore) as exc:
         raise dg.Failure(str(exc), allow_retries=False) from exc
     yield dg.Output(fill.ref, data_version=dg.DataVersion(fill.ref.view_key), metadata=as_metadata(fill.metadata()))
     for name, (passed, details) in fill.checks.items():

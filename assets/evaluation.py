@@ -5,7 +5,7 @@ from assets.partitions import arch_and_cut, arch_cut
 from assets.training import _mlflow_run
 from resources import ActivationStoreResource, ComputeDevice, MlflowTracking, project_home
 
-recipe = LazyModule("precompute.recipe")  # torch loads when a step runs, not with the definitions
+report = LazyModule("precompute.stages.report")  # torch loads when a step runs, not with the definitions
 precompute_tracking = LazyModule("precompute.tracking")  # mlflow, likewise; `tracking` is the resource
 
 
@@ -23,7 +23,7 @@ def evaluation_report(context: dg.AssetExecutionContext, config: EvaluationConfi
     arch, xtra_cut = arch_and_cut(context)
     folder = project_home() / "reports" / arch / f"cut={xtra_cut}"
     records = {"head_on_cache": head_on_cache, "head_augmented": head_augmented, "finetuned": finetuned}
-    stages, md = recipe.evaluation_report(
+    stages, md = report.evaluation_report(
         records, activations, store.get(), image_manifest, folder, f"Evaluation: {arch}, cut {xtra_cut}",
         {"arch": arch, "xtra_cut": xtra_cut, "dagster_run": context.run.run_id}, config.tta, config.top_losses,
         compute.num_workers, compute.setup())
@@ -35,4 +35,4 @@ def evaluation_report(context: dg.AssetExecutionContext, config: EvaluationConfi
     return dg.Output({"stages": stages, "report": str(folder / "report.md"), "mlflow_run_id": run.run_id},
                      metadata={"report": dg.MetadataValue.md(inline_pngs(md, folder)),
                                "report_path": dg.MetadataValue.path(str(folder / "report.md")),
-                               "mlflow_run_id": run.run_id, **recipe.accuracy_metadata(stages)})
+                               "mlflow_run_id": run.run_id, **report.accuracy_metadata(stages)})

@@ -72,18 +72,19 @@ def data_quality(context: dg.AssetExecutionContext, config: DataQualityConfig, i
     """Duplicates and train/valid leaks, likely label errors, outliers and drift, from the cache."""
     from assets._util import as_metadata, png_markdown
     from assets.training import _mlflow_run
-    from precompute import recipe
     from precompute.quality import data_quality_tables
     from precompute.quality.overrides import applied_overrides
     from precompute.quality.sheets import contact_sheets
     from precompute.records import ActivationsRef
+    from precompute.rows import without_failed
+    from precompute.stages.cache_fill import open_entry
 
     severity = _severity(config.leak_severity)
     arch, xtra_cut = arch_and_cut(context)
     ref = ActivationsRef.coerce(activations)
-    manifest = recipe.without_failed(image_manifest, ref.failed_images)
+    manifest = without_failed(image_manifest, ref.failed_images)
     previous, reference = _previous(context)
-    report = data_quality_tables(recipe.open_entry(store.get(), ref), manifest, previous, config.options(),
+    report = data_quality_tables(open_entry(store.get(), ref), manifest, previous, config.options(),
                                  reference, context.log)
     folder = project_home() / "data_quality" / arch / f"cut={xtra_cut}" / context.run.run_id
     folder.mkdir(parents=True, exist_ok=True)

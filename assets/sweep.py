@@ -17,7 +17,9 @@ from precompute.errors import ConfigError
 from precompute.versions import SWEEP_CODE_VERSION
 from resources import ActivationStoreResource, ComputeDevice, MlflowTracking
 
-recipe = LazyModule("precompute.recipe")  # torch loads when a step runs, not with the definitions
+records_module = LazyModule("precompute.records")  # torch loads when a step runs, not with the definitions
+rows = LazyModule("precompute.rows")
+cache_fill = LazyModule("precompute.stages.cache_fill")
 sweep = LazyModule("precompute.sweep")
 labels = LazyModule("precompute.labels")  # pandas, likewise
 
@@ -68,14 +70,14 @@ def head_sweep(context: dg.AssetExecutionContext, config: HeadSweepConfig, image
                store: ActivationStoreResource, tracking: MlflowTracking, compute: ComputeDevice):
     """Many heads on the cached activations in one process (same-shape heads batched together);
     a table, a plot and the best configuration."""
-    activations = recipe.ActivationsRef.coerce(activations)
-    image_manifest = recipe.without_failed(image_manifest, activations.failed_images)
+    activations = records_module.ActivationsRef.coerce(activations)
+    image_manifest = rows.without_failed(image_manifest, activations.failed_images)
     try:
         configs = config.configs()
     except ConfigError as exc:
         raise dg.Failure(str(exc), allow_retries=False) from exc
     compute.setup()
-    entry = recipe.open_entry(store.get(), activations)
+    entry = cache_fill.open_entry(store.get(), activations)
     fingerprint = sweep.sweep_fingerprint(activations.view_key, configs, config.batch_size, config.seed)
     found = sweep.load_sweep(entry, fingerprint) if config.reuse else None
     if found is not None:
@@ -87,8 +89,8 @@ def head_sweep(context: dg.AssetExecutionContext, config: HeadSweepConfig, image
 
     task = Task.from_manifest(image_manifest)  # one class per image, or several labels: the sweep trains either
     classes = list(task.classes)
-    train = recipe.cached_rows(entry, image_manifest, task, "train", recipe.DEFAULT_MEMORY_BUDGET)
-    valid = recipe.cached_rows(entry, image_manifest, task, "valid", recipe.DEFAULT_MEMORY_BUDGET)
+    train = rows.cached_rows(entry, image_manifest, task, "train", rows.DEFAULT_MEMORY_BUDGET)
+    valid = rows.cached_rows(entry, image_manifest, task, "valid", rows.DEFAULT_MEMORY_BUDGET)
     try:
         result = sweep.head_sweep(train, valid, len(classes), configs, config.batch_size, config.seed, task=task)
     except ConfigError as exc:
@@ -132,8 +134,8 @@ def best_of_sweep(context, activations, store: ActivationStoreResource) -> dict:
         raise dg.Failure(f"from_sweep: head_sweep has no materialization for partition {context.partition_key}: "
                          "materialize head_sweep first, or set from_sweep: false", allow_retries=False)
     fingerprint = str(records[0].asset_materialization.metadata["fingerprint"].value)
-    activations = recipe.ActivationsRef.coerce(activations)
-    found = sweep.load_sweep(recipe.open_entry(store.get(), activations), fingerprint)
+    activations = records_module.ActivationsRef.coerce(activations)
+    found = sweep.load_sweep(cache_fill.open_entry(store.get(), activations), fingerprint)
     try:
         if found is None:
             raise ConfigError(f"from_sweep: head_sweep's result {fingerprint} is no longer beside the cache entry "

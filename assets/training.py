@@ -20,7 +20,10 @@ from resources import ActivationStoreResource, ComputeDevice, MlflowTracking
 
 # torch, matplotlib and mlflow load when a step runs, not with the definitions (issue 20)
 evaluate = LazyModule("precompute.evaluate")
-recipe = LazyModule("precompute.recipe")
+records = LazyModule("precompute.records")
+common = LazyModule("precompute.stages.common")
+head_stage = LazyModule("precompute.stages.head_stage")
+image_stage = LazyModule("precompute.stages.image_stage")
 train = LazyModule("precompute.train")
 validate = LazyModule("precompute.validate")
 
@@ -66,10 +69,10 @@ class HeadOnCacheConfig(ScheduleConfig):
     def head_config(self) -> dict:
         return {"ps": self.ps, "xtra_fc": self.xtra_fc, "custom": self.custom_head}
 
-    def stage(self, finder=None) -> "recipe.HeadStage":
+    def stage(self, finder=None) -> "head_stage.HeadStage":
         lr = finder.suggestion if self.lr_from_finder and finder and finder.suggestion is not None else self.lr
-        return recipe.HeadStage(self.head_config(), self.to_schedule(), lr, self.batch_size, self.seed,
-                                self.precompute, self.augment, self.fit_options())
+        return head_stage.HeadStage(self.head_config(), self.to_schedule(), lr, self.batch_size, self.seed,
+                                    self.precompute, self.augment, self.fit_options())
 
 
 class ImageStageConfig(ScheduleConfig):
@@ -94,11 +97,11 @@ class ImageStageConfig(ScheduleConfig):
             return finder.suggestion
         return self.lrs or self.lr_range or self.lr
 
-    def stage(self, name: str, freeze_to: int, finder=None) -> "recipe.ImageStage":
+    def stage(self, name: str, freeze_to: int, finder=None) -> "image_stage.ImageStage":
         """The stage this config describes; ``freeze_to`` as fastai's (-1: the head trains, 0: every group)."""
-        return recipe.ImageStage(name, freeze_to, self.to_schedule(), self.learning_rates(finder), self.lr_spread,
-                                 self.batch_size, self.augment, self.precompute, self.augmentation_args(),
-                                 self.freeze_bn_stats, self.train_bn, self.size, self.seed, self.fit_options())
+        return image_stage.ImageStage(name, freeze_to, self.to_schedule(), self.learning_rates(finder), self.lr_spread,
+                                      self.batch_size, self.augment, self.precompute, self.augmentation_args(),
+                                      self.freeze_bn_stats, self.train_bn, self.size, self.seed, self.fit_options())
 
 
 class FinetuneConfig(ImageStageConfig):
@@ -149,9 +152,9 @@ def _mlflow_run(context, tracking: MlflowTracking, stage: str, params: dict, man
         yield run
 
 
-def _stage_output(record: "recipe.StageRecord", tracking: MlflowTracking, data_version: Optional[str] = None,
+def _stage_output(record: "records.StageRecord", tracking: MlflowTracking, data_version: Optional[str] = None,
                   extra: Optional[dict] = None, thresholds: bool = True):
-    metadata = {**recipe.stage_metadata(record, thresholds), "mlflow_tracking_uri": tracking.tracking_uri,
+    metadata = {**common.stage_metadata(record, thresholds), "mlflow_tracking_uri": tracking.tracking_uri,
                 **(extra or {})}
     return dg.Output(record, metadata=as_metadata(metadata),
                      data_version=dg.DataVersion(data_version) if data_version else None)
@@ -187,8 +190,8 @@ def lr_find_head(context: dg.AssetExecutionContext, config: LrFindConfig, image_
     """lr_find for a new head on the cached activations: loss vs learning rate, and a suggestion."""
     compute.setup()
     head_config = _configured_head(context)
-    result = recipe.lr_find_on_ref(activations, image_manifest, store.get(), head_config, config.batch_size,
-                                   config.seed, config.num_it)
+    result = head_stage.lr_find_on_ref(activations, image_manifest, store.get(), head_config, config.batch_size,
+                                       config.seed, config.num_it)
     return _lr_find_output(context, tracking, "lr_find_head", result,
                            {**config.model_dump(), **{f"head.{k}": v for k, v in head_config.items()}}, image_manifest)
 
@@ -205,7 +208,7 @@ def head_on_cache(context: dg.AssetExecutionContext, config: HeadOnCacheConfig, 
                      lr=config.lr, batch_size=config.batch_size, custom_head=config.custom_head, ps=config.ps,
                      xtra_fc=config.xtra_fc, tracking_uri=tracking.tracking_uri, manifest=image_manifest)
     compute.setup()
-    record, reused, fingerprint = recipe.train_head_stage(
+    record, reused, fingerprint = head_stage.train_head_stage(
         activations, image_manifest, store.get(), stage,
         lambda params: _mlflow_run(context, tracking, "head_on_cache", params, image_manifest),
         config.model_dump(exclude={"reuse"}), config.reuse, context.log)
@@ -213,20 +216,20 @@ def head_on_cache(context: dg.AssetExecutionContext, config: HeadOnCacheConfig, 
     return _stage_output(record, tracking, fingerprint, extra, thresholds=not reused)
 
 
-def _image_stage(context, config: ImageStageConfig, image_manifest, previous, stage: "recipe.ImageStage",
+def _image_stage(context, config: ImageStageConfig, image_manifest, previous, stage: "image_stage.ImageStage",
                  tracking: MlflowTracking, compute: ComputeDevice, export: bool = False):
     device = compute.setup()
-    record = recipe.run_image_stage(previous, image_manifest, stage,
-                                    lambda params: _mlflow_run(context, tracking, stage.name, params, image_manifest),
-                                    config.model_dump(), export, compute.num_workers, device, context.log)
-    samples = recipe.augmented_samples(previous, image_manifest, stage,
-                                       Path(tempfile.mkdtemp(prefix="augment-")) / "augmented.png")
+    record = image_stage.run_image_stage(
+        previous, image_manifest, stage, lambda params: _mlflow_run(context, tracking, stage.name, params, image_manifest),
+        config.model_dump(), export, compute.num_workers, device, context.log)
+    samples = image_stage.augmented_samples(previous, image_manifest, stage,
+                                            Path(tempfile.mkdtemp(prefix="augment-")) / "augmented.png")
     extra = {"augmented_samples": dg.MetadataValue.md(png_markdown(samples, f"augmentation {config.augmentation}"))}
     return _stage_output(record, tracking, uuid.uuid4().hex, extra)
 
 
 def _checked_image_stage(context, config: ImageStageConfig, name: str, freeze_to: int, tracking: MlflowTracking,
-                         finder=None) -> "recipe.ImageStage":
+                         finder=None) -> "image_stage.ImageStage":
     arch, xtra_cut = arch_and_cut(context)
     return _checked(lambda: config.stage(name, freeze_to, finder), arch=arch, xtra_cut=xtra_cut, size=config.size,
                     lr=config.learning_rates(finder), frozen=freeze_to % train.N_LAYER_GROUPS, precompute=config.precompute,
@@ -254,9 +257,9 @@ def lr_find_unfrozen(context: dg.AssetExecutionContext, config: LrFindImagesConf
                      tracking: MlflowTracking, compute: ComputeDevice):
     """lr_find for the unfrozen network on augmented images (fastai: lr_find again after unfreeze)."""
     device = compute.setup()
-    result = recipe.lr_find_on_images(head_augmented, image_manifest, 0, config.lr_spread, config.batch_size,
-                                      config.seed, config.num_it, {"preset": config.augmentation},
-                                      compute.num_workers, device)
+    result = image_stage.lr_find_on_images(head_augmented, image_manifest, 0, config.lr_spread, config.batch_size,
+                                           config.seed, config.num_it, {"preset": config.augmentation},
+                                           compute.num_workers, device)
     return _lr_find_output(context, tracking, "lr_find_unfrozen", result, config.model_dump(), image_manifest)
 
 

@@ -39,7 +39,7 @@ class ShardJob:
     """Everything a shard task needs, as plain values (the workers build their own store and backbone)."""
     arch: str
     xtra_cut: int
-    settings: dict            # recipe.CacheSettings fields
+    settings: dict            # CacheSettings fields (precompute.stages.cache_fill)
     store_root: str
     store_options: dict
     compressor: str
@@ -54,7 +54,8 @@ def compute_shard(job: ShardJob, manifest, shard: int) -> dict:
     """One shard, in a Dask worker: its rows of ``manifest`` into the store; returns its stats."""
     from distributed import get_worker
 
-    from precompute import recipe
+    from precompute.backbone import load_backbone, transform_for
+    from precompute.stages.cache_fill import CacheSettings, precompute
     from precompute.store import DEFAULT_COMPRESSOR, ActivationStore
     from resources import resolve_device
 
@@ -69,13 +70,13 @@ def compute_shard(job: ShardJob, manifest, shard: int) -> dict:
                                          "done": done, "total": total, "seconds": now - start})
 
     device = resolve_device(job.device, job.num_threads)
-    settings = recipe.CacheSettings(**job.settings)
-    bb = recipe.load_backbone(job.arch, job.xtra_cut, settings.weights, settings.weights_path)
+    settings = CacheSettings(**job.settings)
+    bb = load_backbone(job.arch, job.xtra_cut, settings.weights, settings.weights_path)
     store = ActivationStore(job.store_root, job.store_options, job.compressor or DEFAULT_COMPRESSOR)
-    entry, stats, _ = recipe.precompute(manifest, store, bb, recipe.transform_for(bb.spec, settings.size),
-                                        settings.pooled, settings.dtype, settings.batch_size, settings.chunk_rows,
-                                        job.num_workers, device, progress, shard=(shard, job.shards),
-                                        decoder=settings.decoder)
+    entry, stats, _ = precompute(manifest, store, bb, transform_for(bb.spec, settings.size),
+                                 settings.pooled, settings.dtype, settings.batch_size, settings.chunk_rows,
+                                 job.num_workers, device, progress, shard=(shard, job.shards),
+                                 decoder=settings.decoder)
     return {"shard": shard, "entry": entry.rel, "worker": worker.address, "pid": pid, **stats.as_dict()}
 
 
@@ -113,8 +114,8 @@ def run_shards(client, job: ShardJob, manifest, log, retries: int, no_workers_ti
     """Submit one task per shard, log the workers' events as they come, return the shards' stats in order."""
     import distributed
 
-    from precompute.data import ok_rows
     from precompute.features import in_shard
+    from precompute.manifest import ok_rows
 
     rows = ok_rows(manifest)
     worker_log = _WorkerLog(log, job.shards)
@@ -166,7 +167,7 @@ def run_shards(client, job: ShardJob, manifest, log, retries: int, no_workers_ti
 @dg.op(description="Scan once, then one Dask task per shard (the dask resource's cluster); gather their stats")
 def precompute_shards(context: dg.OpExecutionContext, config: ShardedPrecomputeConfig, images: ImageSource,
                       store: ActivationStoreResource, compute: ComputeDevice, dask: DaskCluster) -> dict:
-    from precompute import recipe
+    from precompute.stages.cache_fill import CacheSettings
     from precompute.train import ConfigError
     from precompute.validate import validate_run
 
@@ -175,7 +176,7 @@ def precompute_shards(context: dg.OpExecutionContext, config: ShardedPrecomputeC
         raise dg.Failure(f"shards {config.shards}: use 1 or more", allow_retries=False)
     settings = config.model_dump(exclude={"shards"})
     try:  # before any work, in this step: a task would only fail (and be retried) on it
-        recipe.CacheSettings(**settings)
+        CacheSettings(**settings)
         validate_run(arch=arch, xtra_cut=xtra_cut, size=config.size, dtype=config.dtype, weights=config.weights,
                      weights_path=config.weights_path)
     except ConfigError as exc:

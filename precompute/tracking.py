@@ -269,8 +269,7 @@ class RunLogger:
         bytes in, the stage's own transform, classes and probabilities out), registered in the Model
         Registry as ``precompute-<arch>-cut<n>``. Returns mlflow's ModelInfo (``registered_model_version``)."""
         from precompute import serving
-        from precompute.recipe import save_model
-        from precompute.records import StageRecord
+        from precompute.records import StageRecord, save_model
 
         record = StageRecord.coerce(record)
         with _fluent_tracking_uri(self.client.tracking_uri), tempfile.TemporaryDirectory() as tmp, \

@@ -3,7 +3,7 @@
 Every check is cheap: no weights are loaded, no image is read, nothing is created (no store folder,
 no MLflow database, no run), and a probe of a remote endpoint gives up after ``PROBE_TIMEOUT_S``.
 Each value is checked by the object that owns it (``BodySpec`` here: arch, cut, image size;
-``recipe.CacheSettings``: dtype, weights; ``transforms.Augmentation``; ``heads.HeadConfig``; the
+``cache_fill.CacheSettings``: dtype, weights; ``transforms.Augmentation``; ``heads.HeadConfig``; the
 training values in ``precompute.train``). ``validate_run`` builds those objects from the values it
 is given and reports every problem at once; the ``check_*`` functions, thin over the same objects,
 raise on the first. The probes of the store and of MLflow are ``precompute.probes``, below the
@@ -28,7 +28,7 @@ import torch
 from precompute.archs import ARCHS, ArchSpec, cut_body, max_xtra_cut
 from precompute.heads import HeadConfig
 from precompute.probes import PROBE_TIMEOUT_S, check_store, check_tracking  # noqa: F401 - re-exported
-from precompute.recipe import CacheSettings
+from precompute.stages.cache_fill import CacheSettings
 from precompute.train import (N_LAYER_GROUPS, ConfigError, check_batch_size, check_lrs,  # noqa: F401 - re-exported
                               check_precompute_augment)
 from precompute.transforms import Augmentation
