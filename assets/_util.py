@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 class LazyModule:
-    """A library module imported on first attribute access (``recipe.fill_cache``), not when the
+    """A library module imported on first attribute access (``cache_fill.fill_cache``), not when the
     Dagster definitions load: they must load without torch, matplotlib or mlflow (issue 20;
     tests/test_layers.py). An annotation that names a class in it must be a string."""
 

@@ -10,7 +10,7 @@ from precompute.errors import ConfigError
 from precompute.settings import ActivationSettings, all_checks
 from precompute.versions import CODE_VERSION
 
-recipe = LazyModule("precompute.recipe")  # torch loads when a step runs, not with the definitions
+cache_fill = LazyModule("precompute.stages.cache_fill")  # torch loads when a step runs, not with the definitions
 validate = LazyModule("precompute.validate")
 body_spec = LazyModule("precompute.body_spec")
 from resources import ActivationStoreResource, ComputeDevice
@@ -51,9 +51,10 @@ def activations(context: dg.AssetExecutionContext, config: ActivationsConfig, im
                                                  manifest=image_manifest))
         writable = validate.check_store(store.root, store.storage_options_json, read_only_ok=True)  # the one probe
         device = compute.setup()
-        fill = recipe.fill_cache(image_manifest, store.get(), arch, xtra_cut, recipe.CacheSettings(**config.model_dump()),
-                                 writable, compute.num_workers, device, progress_logger(context), context.log)
-    except (ConfigError, recipe.ReadOnlyStore) as exc:
+        settings = cache_fill.CacheSettings(**config.model_dump())
+        fill = cache_fill.fill_cache(image_manifest, store.get(), arch, xtra_cut, settings, writable,
+                                     compute.num_workers, device, progress_logger(context), context.log)
+    except (ConfigError, cache_fill.ReadOnlyStore) as exc:
         raise dg.Failure(str(exc), allow_retries=False) from exc
     yield dg.Output(fill.ref, data_version=dg.DataVersion(fill.ref.view_key), metadata=ActivationsMetadata(**fill.metadata()).to_metadata())
     for name, (passed, details) in fill.checks.items():

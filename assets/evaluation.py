@@ -7,7 +7,7 @@ from assets.partitions import arch_and_cut, arch_cut
 from precompute.settings import EvaluationSettings
 from resources import ActivationStoreResource, ComputeDevice, MlflowTracking, project_home
 
-recipe = LazyModule("precompute.recipe")  # torch loads when a step runs, not with the definitions
+report = LazyModule("precompute.stages.report")  # torch loads when a step runs, not with the definitions
 precompute_tracking = LazyModule("precompute.tracking")  # mlflow, likewise; `tracking` is the resource
 
 
@@ -24,7 +24,7 @@ def evaluation_report(context: dg.AssetExecutionContext, config: EvaluationConfi
     arch, xtra_cut = arch_and_cut(context)
     folder = project_home() / "reports" / arch / f"cut={xtra_cut}"
     records = {"head_on_cache": head_on_cache, "head_augmented": head_augmented, "finetuned": finetuned}
-    stages, md = recipe.evaluation_report(
+    stages, md = report.evaluation_report(
         records, activations, store.get(), image_manifest, folder, f"Evaluation: {arch}, cut {xtra_cut}",
         {"arch": arch, "xtra_cut": xtra_cut, "dagster_run": context.run.run_id}, config.tta, config.top_losses,
         compute.num_workers, compute.setup())

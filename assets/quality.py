@@ -24,7 +24,8 @@ from resources import ActivationStoreResource, MlflowTracking, project_home
 # numpy, pandas, faiss and torch load when the step runs, not with the definitions
 quality = LazyModule("precompute.quality")
 outputs = LazyModule("precompute.quality.outputs")
-recipe = LazyModule("precompute.recipe")
+rows = LazyModule("precompute.rows")
+cache_fill = LazyModule("precompute.stages.cache_fill")
 
 CHECKS = {
     "no_train_valid_leaks": "no image of the validation split is a near-copy of a training image",
@@ -94,9 +95,9 @@ def data_quality(context: dg.AssetExecutionContext, config: DataQualityConfig, i
     """Duplicates and train/valid leaks, likely label errors, outliers and drift, from the cache."""
     severity = _severity(config.leak_severity)
     arch, xtra_cut = arch_and_cut(context)
-    manifest = recipe.without_failed(image_manifest, activations.failed_images)
+    manifest = rows.without_failed(image_manifest, activations.failed_images)
     previous, reference = _previous(context)
-    report = quality.data_quality_tables(recipe.open_entry(store.get(), activations), manifest, previous,
+    report = quality.data_quality_tables(cache_fill.open_entry(store.get(), activations), manifest, previous,
                                          config.options(), reference, context.log)
     folder = project_home() / "data_quality" / arch / f"cut={xtra_cut}" / context.run.run_id
     out = outputs.write_outputs(report, manifest, folder, config.top)

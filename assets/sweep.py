@@ -19,7 +19,8 @@ from precompute.settings import SweepSettings
 from precompute.versions import SWEEP_CODE_VERSION
 from resources import ActivationStoreResource, ComputeDevice, MlflowTracking
 
-recipe = LazyModule("precompute.recipe")  # torch loads when a step runs, not with the definitions
+rows = LazyModule("precompute.rows")  # torch loads when a step runs, not with the definitions
+cache_fill = LazyModule("precompute.stages.cache_fill")
 sweep = LazyModule("precompute.sweep")
 precompute_tracking = LazyModule("precompute.tracking")  # mlflow, likewise; `tracking` is the resource
 
@@ -81,14 +82,14 @@ def head_sweep(context: dg.AssetExecutionContext, config: HeadSweepConfig, image
     a table, a plot and the best configuration."""
     configs = _no_retry(config.configs)
     compute.setup()
-    entry = recipe.open_entry(store.get(), activations)
+    entry = cache_fill.open_entry(store.get(), activations)
     fingerprint = sweep.sweep_fingerprint(activations.view_key, configs, config.batch_size, config.seed)
     found = sweep.load_sweep(entry, fingerprint) if config.reuse else None
     if found is not None:
         context.log.info(f"head_sweep reused: same activations ({activations.view_key}), grid and seed as "
                          f"MLflow run {found.get('mlflow_run_id')}; nothing trained")
         return _output(found, fingerprint, True, tracking.tracking_uri)
-    manifest = recipe.without_failed(image_manifest, activations.failed_images)
+    manifest = rows.without_failed(image_manifest, activations.failed_images)
     result, classes = _no_retry(lambda: sweep.sweep_entry(entry, manifest, configs, config.batch_size, config.seed))
     summary = sweep.summary(result)
     summary.update(**_track(context, tracking, config, result, summary, fingerprint, activations.view_key),
@@ -110,7 +111,7 @@ def best_of_sweep(context, activations, store: ActivationStoreResource) -> dict:
         raise dg.Failure(f"from_sweep: head_sweep has no materialization for partition {context.partition_key}: "
                          "materialize head_sweep first, or set from_sweep: false", allow_retries=False)
     fingerprint = HeadSweepMetadata.from_metadata(records[0].asset_materialization.metadata).fingerprint
-    found = sweep.load_sweep(recipe.open_entry(store.get(), activations), fingerprint)
+    found = sweep.load_sweep(cache_fill.open_entry(store.get(), activations), fingerprint)
     if found is None:
         raise dg.Failure(f"from_sweep: head_sweep's result {fingerprint} is no longer beside the cache entry "
                          "(removed by cache gc?): materialize head_sweep again", allow_retries=False)

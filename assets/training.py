@@ -25,7 +25,9 @@ from resources import ActivationStoreResource, ComputeDevice, MlflowTracking
 body_spec = LazyModule("precompute.body_spec")
 evaluate = LazyModule("precompute.evaluate")
 heads = LazyModule("precompute.heads")
-recipe = LazyModule("precompute.recipe")
+records = LazyModule("precompute.records")
+head_stage = LazyModule("precompute.stages.head_stage")
+image_stage = LazyModule("precompute.stages.image_stage")
 train = LazyModule("precompute.train")
 validate = LazyModule("precompute.validate")
 
@@ -49,13 +51,13 @@ class HeadOnCacheConfig(HeadStageSettings, ScheduleConfig):  # the model first: 
     def head_config(self) -> "heads.HeadConfig":
         return heads.HeadConfig(self.ps, self.xtra_fc, self.custom_head)
 
-    def stage(self, finder=None) -> "recipe.HeadStage":
+    def stage(self, finder=None) -> "head_stage.HeadStage":
         if self.lr_from_finder and finder and finder.head is not None and finder.head != self.head_config():
             raise ConfigError(f"lr_from_finder: lr_find_head swept the head {finder.head}, but head_on_cache trains "
                               f"{self.head_config()}: give lr_find_head the same ps, xtra_fc and custom_head")
         lr = finder.suggestion if self.lr_from_finder and finder and finder.suggestion is not None else self.lr
-        return recipe.HeadStage(self.head_config(), self.to_schedule(), lr, self.batch_size, self.seed,
-                                self.precompute, self.augment, self.fit_options())
+        return head_stage.HeadStage(self.head_config(), self.to_schedule(), lr, self.batch_size, self.seed,
+                                    self.precompute, self.augment, self.fit_options())
 
 
 class ImageStageConfig(ImageStageSettings, ScheduleConfig):
@@ -69,11 +71,11 @@ class ImageStageConfig(ImageStageSettings, ScheduleConfig):
             return finder.suggestion
         return super().learning_rates()
 
-    def stage(self, name: str, freeze_to: int, finder=None) -> "recipe.ImageStage":
+    def stage(self, name: str, freeze_to: int, finder=None) -> "image_stage.ImageStage":
         """The stage this config describes; ``freeze_to`` as fastai's (-1: the head trains, 0: every group)."""
-        return recipe.ImageStage(name, freeze_to, self.to_schedule(), self.learning_rates(finder), self.lr_spread,
-                                 self.batch_size, self.augment, self.precompute, self.augmentation_args(),
-                                 self.freeze_bn_stats, self.train_bn, self.size, self.seed, self.fit_options())
+        return image_stage.ImageStage(name, freeze_to, self.to_schedule(), self.learning_rates(finder), self.lr_spread,
+                                      self.batch_size, self.augment, self.precompute, self.augmentation_args(),
+                                      self.freeze_bn_stats, self.train_bn, self.size, self.seed, self.fit_options())
 
 
 class FinetuneConfig(ImageStageConfig):
@@ -115,7 +117,7 @@ def open_run(context, tracking: MlflowTracking, stage: str, manifest, view_key: 
     return lambda params: tracking.open_run(context, stage, params, arch, xtra_cut, manifest, view_key)
 
 
-def _stage_output(record: "recipe.StageRecord", tracking: MlflowTracking, data_version: Optional[str] = None,
+def _stage_output(record: "records.StageRecord", tracking: MlflowTracking, data_version: Optional[str] = None,
                   thresholds: bool = True, **extra):
     metadata = StageMetadata.of(record, tracking.tracking_uri, thresholds, **extra)
     return dg.Output(record, metadata=metadata.to_metadata(),
@@ -145,8 +147,8 @@ def lr_find_head(context: dg.AssetExecutionContext, config: LrFindHeadConfig, im
     """lr_find for a new head on the cached activations: loss vs learning rate, and a suggestion."""
     compute.setup()
     head_config = config.head_config()
-    result = recipe.lr_find_on_ref(activations, image_manifest, store.get(), head_config, config.batch_size,
-                                   config.seed, config.num_it)
+    result = head_stage.lr_find_on_ref(activations, image_manifest, store.get(), head_config, config.batch_size,
+                                       config.seed, config.num_it)
     return _lr_find_output(context, tracking, "lr_find_head", result,
                            {**config.model_dump(exclude={"ps", "xtra_fc", "custom_head"}),
                             **{f"head.{k}": v for k, v in head_config.as_dict().items()}}, image_manifest,
@@ -163,7 +165,7 @@ def head_on_cache(context: dg.AssetExecutionContext, config: HeadOnCacheConfig, 
         config = config.model_copy(update=best_of_sweep(context, activations, store))
     stage = _checked(lambda: config.stage(lr_find_head), tracking_uri=tracking.tracking_uri, manifest=image_manifest)
     compute.setup()
-    record, reused, fingerprint = recipe.train_head_stage(
+    record, reused, fingerprint = head_stage.train_head_stage(
         activations, image_manifest, store.get(), stage,
         open_run(context, tracking, "head_on_cache", image_manifest, activations.view_key),
         config.model_dump(exclude={"reuse"}), config.reuse, context.log)
@@ -171,20 +173,20 @@ def head_on_cache(context: dg.AssetExecutionContext, config: HeadOnCacheConfig, 
                          streamed=None if reused else record.streamed)
 
 
-def _image_stage(context, config: ImageStageConfig, image_manifest, previous, stage: "recipe.ImageStage",
+def _image_stage(context, config: ImageStageConfig, image_manifest, previous, stage: "image_stage.ImageStage",
                  tracking: MlflowTracking, compute: ComputeDevice, export: bool = False):
     device = compute.setup()
-    record = recipe.run_image_stage(previous, image_manifest, stage,
-                                    open_run(context, tracking, stage.name, image_manifest, previous.view_key),
-                                    config.model_dump(), export, compute.num_workers, device, context.log)
-    samples = recipe.augmented_samples(previous, image_manifest, stage,
-                                       Path(tempfile.mkdtemp(prefix="augment-")) / "augmented.png")
+    record = image_stage.run_image_stage(previous, image_manifest, stage,
+                                         open_run(context, tracking, stage.name, image_manifest, previous.view_key),
+                                         config.model_dump(), export, compute.num_workers, device, context.log)
+    samples = image_stage.augmented_samples(previous, image_manifest, stage,
+                                            Path(tempfile.mkdtemp(prefix="augment-")) / "augmented.png")
     return _stage_output(record, tracking, uuid.uuid4().hex,
                          augmented_samples=png_markdown(samples, f"augmentation {config.augmentation}"))
 
 
 def _checked_image_stage(context, config: ImageStageConfig, name: str, freeze_to: int, tracking: MlflowTracking,
-                         finder=None) -> "recipe.ImageStage":
+                         finder=None) -> "image_stage.ImageStage":
     arch, xtra_cut = arch_and_cut(context)
     return _checked(lambda: config.stage(name, freeze_to, finder), (arch, xtra_cut, config.size),
                     tracking_uri=tracking.tracking_uri)
@@ -207,9 +209,9 @@ def lr_find_unfrozen(context: dg.AssetExecutionContext, config: LrFindImagesConf
                      tracking: MlflowTracking, compute: ComputeDevice):
     """lr_find for the unfrozen network on augmented images (fastai: lr_find again after unfreeze)."""
     device = compute.setup()
-    result = recipe.lr_find_on_images(head_augmented, image_manifest, 0, config.lr_spread, config.batch_size,
-                                      config.seed, config.num_it, {"preset": config.augmentation},
-                                      compute.num_workers, device)
+    result = image_stage.lr_find_on_images(head_augmented, image_manifest, 0, config.lr_spread, config.batch_size,
+                                           config.seed, config.num_it, {"preset": config.augmentation},
+                                           compute.num_workers, device)
     return _lr_find_output(context, tracking, "lr_find_unfrozen", result, config.model_dump(), image_manifest,
                            head_augmented.view_key)
 

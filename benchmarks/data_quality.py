@@ -40,11 +40,11 @@ def head_epoch_seconds(entry, manifest) -> float:
     import numpy as np
     import torch
 
-    from precompute import recipe
     from precompute.heads import build_head
+    from precompute.rows import labelled_split
     from precompute.train import ArrayRows, Schedule, fit_head_on_cache
 
-    rows = recipe.labelled_split(manifest, sorted(set(manifest.loc[manifest.status == "ok", "label"])), "train")
+    rows = labelled_split(manifest, sorted(set(manifest.loc[manifest.status == "ok", "label"])), "train")
     x = entry.read(list(rows["image_id"]))
     torch.manual_seed(0)
     head = build_head(x.shape[1] // 2, 2)
@@ -73,7 +73,7 @@ def main() -> None:
     os.environ["PRECOMPUTE_HOME"] = str(work / "home")
     os.environ.pop("PRECOMPUTE_OVERRIDES", None)
     from assets import activations, data_quality, image_manifest
-    from precompute import recipe
+    from precompute.stages.cache_fill import open_entry
     from resources import ActivationStoreResource, ComputeDevice, ImageSource, MlflowTracking
 
     images = copy_tree(DOGSCATS, work / "images")
@@ -97,7 +97,7 @@ def main() -> None:
         ref = result.output_for_node("activations")
         manifest = result.output_for_node("image_manifest")
     findings = pd.read_csv(meta["csv"].value, keep_default_na=False)
-    entry = recipe.open_entry(resources["store"].get(), ref)
+    entry = open_entry(resources["store"].get(), ref)
     epoch = head_epoch_seconds(entry, manifest)
 
     pairs = findings[findings["finding"].isin(["leak", "duplicate"])]

@@ -89,12 +89,12 @@ def rel_errors(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def precompute(manifest, bb, ts, device: str, decoder: str = "pil", dtype: str = "float32", workers: int = 0):
-    from precompute import recipe
+    from precompute.stages import cache_fill
     from precompute.store import ActivationStore
 
     store = ActivationStore(tempfile.mkdtemp(prefix="gpu_check-store-"))
-    entry, stats, _ = recipe.precompute(manifest, store, bb, ts, True, dtype, batch_size=64, chunk_rows=1024,
-                                        num_workers=workers, device=device, decoder=decoder)
+    entry, stats, _ = cache_fill.precompute(manifest, store, bb, ts, True, dtype, batch_size=64, chunk_rows=1024,
+                                            num_workers=workers, device=device, decoder=decoder)
     if device == "cuda":
         torch.cuda.synchronize()
     if stats.failed:
@@ -120,18 +120,20 @@ def check(results: list, name: str, value: float, limit: float) -> None:
 
 
 def run_arch(arch: str, ref_manifest, bulk_manifest, workers: int, results: list, rows: list) -> None:
-    from precompute import recipe
+    from precompute.backbone import load_backbone, transform_for
     from precompute.heads import HeadConfig
     from precompute.manifest import ok_rows
+    from precompute.stages.head_stage import train_head_on_cache
+    from precompute.stages.image_stage import train_on_images
     from precompute.train import Schedule
     from precompute.weights import WeightsUnavailable
 
     try:
-        bb = recipe.load_backbone(arch)
+        bb = load_backbone(arch)
     except WeightsUnavailable as exc:
         print(f"{arch}: weights not on this machine, skipped ({str(exc).splitlines()[0]})")
         return
-    ts = recipe.transform_for(bb.spec, SIZE)
+    ts = transform_for(bb.spec, SIZE)
     if GPU == "cuda":
         warm_up(bb, ts)
     ids = list(ok_rows(ref_manifest)["image_id"].drop_duplicates())
@@ -160,7 +162,8 @@ def run_arch(arch: str, ref_manifest, bulk_manifest, workers: int, results: list
 
     heads = {}
     for k in ("cpu", "gpu_pil", "gpu_nvjpeg"):
-        rec = recipe.train_head_on_cache(runs[k][0], ref_manifest, bb, ts, HeadConfig(**HEAD), epochs=3, lr=3e-3, batch_size=64)
+        rec = train_head_on_cache(runs[k][0], ref_manifest, bb, ts, HeadConfig(**HEAD), epochs=3, lr=3e-3,
+                                  batch_size=64)
         heads[k] = rec
         last = rec.history[-1]
         n_train = int((ok_rows(ref_manifest, "train")).shape[0])
@@ -173,9 +176,9 @@ def run_arch(arch: str, ref_manifest, bulk_manifest, workers: int, results: list
     n_imgs = len(ok_rows(ref_manifest, "train")) + len(ok_rows(ref_manifest, "valid"))
     tuned = {}
     for device in (GPU, "cpu"):
-        rec = recipe.train_on_images(heads["cpu"], ref_manifest, "finetuned", Schedule("one_cycle", epochs=1), 1e-4,
-                                     freeze=0, batch_size=32, seed=0, num_workers=workers, device=device,
-                                     augmentation={"preset": "side_on"})
+        rec = train_on_images(heads["cpu"], ref_manifest, "finetuned", Schedule("one_cycle", epochs=1), 1e-4,
+                              freeze=0, batch_size=32, seed=0, num_workers=workers, device=device,
+                              augmentation={"preset": "side_on"})
         last = tuned[device] = rec.history[-1]
         what = "GPU, bf16 autocast" if device != "cpu" else f"CPU ({n_cpu} threads)"
         rows.append((arch, f"fine-tune epoch, {what}: acc {last['valid_accuracy']:.4f} loss {last['valid_loss']:.4f}",

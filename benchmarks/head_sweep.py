@@ -2,7 +2,7 @@
 
 tf_efficientnet_lite0 (pretrained, the default offline backbone: resnet34's pretrained weights are
 not on this machine), 128 px, pooled float32 rows of the 560 dogscats photos (400 train, 160 valid),
-computed once with ``recipe.precompute``. Then, side by side in one run:
+computed once with ``cache_fill.precompute``. Then, side by side in one run:
 
 - batched: ``precompute.sweep.head_sweep`` over 100 configurations x 5 epochs (lr 5 x ps 2 x
   xtra_fc 2 x wd 5), heads of one shape trained together as one stacked model;
@@ -30,11 +30,16 @@ import torch
 from torch import nn
 
 from _images import DOGSCATS, OUT, write_section
-from precompute import recipe, sweep
-from precompute.data import build_manifest, class_names, eval_transform
+from precompute import sweep
+from precompute.backbone import load_backbone, transform_for
 from precompute.heads import build_head
+from precompute.labels import class_names
+from precompute.manifest import build_manifest
+from precompute.rows import DEFAULT_MEMORY_BUDGET, cached_rows, image_loader, labelled_split
+from precompute.stages.cache_fill import precompute
 from precompute.store import ActivationStore
 from precompute.train import Schedule, fit
+from precompute.transforms import eval_transform
 
 ARCH, SIZE, BATCH, EPOCHS = "tf_efficientnet_lite0", 128, 64, 5
 GRID = dict(lr=[1e-3, 2e-3, 3e-3, 5e-3, 1e-2], ps=[None, 0.5], xtra_fc=[(512,), ()], epochs=[EPOCHS],
@@ -51,7 +56,7 @@ def frozen_body_epoch(bb, train_rows, transform, n_classes: int, n_features: int
     model = nn.Sequential(bb.body, head)
     steps = -(-len(train_rows) // BATCH)
     hist = fit(model, [bb.body, head], [0.0, 1e-3],
-               lambda gen: recipe.image_loader(train_rows, transform, BATCH, shuffle=True, seed=gen),
+               lambda gen: image_loader(train_rows, transform, BATCH, shuffle=True, seed=gen),
                lambda: [], steps, Schedule("one_cycle", epochs=1), freeze_bn_stats=False)
     return hist[0]["seconds"]
 
@@ -62,14 +67,14 @@ def main() -> None:
     args = p.parse_args()
     t0 = time.perf_counter()
     torch.manual_seed(0)
-    bb = recipe.load_backbone(ARCH)
-    ts = recipe.transform_for(bb.spec, SIZE)
+    bb = load_backbone(ARCH)
+    ts = transform_for(bb.spec, SIZE)
     manifest = build_manifest(DOGSCATS)
     classes = class_names(manifest)
     with tempfile.TemporaryDirectory(dir=OUT, prefix="store-") as root:
-        entry, stats, _ = recipe.precompute(manifest, ActivationStore(root), bb, ts)
-        train = recipe.cached_rows(entry, manifest, classes, "train", recipe.DEFAULT_MEMORY_BUDGET)
-        valid = recipe.cached_rows(entry, manifest, classes, "valid", recipe.DEFAULT_MEMORY_BUDGET)
+        entry, stats, _ = precompute(manifest, ActivationStore(root), bb, ts)
+        train = cached_rows(entry, manifest, classes, "train", DEFAULT_MEMORY_BUDGET)
+        valid = cached_rows(entry, manifest, classes, "valid", DEFAULT_MEMORY_BUDGET)
     n_features = train.x.shape[1] // 2
     print(f"precomputed {stats.computed} images in {stats.seconds:.1f} s; {len(train)} train / {len(valid)} valid rows "
           f"of {train.x.shape[1]} features", flush=True)
@@ -83,7 +88,7 @@ def main() -> None:
     cols = ["train_loss", "valid_loss", "valid_accuracy"]
     diff = np.abs(batched.table[cols].to_numpy() - alone.table[cols].to_numpy()).max()
 
-    train_rows = recipe.labelled_split(manifest, classes, "train")
+    train_rows = labelled_split(manifest, classes, "train")
     bb.body.requires_grad_(False)
     body = [frozen_body_epoch(bb, train_rows, eval_transform(ts), len(classes), n_features)
             for _ in range(args.body_epochs)]

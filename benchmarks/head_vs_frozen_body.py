@@ -3,11 +3,11 @@
 resnet34 (random weights: pretrained ones are not on this machine, and the cost of a forward pass
 does not depend on the values), cut as fastai cut it, 128 px, on the 400 dogscats training photos.
 
-- cached: ``recipe.precompute`` once (pooled float32), then ``fit_head_on_cache`` on ``ArrayRows``
+- cached: ``cache_fill.precompute`` once (pooled float32), then ``fit_head_on_cache`` on ``ArrayRows``
   read back from the store: fastai's ``precompute=True``.
 - frozen body: the same head (same seed) on ``nn.Sequential(body, head)``, body parameters frozen
   and its BatchNorm in eval mode (``set_frozen_bn_eval``, what ``fit`` does for a frozen group),
-  images decoded and transformed every epoch by a DataLoader (``recipe.image_loader``,
+  images decoded and transformed every epoch by a DataLoader (``rows.image_loader``,
   num_workers=0 as the recipe's default): fastai's ``precompute=False`` without augmentation.
 
 Both go through ``precompute.train.fit`` (AdamW, one-cycle, batch 64) and the time is the training
@@ -34,11 +34,16 @@ import torch
 from torch import nn
 
 from _images import DOGSCATS, OUT, write_section
-from precompute import recipe
-from precompute.data import build_manifest, class_names, eval_transform, load_rgb
+from precompute.backbone import load_backbone, transform_for
 from precompute.heads import build_head
+from precompute.images import load_rgb
+from precompute.labels import class_names
+from precompute.manifest import build_manifest
+from precompute.rows import image_loader, labelled_split
+from precompute.stages.cache_fill import precompute
 from precompute.store import ActivationStore
 from precompute.train import ArrayRows, Schedule, fit, fit_head_on_cache
+from precompute.transforms import eval_transform
 
 ARCH, SIZE, BATCH, LR, TARGET = "resnet34", 128, 64, 1e-3, 100.0
 CACHED_EPOCHS = 20  # per round: one cached epoch is tens of ms, so take the best of many
@@ -55,15 +60,15 @@ def main() -> None:
     args = p.parse_args()
     t0 = time.perf_counter()
     torch.manual_seed(0)
-    bb = recipe.load_backbone(ARCH, weights="random")
-    ts = recipe.transform_for(bb.spec, SIZE)
+    bb = load_backbone(ARCH, weights="random")
+    ts = transform_for(bb.spec, SIZE)
     manifest = build_manifest(DOGSCATS)
     classes = class_names(manifest)
-    train = recipe.labelled_split(manifest, classes, "train")
+    train = labelled_split(manifest, classes, "train")
     n = len(train)
     transform = eval_transform(ts)
     with tempfile.TemporaryDirectory(dir=OUT, prefix="store-") as root:
-        entry, stats, _ = recipe.precompute(manifest, ActivationStore(root), bb, ts)
+        entry, stats, _ = precompute(manifest, ActivationStore(root), bb, ts)
         rows = ArrayRows(entry.read(list(train["image_id"])), train["target"].to_numpy())
     print(f"precomputed {stats.computed} images once in {stats.seconds:.1f} s ({stats.images_per_s:.1f} img/s); "
           f"{n} training rows of {rows.x.shape[1]} features", flush=True)
@@ -82,7 +87,7 @@ def main() -> None:
         head = new_head(n_features, len(classes))
         model = nn.Sequential(bb.body, head)
         hist = fit(model, [bb.body, head], [0.0, LR],
-                   lambda gen: recipe.image_loader(train, transform, BATCH, shuffle=True, seed=gen),
+                   lambda gen: image_loader(train, transform, BATCH, shuffle=True, seed=gen),
                    lambda: [], steps, Schedule("one_cycle", epochs=1), freeze_bn_stats=False)
         return hist[0]["seconds"]
 

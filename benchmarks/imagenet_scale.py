@@ -15,9 +15,9 @@ starts, e.g. the Dask workers, at 5 Hz; the child also reports its own ``ru_maxr
 4. precompute: the ``precompute_sharded`` job (pipelines/sharding.py) in this process, its 2 shards
    as tasks on a 2-worker Dask LocalCluster (1 thread each), tf_efficientnet_lite0 at 32 px, pooled,
    float16, 256-row chunks; the step's scan reads nothing (warm index);
-5. one head epoch on the cache (``recipe.train_head_on_cache``, linear head, one_cycle, memory budget 0:
+5. one head epoch on the cache (``head_stage.train_head_on_cache``, linear head, one_cycle, memory budget 0:
    rows streamed chunk by chunk in shuffled chunk order);
-6. the evaluation of that head on the valid split from the cache (``recipe.evaluate_on_cache``);
+6. the evaluation of that head on the valid split from the cache (``inference.evaluate_on_cache``);
 7. the sensor tick (pipelines/sensors.py) on the unchanged folder, after a first tick set its cursor.
 
 Reported per stage: wall seconds, images/s, peak RSS of every process, the store's bytes and objects,
@@ -153,7 +153,7 @@ def _tree_bytes(root: Path) -> tuple[int, int]:
 
 
 def _scan(folder: Path, work: Path) -> dict:
-    from precompute.data import build_manifest
+    from precompute.manifest import build_manifest
     from precompute.scan_index import Scan, ScanIndex
 
     scan = Scan(index=ScanIndex(work / "index"))
@@ -177,12 +177,13 @@ def _resources(folder: Path, work: Path, dask=None) -> dict:
 
 
 def _entry(work: Path):
-    from precompute import recipe
+    from precompute.backbone import load_backbone, transform_for
+    from precompute.stages.cache_fill import activation_key
     from precompute.store import ActivationStore
 
-    bb = recipe.load_backbone(ARCH)
-    ts = recipe.transform_for(bb.spec, SIZE)
-    return bb, ts, ActivationStore(str(work / "store")).entry(recipe.activation_key(bb, ts, True, DTYPE))
+    bb = load_backbone(ARCH)
+    ts = transform_for(bb.spec, SIZE)
+    return bb, ts, ActivationStore(str(work / "store")).entry(activation_key(bb, ts, True, DTYPE))
 
 
 def _manifest(work: Path):
@@ -231,15 +232,17 @@ def stage(name: str, folder: Path, work: Path, n: int) -> dict:
     elif name == "head_epoch":
         import torch
 
-        from precompute import recipe
         from precompute.heads import HeadConfig
+        from precompute.inference import evaluate_on_cache
+        from precompute.records import checked_record
+        from precompute.stages.head_stage import train_head_on_cache
         from precompute.train import Schedule
 
         manifest = _manifest(work)
         bb, ts, entry = _entry(work)
         t = _start()
-        record = recipe.train_head_on_cache(entry, manifest, bb, ts, HeadConfig(xtra_fc=[]), lr=3e-2, batch_size=256,
-                                            memory_budget=0, schedule=Schedule("one_cycle", epochs=1))
+        record = train_head_on_cache(entry, manifest, bb, ts, HeadConfig(xtra_fc=[]), lr=3e-2, batch_size=256,
+                                     memory_budget=0, schedule=Schedule("one_cycle", epochs=1))
         seconds = time.perf_counter() - t
         torch.save(record.to_dict(), work / "head.pt")
         train = int(((manifest["split"] == "train") & (manifest["status"] == "ok")).sum())
@@ -248,13 +251,11 @@ def stage(name: str, folder: Path, work: Path, n: int) -> dict:
     elif name == "evaluation":
         import torch
 
-        from precompute import recipe
-
         manifest = _manifest(work)
         _, _, entry = _entry(work)
-        record = recipe.checked_record(torch.load(work / "head.pt", weights_only=True), "head.pt")
+        record = checked_record(torch.load(work / "head.pt", weights_only=True), "head.pt")
         t = _start()
-        probs, y = recipe.evaluate_on_cache(record, entry, manifest)
+        probs, y = evaluate_on_cache(record, entry, manifest)
         seconds = time.perf_counter() - t
         out = {"seconds": seconds, "images": len(y), "accuracy": float((probs.argmax(1) == y).mean())}
     elif name in ("sensor_first", "sensor_unchanged"):

@@ -49,7 +49,7 @@ TARGET_INC, TARGET_RESUME = 0.10, 0.60
 
 def indexed_scans(folder: Path, rows, old_rows, tmp: Path) -> tuple[float, float]:
     """(cold, +5%) seconds of manifest scans through a scan index, as the pipeline runs them."""
-    from precompute.data import build_manifest
+    from precompute.manifest import build_manifest
     from precompute.scan_index import Scan, ScanIndex
 
     index, listing = ScanIndex(tmp / "scan_index"), tmp / "scan" / "labels.csv"
@@ -69,14 +69,15 @@ def child(store_root: str, rows_csv: str) -> None:
     t0 = time.perf_counter()
     import pandas as pd
 
-    from precompute import recipe
-    from precompute.data import eval_transform
+    from precompute.backbone import load_backbone, transform_for
     from precompute.features import compute_activations
+    from precompute.stages.cache_fill import activation_key
     from precompute.store import ActivationStore
+    from precompute.transforms import eval_transform
 
-    bb = recipe.load_backbone(ARCH)
-    ts = recipe.transform_for(bb.spec, IMAGE_PX)
-    entry = ActivationStore(store_root).entry(recipe.activation_key(bb, ts))
+    bb = load_backbone(ARCH)
+    ts = transform_for(bb.spec, IMAGE_PX)
+    entry = ActivationStore(store_root).entry(activation_key(bb, ts))
     rows = pd.read_csv(rows_csv)
     startup = time.perf_counter() - t0
     cpu = os.times()
@@ -111,7 +112,7 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=2)
     args = p.parse_args()
     t0 = time.perf_counter()
-    from precompute.data import build_manifest, ok_rows
+    from precompute.manifest import build_manifest, ok_rows
 
     folder = image_set(N_IMAGES)
     t = time.perf_counter()

@@ -131,7 +131,7 @@ def s3_part(folder: Path, new: Path, n: int) -> dict:
     import boto3
     from moto.server import ThreadedMotoServer
 
-    from precompute.data import build_manifest
+    from precompute.manifest import build_manifest
     from precompute.scan_index import Scan, ScanIndex
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -192,7 +192,7 @@ def main() -> None:
     import logging
 
     logging.getLogger("precompute").setLevel(logging.ERROR)  # per-row warnings would flood the output
-    from precompute.data import build_manifest
+    from precompute.manifest import build_manifest
     from precompute.scan_index import Scan, ScanIndex
 
     n, n_new = args.n, int(round(args.n * NEW_FRACTION))

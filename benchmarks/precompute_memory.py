@@ -34,17 +34,18 @@ def child(folder: str, store_root: str) -> None:
     import os
     import resource
 
-    from precompute import recipe
-    from precompute.data import build_manifest
+    from precompute.backbone import load_backbone, transform_for
+    from precompute.manifest import build_manifest
+    from precompute.stages.cache_fill import precompute
     from precompute.store import ActivationStore
 
     max_rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB (Linux)
     now_rss = lambda: psutil.Process().memory_info().rss / 2**20
-    bb = recipe.load_backbone(ARCH)
+    bb = load_backbone(ARCH)
     baseline, per_chunk = max_rss(), []
     manifest = build_manifest(folder)
-    _, stats, _ = recipe.precompute(manifest, ActivationStore(store_root), bb, recipe.transform_for(bb.spec, IMAGE_PX),
-                                    on_progress=lambda done, total: per_chunk.append(now_rss()))
+    _, stats, _ = precompute(manifest, ActivationStore(store_root), bb, transform_for(bb.spec, IMAGE_PX),
+                             on_progress=lambda done, total: per_chunk.append(now_rss()))
     print(json.dumps({"baseline": baseline, "peak": max_rss(), "per_chunk": per_chunk, **stats.as_dict()}), flush=True)
     os._exit(0)  # skip interpreter teardown: it briefly adds ~100 MiB RSS that is not precompute's
 

@@ -1,8 +1,8 @@
 """Our precompute against the loop a person would write by hand: is the cache machinery free?
 
 All sides do the same work in the same process: tf_efficientnet_lite0 from
-``recipe.load_backbone`` (the same weights object), the same images, the same decode
-(``precompute.data.load_rgb``) and ``eval_transform``, batch 32, pooled float32 (fastai's concat
+``backbone.load_backbone`` (the same weights object), the same images, the same decode
+(``precompute.images.load_rgb``) and ``eval_transform``, batch 32, pooled float32 (fastai's concat
 of max and avg pool), torch's default thread count.
 
 - ours: ``compute_activations`` into a fresh store every repetition, Zarr commits included
@@ -41,11 +41,14 @@ import numpy as np
 import torch
 
 from _images import DOGSCATS, OUT, image_set, write_section
-from precompute import recipe
-from precompute.data import build_manifest, eval_transform, load_rgb, ok_rows
+from precompute.backbone import load_backbone, transform_for
 from precompute.features import compute_activations
 from precompute.heads import concat_pool
+from precompute.images import load_rgb
+from precompute.manifest import build_manifest, ok_rows
+from precompute.stages.cache_fill import activation_key
 from precompute.store import ActivationStore
+from precompute.transforms import eval_transform
 
 ARCH, BATCH, TARGET = "tf_efficientnet_lite0", 32, 0.95
 SETS = [("dogscats photos", lambda: DOGSCATS, 224, 3), ("derived JPEGs", lambda: image_set(4000), 64, 3)]
@@ -90,8 +93,8 @@ def handwritten(body, paths: list[str], transform, out: Path, channels_last: boo
 
 def run_set(label: str, folder: Path, size: int, reps: int, bb) -> dict:
     rows = ok_rows(build_manifest(folder)).drop_duplicates("image_id")
-    ts = recipe.transform_for(bb.spec, size)
-    transform, key, n = eval_transform(ts), recipe.activation_key(bb, ts), len(rows)
+    ts = transform_for(bb.spec, size)
+    transform, key, n = eval_transform(ts), activation_key(bb, ts), len(rows)
     paths = list(rows["path"])
     with torch.inference_mode():  # warm-up: oneDNN picks its kernels on the first batches, in both layouts
         x = torch.stack([transform(load_rgb(p)) for p in paths[:BATCH]])
@@ -129,7 +132,7 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=None, help="repetitions per side (default: 3 per set)")
     args = p.parse_args()
     t0 = time.perf_counter()
-    bb = recipe.load_backbone(ARCH)
+    bb = load_backbone(ARCH)
     results = [run_set(label, folder(), size, args.reps or reps, bb) for label, folder, size, reps in SETS]
     lines = ["| images | px | reps | ours img/s | hand-written img/s | hand-written channels-last img/s "
              "| ours / hand-written | ours / hand-written channels-last | max abs diff |",
@@ -150,7 +153,7 @@ def main() -> None:
                 f"({r['ratio'][side]:.2f}x best over best), target >= {TARGET}: "
                 f"{'PASS' if r['paired'][side] >= TARGET else 'MISS'}; vs the other loop {r['paired'][other]:.2f}x")
     verdicts = [verdict(r) for r in results]
-    notes = (f"{ARCH} (pretrained, recipe.load_backbone), pooled float32, batch {BATCH}, num_workers=0, "
+    notes = (f"{ARCH} (pretrained, load_backbone), pooled float32, batch {BATCH}, num_workers=0, "
              f"{torch.get_num_threads()} torch threads, CPU; all sides in one process on the same body, repetitions "
              "rotating the order. img/s: best (median). Ours = compute_activations into a fresh store (index check, "
              "DataLoader, body in channels-last, 256-row chunks committed to Zarr with the default codec); hand-written = "

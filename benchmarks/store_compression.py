@@ -1,7 +1,7 @@
 """How well each store codec compresses real activations, and how fast it writes and reads them.
 
 Activations: tf_efficientnet_lite0 at 224 px over 256 dogscats photos (both classes and splits),
-computed once with ``recipe.precompute`` (spatial, float32) into ``benchmarks/out/compression-store``
+computed once with ``cache_fill.precompute`` (spatial, float32) into ``benchmarks/out/compression-store``
 and reused on later runs. The other three arrays are derived exactly as precompute would store
 them: pooled = ``concat_pool`` of the spatial map (max and avg, 2560 values), float16 = ``astype``.
 
@@ -40,8 +40,9 @@ import zarr
 import zarr.codecs
 
 from _images import DOGSCATS, OUT, write_section
-from precompute import recipe
-from precompute.data import build_manifest, ok_rows
+from precompute.backbone import load_backbone, transform_for
+from precompute.stages.cache_fill import precompute
+from precompute.manifest import build_manifest, ok_rows
 from precompute.heads import concat_pool
 from precompute import store as store_module
 from precompute.store import COMPRESSORS, ActivationStore, CacheKey, Entry
@@ -64,10 +65,10 @@ TARGET = 0.5
 
 
 def activations() -> dict[str, np.ndarray]:
-    bb = recipe.load_backbone("tf_efficientnet_lite0")
+    bb = load_backbone("tf_efficientnet_lite0")
     rows = ok_rows(build_manifest(DOGSCATS)).sample(N_PHOTOS, random_state=0)
-    entry, stats, _ = recipe.precompute(rows, ActivationStore(OUT / "compression-store"), bb,
-                                        recipe.transform_for(bb.spec, SIZE), pooled=False)
+    entry, stats, _ = precompute(rows, ActivationStore(OUT / "compression-store"), bb,
+                                 transform_for(bb.spec, SIZE), pooled=False)
     print(f"activations: {stats.computed} computed, {stats.reused} reused, {stats.seconds:.0f} s")
     spatial = entry.read(list(rows["image_id"]))
     pooled = concat_pool(torch.from_numpy(spatial)).numpy()

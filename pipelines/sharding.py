@@ -40,7 +40,7 @@ class ShardJob:
     """Everything a shard task needs, as plain values (the workers build their own store and backbone)."""
     arch: str
     xtra_cut: int
-    settings: dict            # recipe.CacheSettings fields
+    settings: dict            # cache_fill.CacheSettings fields
     store_root: str
     store_options: dict
     compressor: str
@@ -55,7 +55,8 @@ def compute_shard(job: ShardJob, manifest, shard: int) -> dict:
     """One shard, in a Dask worker: its rows of ``manifest`` into the store; returns its stats."""
     from distributed import get_worker
 
-    from precompute import recipe
+    from precompute.backbone import load_backbone, transform_for
+    from precompute.stages.cache_fill import CacheSettings, precompute
     from precompute.store import DEFAULT_COMPRESSOR, ActivationStore
     from resources import resolve_device
 
@@ -70,13 +71,13 @@ def compute_shard(job: ShardJob, manifest, shard: int) -> dict:
                                          "done": done, "total": total, "seconds": now - start})
 
     device = resolve_device(job.device, job.num_threads)
-    settings = recipe.CacheSettings(**job.settings)
-    bb = recipe.load_backbone(job.arch, job.xtra_cut, settings.weights, settings.weights_path)
+    settings = CacheSettings(**job.settings)
+    bb = load_backbone(job.arch, job.xtra_cut, settings.weights, settings.weights_path)
     store = ActivationStore(job.store_root, job.store_options, job.compressor or DEFAULT_COMPRESSOR)
-    entry, stats, _ = recipe.precompute(manifest, store, bb, recipe.transform_for(bb.spec, settings.size),
-                                        settings.pooled, settings.dtype, settings.batch_size, settings.chunk_rows,
-                                        job.num_workers, device, progress, shard=(shard, job.shards),
-                                        decoder=settings.decoder)
+    entry, stats, _ = precompute(manifest, store, bb, transform_for(bb.spec, settings.size),
+                                 settings.pooled, settings.dtype, settings.batch_size, settings.chunk_rows,
+                                 job.num_workers, device, progress, shard=(shard, job.shards),
+                                 decoder=settings.decoder)
     return {"shard": shard, "entry": entry.rel, "worker": worker.address, "pid": pid, **stats.as_dict()}
 
 
@@ -114,8 +115,8 @@ def run_shards(client, job: ShardJob, manifest, log, retries: int, no_workers_ti
     """Submit one task per shard, log the workers' events as they come, return the shards' stats in order."""
     import distributed
 
-    from precompute.data import ok_rows
     from precompute.features import in_shard
+    from precompute.manifest import ok_rows
 
     rows = ok_rows(manifest)
     worker_log = _WorkerLog(log, job.shards)

@@ -1,7 +1,7 @@
 """precompute: transfer learning on cached activations of a pretrained CNN (fast.ai's precompute=True).
 
 ``from precompute import Learner`` is the public face (see precompute.learner); the modules below
-it (archs, manifest, labels, images, transforms, store, train, recipe, ...) are usable on their
+it (archs, manifest, labels, images, transforms, store, train, stages, ...) are usable on their
 own. The Learner is imported on first use, so ``import precompute.store`` stays light.
 """
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from precompute.inference import predict_paths
 from precompute.manifest import scan_images
-from precompute.recipe import checked_record, predict_paths
-from precompute.records import StageRecord
+from precompute.records import StageRecord, checked_record
 
 MODEL_ARTIFACT_DIR = "model"
 

@@ -96,7 +96,8 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         import torch
 
-        from precompute.recipe import checked_record, rebuild
+        from precompute.inference import rebuild
+        from precompute.records import checked_record
         from precompute.transforms import eval_transform
 
         path = context.artifacts[RECORD_ARTIFACT]

@@ -290,8 +290,7 @@ class RunLogger:
         bytes in, the stage's own transform, classes and probabilities out), registered in the Model
         Registry as ``precompute-<arch>-cut<n>``. Returns mlflow's ModelInfo (``registered_model_version``)."""
         from precompute import serving
-        from precompute.recipe import save_model
-        from precompute.records import StageRecord, require_typed
+        from precompute.records import StageRecord, require_typed, save_model
 
         record = require_typed(record, StageRecord, "the record to log")
         with _fluent_tracking_uri(self.client.tracking_uri), tempfile.TemporaryDirectory() as tmp, \

@@ -32,8 +32,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from precompute.data import TransformSpec, build_manifest, eval_transform, ok_rows
+from precompute.manifest import build_manifest, ok_rows
 from precompute.store import CODE_VERSION, ActivationStore, CacheKey
+from precompute.transforms import TransformSpec, eval_transform
 
 IMAGE_SIZE = 48  # network input; the photos are bigger and get resized + center-cropped
 TRANSFORM = TransformSpec(size=IMAGE_SIZE)

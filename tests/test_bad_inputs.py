@@ -16,18 +16,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from precompute import recipe
-from precompute.data import (
-    IMAGE_EXTENSIONS,
-    STATUSES,
-    ManifestError,
-    build_manifest,
-    class_names,
-    load_rgb,
-    manifest_summary,
-    ok_rows,
-)
+from precompute.backbone import load_backbone, transform_for
 from precompute.heads import HeadConfig
+from precompute.images import load_rgb
+from precompute.labels import class_names
+from precompute.manifest import IMAGE_EXTENSIONS, STATUSES, ManifestError, build_manifest, manifest_summary, ok_rows
+from precompute.rows import labelled_split
+from precompute.stages.cache_fill import precompute, verify_entry
+from precompute.stages.head_stage import train_head_on_cache
 from precompute.store import ActivationStore
 from precompute.validate import check_manifest
 from tests.conftest import (BAD_CLASS, BAD_NAME, bytes_path, can_use_bytes_names, needs_photos, opened_files, photos,
@@ -52,7 +48,7 @@ def image_files_on_disk(root: Path) -> list[str]:
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_end_to_end_every_bad_input_together(messy, tmp_path, caplog):
     root, outside, expected = messy
-    with opened_files() as opened, caplog.at_level(logging.WARNING, "precompute.data"):
+    with opened_files() as opened, caplog.at_level(logging.WARNING, "precompute.manifest"):
         df = build_manifest(root)
 
     # the report: every file a row, every row a status, every skipped row a reason
@@ -85,21 +81,21 @@ def test_end_to_end_every_bad_input_together(messy, tmp_path, caplog):
         assert load_rgb(row.path).size == (row.width, row.height)
 
     # precompute: a row for every usable image, none for anything else
-    bb = recipe.load_backbone("resnet18", weights="random")
-    ts = recipe.transform_for(bb.spec, 32)
-    entry, stats, _ = recipe.precompute(df, ActivationStore(str(tmp_path / "store")), bb, ts, batch_size=4,
-                                        chunk_rows=4)
+    bb = load_backbone("resnet18", weights="random")
+    ts = transform_for(bb.spec, 32)
+    entry, stats, _ = precompute(df, ActivationStore(str(tmp_path / "store")), bb, ts, batch_size=4,
+                                 chunk_rows=4)
     assert stats.images == stats.computed == ok.image_id.nunique() == 14
     assert entry.missing(ok.image_id) == []
     assert not entry.missing(ok.image_id) and len(entry) == 14
-    assert all(passed for passed, _ in recipe.verify_entry(entry, df).values())
+    assert all(passed for passed, _ in verify_entry(entry, df).values())
 
     # the head trains on the usable rows; the unseen class is neither a class nor in the accuracy
-    record = recipe.train_head_on_cache(entry, df, bb, ts, HeadConfig(xtra_fc=[8]),
-                                        epochs=1, batch_size=4)
+    record = train_head_on_cache(entry, df, bb, ts, HeadConfig(xtra_fc=[8]),
+                                 epochs=1, batch_size=4)
     assert record.classes == ["cats", "dogs"]
     assert np.isfinite(record.history[-1]["valid_loss"])
-    valid = recipe.labelled_split(df, record.classes, "valid")
+    valid = labelled_split(df, record.classes, "valid")
     assert len(valid) == len(ok_rows(df, "valid")) == 4 and "foxes" not in set(valid.label)
 
 
@@ -169,7 +165,7 @@ def test_empty_class_folder_is_a_row_and_not_a_class(tmp_path):
 
 def test_class_only_in_validation_is_left_out_with_a_warning(tmp_path, caplog):
     _tiny_images(tmp_path, ["train/a/1.png", "train/b/2.png", "valid/a/3.png", "valid/c/4.png", "valid/c/5.png"])
-    with caplog.at_level(logging.WARNING, "precompute.data"):
+    with caplog.at_level(logging.WARNING, "precompute.manifest"):
         df = build_manifest(tmp_path)
     assert df.set_index("relpath").loc[["valid/c/4.png", "valid/c/5.png"], "status"].eq("unseen_class").all()
     assert "{'c': 2}" in caplog.text
@@ -186,7 +182,7 @@ def test_identical_bytes_under_two_labels_are_left_out(tmp_path, caplog):
     _tiny_images(tmp_path, ["train/a/1.png", "train/b/2.png", "valid/a/3.png", "valid/b/4.png"])
     shutil.copy(tmp_path / "train/a/1.png", tmp_path / "train/b/copy.png")
     shutil.copy(tmp_path / "train/b/2.png", tmp_path / "valid/b/leak.png")  # same label, two splits: a warning
-    with caplog.at_level(logging.WARNING, "precompute.data"):
+    with caplog.at_level(logging.WARNING, "precompute.manifest"):
         df = build_manifest(tmp_path).set_index("relpath")
     assert df.loc[["train/a/1.png", "train/b/copy.png"], "status"].eq("conflicting_label").all()
     assert "train/b/copy.png (b)" in df.loc["train/a/1.png", "reason"]

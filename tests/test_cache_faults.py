@@ -22,9 +22,9 @@ import pytest
 import zarr
 
 from precompute.cli import main as cli
-from precompute.data import eval_transform
 from precompute.features import compute_activations
 from precompute.store import ActivationStore, CacheCorruption
+from precompute.transforms import eval_transform
 from tests._precompute_worker import TRANSFORM, SlowBody, make_key, manifest_of, write_images
 
 PROJECT = Path(__file__).resolve().parents[1]

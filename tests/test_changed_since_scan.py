@@ -22,14 +22,17 @@ import numpy as np
 import pytest
 import torch
 
-from precompute import Learner, recipe
+from precompute import Learner
 from precompute.archs import get_arch
-from precompute.data import build_manifest, eval_transform, load_rgb, ok_rows
+from precompute.backbone import load_backbone, transform_for
 from precompute.features import _collate, _Isolated, compute_activations
 from precompute.heads import concat_pool
-from precompute.images import ChangedSinceScan, read_checked
+from precompute.images import ChangedSinceScan, load_rgb, read_checked
+from precompute.manifest import build_manifest, ok_rows
+from precompute.rows import without_failed
+from precompute.stages.cache_fill import activation_key, open_entry, precompute, verify_entry
 from precompute.store import ActivationStore
-from precompute.transforms import EncodedImageDataset, ImageDataset, TransformSpec
+from precompute.transforms import EncodedImageDataset, ImageDataset, TransformSpec, eval_transform
 from tests._precompute_worker import TRANSFORM, SlowBody, make_key
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -56,8 +59,8 @@ def resnet(tmp_path):
     torch.manual_seed(0)
     weights = tmp_path / "resnet18.pt"
     torch.save(get_arch("resnet18").build().state_dict(), weights)
-    bb = recipe.load_backbone("resnet18", weights_path=str(weights))
-    return bb, recipe.transform_for(bb.spec, SIZE), weights
+    bb = load_backbone("resnet18", weights_path=str(weights))
+    return bb, transform_for(bb.spec, SIZE), weights
 
 
 def forward(bb, ts, path: Path) -> np.ndarray:
@@ -78,17 +81,17 @@ def test_replaced_image_is_a_failed_row_and_the_original_is_computed_when_it_is_
     original, image_id = victim.read_bytes(), id_of(manifest, victim)
     victim.write_bytes(spare(dogscats).read_bytes())
 
-    entry, stats, view = recipe.precompute(manifest, store, bb, ts, batch_size=8)
+    entry, stats, view = precompute(manifest, store, bb, ts, batch_size=8)
 
     n = ok_rows(manifest)["image_id"].nunique()
     assert (stats.computed, len(stats.failed)) == (n - 1, 1)
     assert_changed(stats.failed, victim, image_id)
     assert entry.missing([image_id]) == [image_id]  # nothing stored under the old hash
-    checks = recipe.verify_entry(entry, manifest, stats.failed)
+    checks = verify_entry(entry, manifest, stats.failed)
     assert not checks["rows_match_manifest"][0] and not checks["every_image_accounted_for"][0]
     named = " ".join(checks["rows_match_manifest"][1]["missing_images"])
     assert f"{victim}: changed_since_scan" in named
-    marked = recipe.without_failed(manifest, stats.failed)
+    marked = without_failed(manifest, stats.failed)
     row = marked.set_index("path").loc[str(victim)]
     assert row.status == "failed" and row.reason.startswith("changed_since_scan")
     assert [r["damaged"] for r in store.verify()] == [{}]  # `cache verify`: what is stored is sound
@@ -96,7 +99,7 @@ def test_replaced_image_is_a_failed_row_and_the_original_is_computed_when_it_is_
     victim.write_bytes(original)  # back as it was: the same manifest again, and the true row
     again = build_manifest(tiny_tree)
     assert id_of(again, victim) == image_id
-    entry, stats, _ = recipe.precompute(again, store, bb, ts, batch_size=8)
+    entry, stats, _ = precompute(again, store, bb, ts, batch_size=8)
     assert (stats.computed, stats.reused, stats.failed) == (1, n - 1, [])
     np.testing.assert_allclose(entry.read([image_id])[0], forward(bb, ts, victim), rtol=1e-5, atol=1e-5)
 
@@ -210,7 +213,7 @@ def test_learner_leaves_a_replaced_image_out_and_a_new_learner_computes_the_orig
     assert row.status == "failed" and row.reason.startswith("changed_since_scan")
     learn.fit(1e-3, 1)  # trains without it
     assert len(learn.history) == 1
-    entry = ActivationStore(str(store)).entry(recipe.activation_key(bb, ts))
+    entry = ActivationStore(str(store)).entry(activation_key(bb, ts))
     assert entry.missing([image_id]) == [image_id]
 
     victim.write_bytes(original)
@@ -229,7 +232,7 @@ def test_learner_on_a_read_only_store_lacking_rows_fails_before_the_body_runs(tm
     shutil.copy(spare(dogscats), tiny_tree / "train" / "dogs" / "new.jpg")  # a row the store lacks
     code = textwrap.dedent(f"""
         from pathlib import Path
-        from precompute import Learner, recipe
+        from precompute import Learner
         from precompute.manifest import build_manifest
         from precompute.stages import cache_fill  # where the cache fill calls the body
 
@@ -241,7 +244,7 @@ def test_learner_on_a_read_only_store_lacking_rows_fails_before_the_body_runs(tm
         try:
             Learner.pretrained("resnet18", tree, **kw)
             raise SystemExit("no error")
-        except recipe.ReadOnlyStore as e:
+        except cache_fill.ReadOnlyStore as e:
             print("REFUSED", e)
         old = build_manifest(tree)
         old = old[old.path != str(new)]
@@ -305,7 +308,7 @@ def test_dagster_run_shows_the_replaced_image_and_stores_no_stale_row(tmp_path, 
         ref = result.output_for_node("activations")
         (image_id, path, reason), = ref.failed_images
         assert path == str(victim) and reason.startswith("changed_since_scan")
-        entry = recipe.open_entry(ActivationStore(str(tmp_path / "store")), ref)
+        entry = open_entry(ActivationStore(str(tmp_path / "store")), ref)
         assert entry.missing([image_id]) == [image_id]  # no stale row
         assert sensor_tick(seen).run_requests  # the sensor sees the changed file: a run that scans again
 

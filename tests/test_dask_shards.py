@@ -16,8 +16,8 @@ import dagster as dg
 import pytest
 from distributed import Client, LocalCluster, WorkerPlugin
 
-from precompute.data import build_manifest, ok_rows
 from precompute.features import in_shard
+from precompute.manifest import build_manifest, ok_rows
 from precompute.store import ActivationStore
 from resources import DaskCluster
 from tests.conftest import copy_tree

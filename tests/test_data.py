@@ -10,19 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from precompute.data import (
-    MANIFEST_COLUMNS,
-    ImageDataset,
-    ManifestError,
-    TransformSpec,
-    build_manifest,
-    class_names,
-    eval_transform,
-    load_rgb,
-    ok_rows,
-    train_transform,
-)
 from precompute.demo_data import write_digits_folder
+from precompute.images import load_rgb
+from precompute.labels import class_names
+from precompute.manifest import MANIFEST_COLUMNS, ManifestError, build_manifest, ok_rows
+from precompute.transforms import ImageDataset, TransformSpec, eval_transform, train_transform
 
 DOGSCATS = Path(__file__).resolve().parents[1].parent / "shared/data/dogscats"
 needs_photos = pytest.mark.skipif(not DOGSCATS.is_dir(), reason=f"real photos not found at {DOGSCATS}")

@@ -10,11 +10,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from precompute import recipe
+from precompute.backbone import load_backbone, transform_for
 from precompute.manifest import build_manifest
 from precompute.quality import QualityOptions, data_quality_tables
 from precompute.quality.labels import LabelCheckRefused, label_issues
 from precompute.quality.planting import copy_tree, plant_faults
+from precompute.stages.cache_fill import precompute
 from precompute.store import ActivationStore
 
 ARCH, SIZE = "tf_efficientnet_lite0", 128
@@ -42,10 +43,10 @@ def cached(tmp_path_factory, dogscats):
     planted = plant_faults(faulty, n_dup=2, n_flip=2, seed=1, kinds=(0, 2))  # resized, jittered
     outlier_image(faulty / "train" / "cats" / "planted_outlier.jpg")
     m_clean, m_faulty = build_manifest(clean), build_manifest(faulty)
-    bb = recipe.load_backbone(ARCH)
-    ts = recipe.transform_for(bb.spec, SIZE)
+    bb = load_backbone(ARCH)
+    ts = transform_for(bb.spec, SIZE)
     store = ActivationStore(str(root / "store"))
-    entry, _, _ = recipe.precompute(pd.concat([m_clean, m_faulty], ignore_index=True), store, bb, ts)
+    entry, _, _ = precompute(pd.concat([m_clean, m_faulty], ignore_index=True), store, bb, ts)
     return m_clean, m_faulty, entry, planted
 
 

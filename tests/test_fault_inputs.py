@@ -24,10 +24,13 @@ import torch
 from PIL import Image
 
 from tests._precompute_worker import SlowBody, TRANSFORM, make_key, manifest_of, write_images
-from precompute import recipe
+from precompute.rows import DEFAULT_MEMORY_BUDGET, cached_rows, failed_images, without_failed
+from precompute.stages.cache_fill import verify_entry
+from precompute.stages.head_stage import load_head_result, save_head_result
 from precompute.archs import get_arch
-from precompute.data import (MAX_ASPECT_RATIO, STATUSES, ImageDataset, ImageLoadError, TransformSpec, build_manifest,
-                             eval_transform, ok_rows)
+from precompute.images import MAX_ASPECT_RATIO, ImageLoadError
+from precompute.manifest import STATUSES, build_manifest, ok_rows
+from precompute.transforms import ImageDataset, TransformSpec, eval_transform
 from precompute.features import compute_activations
 from precompute.heads import ALLOWED_HEADS_ENV, HEADS, HeadConfig, UnknownHead, build_head, register_head
 from precompute.store import ActivationStore
@@ -97,7 +100,7 @@ def test_precompute_goes_on_when_an_image_breaks_after_the_scan(tmp_path, num_wo
     assert np.abs(entry.read(good)).sum(axis=1).min() > 0
     assert json.loads(json.dumps(stats.as_dict()))["failed"] == 2
 
-    checks = recipe.verify_entry(entry, manifest, stats.failed)
+    checks = verify_entry(entry, manifest, stats.failed)
     assert checks["finite_values"] == (True, {"rows_checked": 6})  # the rows there are checked all the same
     for name in ("rows_match_manifest", "every_image_accounted_for"):
         passed, details = checks[name]
@@ -106,12 +109,12 @@ def test_precompute_goes_on_when_an_image_breaks_after_the_scan(tmp_path, num_wo
         assert all(p in named for p in broken) and "changed_since_scan" in named
 
     # the stages after the cache leave the failed images out instead of missing their rows
-    marked = recipe.without_failed(manifest, stats.failed)
+    marked = without_failed(manifest, stats.failed)
     assert sorted(marked.loc[marked.status == "failed", "path"]) == sorted(broken)
     classes = sorted(set(marked["label"]))
-    rows = recipe.cached_rows(entry, marked, classes, "train", recipe.DEFAULT_MEMORY_BUDGET)
+    rows = cached_rows(entry, marked, classes, "train", DEFAULT_MEMORY_BUDGET)
     assert len(rows) == 6
-    assert sorted(path for _, path, _ in recipe.failed_images(marked)) == sorted(broken)
+    assert sorted(path for _, path, _ in failed_images(marked)) == sorted(broken)
 
     # a rerun tries the failed images again and computes nothing else
     again = compute_activations(SlowBody(), manifest, eval_transform(TRANSFORM), entry, batch_size=2, chunk_rows=3)
@@ -156,9 +159,9 @@ def test_cached_head_result_naming_a_module_is_refused(tmp_path, monkeypatch):
     monkeypatch.delenv(ALLOWED_HEADS_ENV, raising=False)
     sys.modules.pop("this", None)
     entry = ActivationStore(str(tmp_path / "store")).entry(make_key())
-    recipe.save_head_result(entry, "f" * 24, crafted_record())
+    save_head_result(entry, "f" * 24, crafted_record())
     with pytest.raises(UnknownHead, match=r"cached head result head-f+\.pt .*'this:s'.*PRECOMPUTE_ALLOWED_HEADS"):
-        recipe.load_head_result(entry, "f" * 24)
+        load_head_result(entry, "f" * 24)
     assert "this" not in sys.modules
 
 
@@ -201,7 +204,7 @@ def test_duplicate_csv_rows_count_once(tmp_path, caplog):
                    "./train/a/img000.png,a,train\n"   # line 5: the same file as line 2
                    "train/b/img003.png,b,valid\n"
                    "train/b/img001.png,b,train\n")    # line 7: the same as line 3
-    with caplog.at_level(logging.WARNING, logger="precompute.data"):
+    with caplog.at_level(logging.WARNING, logger="precompute.manifest"):
         df = build_manifest(csv)
     assert len(df) == 6 and (df.status == "ok").sum() == 4 and (df.status == "duplicate").sum() == 2
     assert "duplicate" in STATUSES

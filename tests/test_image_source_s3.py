@@ -18,13 +18,16 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from precompute import recipe, sources
-from precompute.data import ManifestError, build_manifest, class_names, eval_transform, ok_rows
+from precompute import sources
 from precompute.features import compute_activations
 from precompute.heads import Head
+from precompute.labels import class_names
+from precompute.manifest import ManifestError, build_manifest, ok_rows
+from precompute.rows import cached_rows
 from precompute.scan_index import Scan, ScanIndex
 from precompute.store import ActivationStore
 from precompute.train import fit_head_on_cache
+from precompute.transforms import eval_transform
 from tests._precompute_worker import TRANSFORM, SlowBody, make_key
 
 boto3 = pytest.importorskip("boto3")
@@ -170,8 +173,8 @@ def test_recipe_on_an_s3_source_manifest_activations_head(bucket, images, tmp_pa
 
     # the head trains on the cached rows alone
     classes = class_names(manifest)
-    train = recipe.cached_rows(entry, manifest, classes, "train", 1 << 30)
-    valid = recipe.cached_rows(entry, manifest, classes, "valid", 1 << 30)
+    train = cached_rows(entry, manifest, classes, "train", 1 << 30)
+    valid = cached_rows(entry, manifest, classes, "valid", 1 << 30)
     history = fit_head_on_cache(Head(entry.read(ids[:1]).shape[1] // 2, len(classes)), train, valid, epochs=2,
                                 lr=1e-2, batch_size=8)
     assert len(history) == 2 and np.isfinite(history[-1]["valid_loss"])

@@ -25,7 +25,8 @@ LAYERS = {
     "core": ["errors", "versions", "settings", "probes", "labels", "archs", "body_spec", "weights", "heads", "metrics",
              "transform_spec", "task", "train", "callbacks", "lr_find"],
     # images and their manifests: names and roots, decoding, object storage, the scan index, transforms
-    "data": ["paths", "images", "sources", "scan_index_file", "scan_index", "listing", "manifest", "transforms", "demo_data", "data"],
+    "data": ["paths", "images", "sources", "scan_index_file", "scan_index", "listing", "manifest", "transforms",
+             "demo_data"],
     "store": ["store"],  # the Zarr activation cache, every module of precompute/store/
     # what the Learner stands on: the cut body, the cache fill, rows from the manifest, the cache or image
     # files, predictions, typed records, metrics, the sweep and the data-quality findings
@@ -33,9 +34,9 @@ LAYERS = {
               "stages.cache_fill", "stages.common", "learner_settings", "learner_io"],
     # the one training engine (DESIGN.md's face, split here because the stage adapters build it)
     "engine": ["learner", "learner_preds"],
-    # adapters that build a Learner and call its verbs: head and image stages, report, the old recipe names,
-    # run validation, prediction, the leaderboard
-    "stages": ["stages", "recipe", "validate", "predict", "leaderboard"],
+    # adapters that build a Learner and call its verbs: head and image stages, report, run validation,
+    # prediction, the leaderboard
+    "stages": ["stages", "validate", "predict", "leaderboard"],
     # what a user calls besides the Learner: the package itself, the CLI, serving, MLflow tracking
     "face": ["", "cli", "serving", "tracking"],
 }

@@ -8,8 +8,9 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from precompute import Learner, recipe
+from precompute import Learner
 from precompute.cli import main as cli
+from precompute.stages.head_stage import train_head_on_cache
 from precompute.train import ConfigError, FitOptions, Schedule
 from tests.conftest import copy_tree
 
@@ -51,9 +52,9 @@ def test_head_trains_on_the_cache_and_the_body_never_runs(learn, tree, store):
         hook.remove()
     assert calls == [] and again.record.stage == "head_on_cache"
     # the same numbers as the recipe function the Dagster asset calls
-    same = recipe.train_head_on_cache(again._entry, again.manifest, again.backbone, again.transform,
-                                      again.head_config, lr=3e-3, batch_size=BS, seed=0,
-                                      schedule=Schedule("constant", epochs=3))
+    same = train_head_on_cache(again._entry, again.manifest, again.backbone, again.transform,
+                               again.head_config, lr=3e-3, batch_size=BS, seed=0,
+                               schedule=Schedule("constant", epochs=3))
     assert [r["valid_loss"] for r in again.record.history] == [r["valid_loss"] for r in same.history]
 
 

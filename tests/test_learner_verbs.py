@@ -10,9 +10,11 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
-from precompute import Learner, recipe
+from precompute import Learner
 from precompute.callbacks import ProgressBar
 from precompute.lr_find import SUGGESTIONS, suggest
+from precompute.rows import labelled_split
+from precompute.stages.image_stage import ImageStage, stage_learner
 from precompute.train import ConfigError
 from tests.conftest import copy_tree
 
@@ -47,7 +49,7 @@ def test_model_get_preds_and_recorder(learn, tree):
         assert isinstance(fig, Figure) and fig.axes[0].lines
     learn.precompute = False
     on_images, y2 = learn.get_preds()
-    paths = list(recipe.labelled_split(learn.manifest, learn.task, "valid")["path"])
+    paths = list(labelled_split(learn.manifest, learn.task, "valid")["path"])
     assert np.array_equal(y, y2)
     assert np.allclose(on_images, learn.predict(paths), atol=1e-6)  # get_preds is predict on the valid split
     assert np.allclose(on_images, on_cache, atol=1e-3)  # the cache serves the same numbers as the images
@@ -71,8 +73,8 @@ def test_set_size_changes_the_cache_key_and_the_image_input_size(tree):
         hook.remove()
     assert record.transform.size == 64 and set(seen) == {(64, 64)}
     # the pipeline's image stage takes its size the same way
-    stage = recipe.ImageStage("head_augmented", -1, size=80)
-    assert recipe.stage_learner(record, learn.manifest, stage).transform.size == 80
+    stage = ImageStage("head_augmented", -1, size=80)
+    assert stage_learner(record, learn.manifest, stage).transform.size == 80
 
 
 def test_fine_tune_runs_the_frozen_then_the_unfrozen_phase_and_precompute_cannot_come_back(tree):
@@ -130,8 +132,8 @@ def test_batchnorm_policy_is_the_pipelines_setting(tree, freeze_bn_stats):
     changed = sum(not torch.equal(bn.running_mean, m) for bn, m in zip(bns(), before))
     assert changed == (0 if freeze_bn_stats else len(before))  # fastai's rule (False) trains every one
     assert learn.record.freeze_bn_stats is freeze_bn_stats
-    stage = recipe.ImageStage("finetuned", 0, freeze_bn_stats=freeze_bn_stats, train_bn=True)
-    staged = recipe.stage_learner(learn.record, learn.manifest, stage)
+    stage = ImageStage("finetuned", 0, freeze_bn_stats=freeze_bn_stats, train_bn=True)
+    staged = stage_learner(learn.record, learn.manifest, stage)
     assert (staged.freeze_bn_stats, staged.train_bn) == (freeze_bn_stats, True)
 
 

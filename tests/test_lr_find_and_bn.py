@@ -8,9 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from precompute import recipe
+from precompute.backbone import load_backbone, transform_for
+from precompute.stages.cache_fill import precompute
+from precompute.stages.head_stage import train_head_on_cache
+from precompute.stages.image_stage import lr_find_on_images
 from precompute.archs import freeze_to
-from precompute.data import build_manifest
+from precompute.manifest import build_manifest
 from precompute.heads import HeadConfig, build_head
 from precompute.store import ActivationStore
 from precompute.lr_find import LR_FIND_MIN_IT, lr_find
@@ -90,14 +93,14 @@ def test_lr_find_suggestion_never_leaves_the_sweep_when_the_loss_blows_up_at_onc
 
 def test_lr_find_on_images_after_a_trained_head(tmp_path, tiny_tree):
     manifest = build_manifest(tiny_tree)
-    bb = recipe.load_backbone("tf_efficientnet_lite0")
-    ts = recipe.transform_for(bb.spec, 32)
-    entry, _, _ = recipe.precompute(manifest, ActivationStore(str(tmp_path / "store")), bb, ts)
-    head = recipe.train_head_on_cache(entry, manifest, bb, ts, HeadConfig(xtra_fc=[32]),
-                                      epochs=4, lr=1e-2, batch_size=8)
+    bb = load_backbone("tf_efficientnet_lite0")
+    ts = transform_for(bb.spec, 32)
+    entry, _, _ = precompute(manifest, ActivationStore(str(tmp_path / "store")), bb, ts)
+    head = train_head_on_cache(entry, manifest, bb, ts, HeadConfig(xtra_fc=[32]),
+                               epochs=4, lr=1e-2, batch_size=8)
     num_it = LR_FIND_MIN_IT + 6
-    result = recipe.lr_find_on_images(head, manifest, 0, batch_size=4, num_it=num_it,
-                                      augmentation={"preset": "side_on"})
+    result = lr_find_on_images(head, manifest, 0, batch_size=4, num_it=num_it,
+                               augmentation={"preset": "side_on"})
     assert result.iterations > LR_FIND_MIN_IT  # no stop during the first iterations
     assert result.suggestion is None or 1e-7 <= result.suggestion <= 10.0
     assert all(b > a for a, b in zip(result.lrs, result.lrs[1:]))

@@ -13,9 +13,12 @@ import pytest
 from PIL import Image
 
 from assets import RECIPE_ASSETS
-from precompute import evaluate, recipe
-from precompute.data import ManifestError, build_manifest, class_names, is_multilabel, multi_hot, ok_rows
+from precompute import evaluate
+from precompute.inference import evaluate_on_images
+from precompute.labels import class_names, is_multilabel, multi_hot
+from precompute.manifest import ManifestError, build_manifest, ok_rows
 from precompute.predict import predict_folder
+from precompute.rows import labelled_split
 from resources import ActivationStoreResource, ComputeDevice, ImageSource, MlflowTracking
 
 PARTITION = "tf_efficientnet_lite0|0"
@@ -130,7 +133,7 @@ def test_multilabel_recipe_end_to_end(tmp_path, tagged, monkeypatch):
     # the cache and the images agree (sigmoid outputs, binary cross-entropy)
     assert stages["head_on_cache (on cache)"]["loss"] == pytest.approx(stages["head_on_cache"]["loss"], rel=1e-3)
     manifest = build_manifest(tagged, label_delim=" ")
-    probs, y, _ = recipe.evaluate_on_images(final, manifest)
+    probs, y, _ = evaluate_on_images(final, manifest)
     per_label = {r["class"]: r for r in evaluate.per_class(probs, y, final.classes, final.thresholds)}
     # learned, not guessed (chance F1 ~0.5; measured 1.0, 1.0, 0.92 on 12 validation photos)
     assert per_label["cat"]["f1"] >= 0.9 and per_label["dog"]["f1"] >= 0.9 and per_label["grey"]["f1"] >= 0.8
@@ -139,7 +142,7 @@ def test_multilabel_recipe_end_to_end(tmp_path, tagged, monkeypatch):
 
     # predict on the validation photos: the tags at the record's thresholds, as evaluation counted them
     table = predict_folder(final, tagged.parent / "valid")
-    valid = recipe.labelled_split(manifest, final.classes, "valid").set_index("path")
+    valid = labelled_split(manifest, final.classes, "valid").set_index("path")
     got = table.set_index("path").loc[list(valid.index)]
     want = [" ".join(t) for t in evaluate.predicted_tags(probs, final.classes, final.thresholds)]
     assert got["predicted"].tolist() == want

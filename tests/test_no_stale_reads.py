@@ -6,11 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from precompute import recipe
 from precompute.archs import get_arch
-from precompute.data import build_manifest, eval_transform, load_rgb, ok_rows
+from precompute.backbone import load_backbone, transform_for
 from precompute.heads import concat_pool
+from precompute.images import load_rgb
+from precompute.manifest import build_manifest, ok_rows
+from precompute.stages.cache_fill import precompute
 from precompute.store import ActivationStore
+from precompute.transforms import eval_transform
 
 SIZE = 32
 
@@ -31,11 +34,11 @@ def fresh(bb, ts, paths, pooled=True):
 
 
 def run(store, tree, weights, xtra_cut=0, pooled=True, dtype="float32", **ts_changes):
-    bb = recipe.load_backbone("resnet18", xtra_cut, weights_path=str(weights))
-    ts = recipe.transform_for(bb.spec, SIZE)
+    bb = load_backbone("resnet18", xtra_cut, weights_path=str(weights))
+    ts = transform_for(bb.spec, SIZE)
     ts = type(ts)(**{**ts.key(), "resize": None, **ts_changes})
     manifest = build_manifest(tree)
-    entry, stats, view = recipe.precompute(manifest, store, bb, ts, pooled, dtype, batch_size=8)
+    entry, stats, view = precompute(manifest, store, bb, ts, pooled, dtype, batch_size=8)
     rows = ok_rows(manifest)
     got = entry.read(list(rows["image_id"]))
     want = fresh(bb, ts, rows["path"], pooled).astype(dtype)

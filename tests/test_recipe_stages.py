@@ -9,10 +9,17 @@ import pytest
 import torch
 from torch import nn
 
-from precompute import recipe
+from precompute.backbone import load_backbone, transform_for
+from precompute.inference import evaluate_on_images, rebuild
+from precompute.records import ActivationsRef, save_model
+from precompute.rows import image_loader, labelled_split
+from precompute.stages.cache_fill import open_entry, precompute
+from precompute.stages.head_stage import head_on_cache_cached, lr_find_on_cache, train_head_on_cache
+from precompute.stages.image_stage import stage_lrs, train_on_images
+from precompute.transforms import eval_transform
 from precompute.archs import freeze_to
 from precompute.cli import main as cli
-from precompute.data import build_manifest
+from precompute.manifest import build_manifest
 from precompute.heads import HeadConfig
 from precompute.predict import load_model, predict_folder
 from precompute.store import ActivationStore
@@ -66,8 +73,8 @@ def test_group_learning_rates_in_every_form():
     assert group_lrs([1e-4, 1e-3, 1e-2], 3) == [1e-4, 1e-3, 1e-2]
     assert group_lrs("1e-4:1e-2", 3) == pytest.approx([1e-4, 1e-3, 1e-2])   # geometric, like fastai's slice
     assert group_lrs(slice(1e-4, 1e-2), 3, frozen=1) == pytest.approx([0.0, 1e-4, 1e-2])
-    assert recipe.stage_lrs(9e-3, 3, freeze=0) == pytest.approx([1e-3, 3e-3, 9e-3])
-    assert recipe.stage_lrs(9e-3, 3, freeze=2) == pytest.approx([0.0, 0.0, 9e-3])
+    assert stage_lrs(9e-3, 3, freeze=0) == pytest.approx([1e-3, 3e-3, 9e-3])
+    assert stage_lrs(9e-3, 3, freeze=2) == pytest.approx([0.0, 0.0, 9e-3])
     with pytest.raises(ConfigError, match="exactly 3"):
         group_lrs([1e-3, 1e-2], 3)
     with pytest.raises(ConfigError, match="must look like"):
@@ -92,20 +99,20 @@ def trained(tmp_path_factory, dogscats):
     root = tmp_path_factory.mktemp("stages")
     tree = copy_tree(dogscats, root / "images", {"train": 8, "valid": 4})
     manifest = build_manifest(tree)
-    bb = recipe.load_backbone("tf_efficientnet_lite0")
-    ts = recipe.transform_for(bb.spec, 64)
-    entry, _, _ = recipe.precompute(manifest, ActivationStore(str(root / "store")), bb, ts)
-    head = recipe.train_head_on_cache(entry, manifest, bb, ts, HeadConfig(xtra_fc=[32]),
-                                      epochs=2, lr=1e-2, batch_size=8)
+    bb = load_backbone("tf_efficientnet_lite0")
+    ts = transform_for(bb.spec, 64)
+    entry, _, _ = precompute(manifest, ActivationStore(str(root / "store")), bb, ts)
+    head = train_head_on_cache(entry, manifest, bb, ts, HeadConfig(xtra_fc=[32]),
+                               epochs=2, lr=1e-2, batch_size=8)
     return root, tree, manifest, bb, ts, entry, head
 
 
 def test_same_configuration_twice_gives_the_same_metrics(trained):
     _, _, manifest, bb, ts, entry, head = trained
-    again = recipe.train_head_on_cache(entry, manifest, bb, ts, head.head, epochs=2, lr=1e-2, batch_size=8)
+    again = train_head_on_cache(entry, manifest, bb, ts, head.head, epochs=2, lr=1e-2, batch_size=8)
     assert [r["valid_loss"] for r in again.history] == [r["valid_loss"] for r in head.history]
-    runs = [recipe.train_on_images(head, manifest, "finetuned", Schedule("one_cycle", epochs=1), 1e-3, freeze=0,
-                                   batch_size=8, seed=5, augmentation={"preset": "side_on"}) for _ in range(2)]
+    runs = [train_on_images(head, manifest, "finetuned", Schedule("one_cycle", epochs=1), 1e-3, freeze=0,
+                            batch_size=8, seed=5, augmentation={"preset": "side_on"}) for _ in range(2)]
     assert runs[0].history[0]["train_loss"] == runs[1].history[0]["train_loss"]
     assert runs[0].history[0]["valid_loss"] == runs[1].history[0]["valid_loss"]
     assert len(runs[0].history[0]["lr_steps"]) == 2  # 16 images / batch 8: the lr of every step
@@ -113,30 +120,30 @@ def test_same_configuration_twice_gives_the_same_metrics(trained):
 
 def test_lr_find_suggests_a_rate_and_restores_the_model(trained):
     _, _, manifest, bb, ts, entry, head = trained
-    result = recipe.lr_find_on_cache(entry, manifest, bb, ts, head.head, batch_size=4, num_it=40)
+    result = lr_find_on_cache(entry, manifest, bb, ts, head.head, batch_size=4, num_it=40)
     assert 1e-7 <= result.suggestion <= 10 and len(result.lrs) == len(result.losses) > 5
     assert all(b > a for a, b in zip(result.lrs, result.lrs[1:]))  # exponential sweep
-    _, model, groups = recipe.rebuild(head, ts.size)
+    _, model, groups = rebuild(head, ts.size)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    rows = recipe.labelled_split(manifest, head.classes, "train")
-    lr_find(model, groups, [0.0, 0.0, 1.0], lambda gen: recipe.image_loader(rows, recipe.eval_transform(ts), 8, True, gen),
+    rows = labelled_split(manifest, head.classes, "train")
+    lr_find(model, groups, [0.0, 0.0, 1.0], lambda gen: image_loader(rows, eval_transform(ts), 8, True, gen),
             num_it=4)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_tta_shapes_and_predict_matches_evaluation(trained, tmp_path):
     root, tree, manifest, bb, ts, entry, head = trained
-    probs, targets, tta = recipe.evaluate_on_images(head, manifest, tta=3, augmentation={"preset": "side_on"})
+    probs, targets, tta = evaluate_on_images(head, manifest, tta=3, augmentation={"preset": "side_on"})
     assert probs.shape == tta.shape == (8, 2) and targets.shape == (8,)
     assert np.allclose(tta.sum(1), 1) and not np.allclose(tta, probs)
     # predict on the validation folder with the saved model: the same classes as evaluation
-    path = recipe.save_model(head, "test", str(tmp_path))
+    path = save_model(head, "test", str(tmp_path))
     (tree / "valid" / "cats" / "broken.jpg").write_bytes(b"not a jpeg")
     table = predict_folder(load_model(path), tree / "valid")
     bad = table[table["status"] != "ok"]
     assert list(bad["path"].str.endswith("broken.jpg")) == [True] and bad["reason"].iloc[0]
     ok = table[table["status"] == "ok"].set_index("path")
-    valid = recipe.labelled_split(manifest, head.classes, "valid")
+    valid = labelled_split(manifest, head.classes, "valid")
     expected = [head.classes[i] for i in probs.argmax(1)]
     assert list(ok.loc[list(valid["path"]), "predicted"]) == expected
     assert np.allclose(ok.loc[list(valid["path"]), [f"prob_{c}" for c in head.classes]].to_numpy(), probs, atol=1e-5)
@@ -148,8 +155,8 @@ def test_tta_shapes_and_predict_matches_evaluation(trained, tmp_path):
 
 def test_progressive_resizing_continues_from_the_same_weights(trained):
     _, _, manifest, bb, ts, entry, head = trained
-    bigger = recipe.train_on_images(head, manifest, "finetuned", Schedule("constant", epochs=1), 0.0, freeze=0,
-                                    batch_size=8, size=96)
+    bigger = train_on_images(head, manifest, "finetuned", Schedule("constant", epochs=1), 0.0, freeze=0,
+                             batch_size=8, size=96)
     assert bigger.transform.size == 96 and head.transform.size == 64
     # lr 0 changes nothing: the weights carried over are the previous stage's
     assert all(torch.equal(head.state_dict[k], v) for k, v in bigger.state_dict.items()
@@ -160,17 +167,18 @@ def test_activations_ref_round_trips_and_opens_its_entry(trained):
     import copy
 
     root, _, _, bb, ts, entry, _ = trained
-    ref = recipe.ActivationsRef.of(entry, "view-1", failed=[["img-9", "a/b.jpg", "truncated"]])
+    ref = ActivationsRef.of(entry, "view-1", failed=[["img-9", "a/b.jpg", "truncated"]])
     assert ref.failed_images == (("img-9", "a/b.jpg", "truncated"),)
     d = ref.to_dict()
     assert d["failed_images"] == [["img-9", "a/b.jpg", "truncated"]] and d["key"] == entry.key.parts()
-    assert recipe.ActivationsRef.from_dict(d) == ref == copy.deepcopy(ref)  # deepcopy: the pickle protocol Dagster's IO manager uses
+    # deepcopy: the pickle protocol Dagster's IO manager uses
+    assert ActivationsRef.from_dict(d) == ref == copy.deepcopy(ref)
     with pytest.raises(Exception):
         ref.view_key = "other"  # frozen
     store = ActivationStore(str(root / "store"))
-    assert recipe.open_entry(store, ref).rel == entry.rel
+    assert open_entry(store, ref).rel == entry.rel
     with pytest.raises(TypeError, match="python -m precompute.migrate"):
-        recipe.open_entry(store, d)  # a dict is what an earlier version stored: migrated once, never read as is
+        open_entry(store, d)  # a dict is what an earlier version stored: migrated once, never read as is
     assert ref.key.transform == ts.resolved() and ref.key == entry.key and ref.backbone().weights_id == bb.weights_id
 
 
@@ -182,11 +190,11 @@ def test_head_on_cache_cached_trains_once_per_fingerprint(trained):
         calls.append(1)
         return dataclasses.replace(head, mlflow_run_id="run-1")
 
-    record, reused = recipe.head_on_cache_cached(entry, "fp-test-cached", train)
+    record, reused = head_on_cache_cached(entry, "fp-test-cached", train)
     assert not reused and len(calls) == 1
-    again, reused = recipe.head_on_cache_cached(entry, "fp-test-cached", train)
+    again, reused = head_on_cache_cached(entry, "fp-test-cached", train)
     assert reused and len(calls) == 1 and again.mlflow_run_id == "run-1"
-    _, reused = recipe.head_on_cache_cached(entry, "fp-test-cached", train, reuse=False)
+    _, reused = head_on_cache_cached(entry, "fp-test-cached", train, reuse=False)
     assert not reused and len(calls) == 2
 
 
@@ -199,8 +207,8 @@ def test_evaluation_streamed_from_the_cache_equals_in_memory_and_keeps_the_manif
     _, _, manifest, bb, ts, _, head = trained
     valid = manifest[manifest.split == "valid"]
     store = ActivationStore(str(tmp_path / "store"))
-    recipe.precompute(valid.iloc[::2], store, bb, ts)  # every other valid image in one chunk, then the rest:
-    entry, _, _ = recipe.precompute(manifest, store, bb, ts)  # the store's order interleaves the manifest's
+    precompute(valid.iloc[::2], store, bb, ts)  # every other valid image in one chunk, then the rest:
+    entry, _, _ = precompute(manifest, store, bb, ts)  # the store's order interleaves the manifest's
     streamed = cached_rows(entry, manifest, head.task, "valid", memory_budget=0)
     assert list(streamed.order()) != sorted(streamed.order())  # the streaming order is not the manifest's
     in_memory = evaluate_on_cache(head, entry, manifest)

@@ -10,9 +10,10 @@ import pandas as pd
 import pytest
 import torch
 
-from precompute import recipe
 from precompute.heads import HeadConfig, UnknownHead
-from precompute.records import StageRecord
+from precompute.records import StageRecord, checked_record
+from precompute.stages.head_stage import HeadStage
+from precompute.stages.image_stage import ImageStage
 from precompute.task import MultiLabel, SingleLabel, Task
 from precompute.train import (ArrayRows, ConfigError, FitOptions, Schedule, _optimizer, evaluate_batches, fit,
                               predict_proba)
@@ -52,14 +53,14 @@ def test_old_flat_dict_records_still_load():
            "transform": TransformSpec(size=32).key(), "weights_id": "random", "state_dict": {}, "history": [],
            "schedule": {"kind": "one_cycle", "epochs": 2, "cycles": 1, "cycle_len": 1, "cycle_mult": 1,
                         "warmup": 0.05, "pct_start": 0.25}, "mlflow_run_id": "r1", "lr": 1e-3, "streamed": False}
-    record = recipe.checked_record(old, "old file")
+    record = checked_record(old, "old file")
     assert isinstance(record.task, MultiLabel) and record.thresholds == (0.2, 0.5, 0.9)
     assert record.schedule.epochs == 2 and record.mlflow_run_id == "r1" and record.lr == 1e-3
     assert record.head == HeadConfig(xtra_fc=(8,))
     single = StageRecord.from_dict({**old, "multilabel": False, "label_delim": None, "thresholds": None})
     assert isinstance(single.task, SingleLabel) and single.thresholds is None
     with pytest.raises(ValueError, match="is not a stage record"):
-        recipe.checked_record({"arch": "resnet18"}, "half a file")
+        checked_record({"arch": "resnet18"}, "half a file")
 
 
 def test_pickles_of_the_earlier_layout_migrate_when_loaded():
@@ -144,21 +145,21 @@ def test_task_from_the_manifest_and_the_train_loop_take_it():
 
 def test_stage_settings_are_checked_where_they_are_made():
     with pytest.raises(ConfigError, match="precompute=True with augment=True"):
-        recipe.ImageStage("finetuned", 0, precompute=True, augment=True)
+        ImageStage("finetuned", 0, precompute=True, augment=True)
     with pytest.raises(ConfigError, match="batch_size 1"):
-        recipe.ImageStage("finetuned", 0, batch_size=1)
+        ImageStage("finetuned", 0, batch_size=1)
     with pytest.raises(ConfigError, match="max_zoom 0.9"):
-        recipe.ImageStage("finetuned", 0, augmentation={"preset": "side_on", "max_zoom": 0.9})
+        ImageStage("finetuned", 0, augmentation={"preset": "side_on", "max_zoom": 0.9})
     with pytest.raises(ConfigError, match="head_on_cache trains on the cache"):
-        recipe.HeadStage(HeadConfig(xtra_fc=[8]), precompute=False)
-    stage = recipe.ImageStage("head_augmented", -1, size=48)
-    assert stage.frozen(3) == 2 and recipe.ImageStage("finetuned", 0).frozen(3) == 0
+        HeadStage(HeadConfig(xtra_fc=[8]), precompute=False)
+    stage = ImageStage("head_augmented", -1, size=48)
+    assert stage.frozen(3) == 2 and ImageStage("finetuned", 0).frozen(3) == 0
     assert stage.transform(make_record(SingleLabel(["a", "b"]))).size == 48
 
 
 def test_stage_params_log_the_real_size_and_epochs():
-    stage = recipe.ImageStage("head_augmented", -1, Schedule("sgdr", cycles=2, cycle_len=1, cycle_mult=2),
-                              options=FitOptions("sgd", momentum=0.8))
+    stage = ImageStage("head_augmented", -1, Schedule("sgdr", cycles=2, cycle_len=1, cycle_mult=2),
+                       options=FitOptions("sgd", momentum=0.8))
     logged = stage.logged_params(make_record(SingleLabel(["a", "b"])), {"epochs": 1, "size": None})
     assert logged["epochs"] == 3 and logged["size"] == 32  # 1 + 2 SGDR epochs; the previous stage's 32 px
     assert logged["optimizer"] == "sgd" and logged["momentum"] == 0.8 and logged["early_stopping_patience"] is None

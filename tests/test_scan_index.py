@@ -28,7 +28,7 @@ from PIL import Image
 from assets.manifest import image_manifest
 from pipelines.sensors import new_images_sensor
 from precompute import manifest
-from precompute.data import build_manifest
+from precompute.manifest import build_manifest
 from precompute.scan_index import Scan, ScanBudgetExceeded, ScanIndex, _decode, manifest_digest
 from resources import ImageSource
 from tests.conftest import needs_photos, opened_files

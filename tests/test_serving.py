@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from precompute import Learner
 from precompute.cli import main as cli
-from precompute.recipe import checked_record
+from precompute.records import checked_record
 from precompute.serving import NOT_READ, ROOTS_ENV, URLS_ENV
 from precompute.tracking import Tracker
 

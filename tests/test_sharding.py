@@ -5,9 +5,10 @@ import os
 import dagster as dg
 import numpy as np
 
-from precompute import recipe
-from precompute.data import build_manifest, ok_rows
+from precompute.backbone import load_backbone, transform_for
 from precompute.features import in_shard
+from precompute.manifest import build_manifest, ok_rows
+from precompute.stages.cache_fill import precompute
 from precompute.store import ActivationStore
 from resources import ActivationStoreResource, ComputeDevice, DaskCluster, ImageSource
 
@@ -16,9 +17,9 @@ PARTITION = "tf_efficientnet_lite0|0"
 
 def single_run(manifest, store_root, size: int, chunk_rows: int, xtra_cut: int = 0):
     """The reference: the same images precomputed in this process, in one shard."""
-    bb = recipe.load_backbone("tf_efficientnet_lite0", xtra_cut)
-    single, _, _ = recipe.precompute(manifest, ActivationStore(str(store_root)), bb,
-                                     recipe.transform_for(bb.spec, size), chunk_rows=chunk_rows)
+    bb = load_backbone("tf_efficientnet_lite0", xtra_cut)
+    single, _, _ = precompute(manifest, ActivationStore(str(store_root)), bb,
+                              transform_for(bb.spec, size), chunk_rows=chunk_rows)
     return single
 
 

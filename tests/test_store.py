@@ -7,9 +7,11 @@ import torch
 import zarr
 from torch import nn
 
-from precompute.data import TransformSpec, build_manifest, eval_transform, ok_rows
 from precompute.features import compute_activations
+from precompute.images import load_rgb
+from precompute.manifest import build_manifest, ok_rows
 from precompute.store import ActivationStore, CacheKey, view_key
+from precompute.transforms import TransformSpec, eval_transform
 
 
 def make_key(**changes) -> CacheKey:
@@ -101,7 +103,7 @@ def test_compute_is_incremental_and_matches_a_direct_forward(tmp_path, tiny_tree
     assert (stats.computed, stats.reused, body.seen) == (3, len(first), 3)
     # the cached rows are what the body gives for those images, pooled as fastai did
     row = manifest.iloc[5]
-    x = eval_transform(ts)(__import__("precompute.data", fromlist=["load_rgb"]).load_rgb(row.path))[None]
+    x = eval_transform(ts)(load_rgb(row.path))[None]
     with torch.no_grad():
         y = body.net(x)
     expected = torch.cat([y.amax((2, 3)), y.mean((2, 3))], 1)[0].numpy()

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from precompute.cli import main as cli
-from precompute.data import TransformSpec, eval_transform
 from precompute.features import compute_activations
 from precompute.store import ActivationStore, CacheCorruption
 from precompute.store.key import digest
+from precompute.transforms import TransformSpec, eval_transform
 from tests._precompute_worker import TRANSFORM, SlowBody, make_key, manifest_of, write_images
 
 OTHER = TransformSpec(size=40)  # entry B: another image size, the same pooled row shape

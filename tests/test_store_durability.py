@@ -22,7 +22,7 @@ import zarr
 from PIL import Image
 
 from tests._precompute_worker import SlowBody, TRANSFORM, make_key, manifest_of, write_images
-from precompute.data import eval_transform
+from precompute.transforms import eval_transform
 from precompute.features import compute_activations
 from precompute.store import ActivationStore
 

@@ -21,7 +21,7 @@ import precompute.store.entry as entry_module
 import precompute.store.leases as leases_module
 import precompute.store.housekeeping as housekeeping
 from precompute.cli import main as cli
-from precompute.data import eval_transform
+from precompute.transforms import eval_transform
 from precompute.features import compute_activations
 from precompute.store import ActivationStore
 from tests._precompute_worker import TRANSFORM, SlowBody, make_key, manifest_of, write_images

@@ -15,7 +15,7 @@ import pytest
 import zarr
 
 from tests._precompute_worker import SlowBody, TRANSFORM, make_key, manifest_of
-from precompute.data import eval_transform
+from precompute.transforms import eval_transform
 from precompute.features import compute_activations
 from precompute.store import ActivationStore
 

@@ -43,7 +43,7 @@ class QualityReport:
 def data_quality_tables(entry, manifest: pd.DataFrame, previous_ids=None, options: QualityOptions | None = None,
                         reference: str = "seen by the last data_quality run", log=None) -> QualityReport:
     """Every finding for the manifest's ok rows, from the cache ``entry`` (rows of the images that
-    failed at precompute must be marked ``failed`` first: ``recipe.without_failed``).
+    failed at precompute must be marked ``failed`` first: ``precompute.rows.without_failed``).
     ``previous_ids``: the image ids the last check saw (None: no drift reference yet)."""
     from precompute.labels import is_multilabel
 
