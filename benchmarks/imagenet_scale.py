@@ -233,8 +233,6 @@ def stage(name: str, folder: Path, work: Path, n: int) -> dict:
         import torch
 
         from precompute.heads import HeadConfig
-        from precompute.inference import evaluate_on_cache
-        from precompute.records import checked_record
         from precompute.stages.head_stage import train_head_on_cache
         from precompute.train import Schedule
 
@@ -250,6 +248,9 @@ def stage(name: str, folder: Path, work: Path, n: int) -> dict:
                "valid_accuracy": float(record.history[-1]["valid_accuracy"])}
     elif name == "evaluation":
         import torch
+
+        from precompute.inference import evaluate_on_cache
+        from precompute.records import checked_record
 
         manifest = _manifest(work)
         _, _, entry = _entry(work)
