@@ -16,7 +16,7 @@ starts, e.g. the Dask workers, at 5 Hz; the child also reports its own ``ru_maxr
    as tasks on a 2-worker Dask LocalCluster (1 thread each), tf_efficientnet_lite0 at 32 px, pooled,
    float16, 256-row chunks; the step's scan reads nothing (warm index);
 5. one head epoch on the cache (``head_stage.train_head_on_cache``, linear head, one_cycle, memory budget 0:
-   rows streamed chunk by chunk in shuffled chunk order);
+   rows streamed chunk by chunk in shuffled chunk order through a 512 MiB shuffle buffer);
 6. the evaluation of that head on the valid split from the cache (``inference.evaluate_on_cache``);
 7. the sensor tick (pipelines/sensors.py) on the unchanged folder, after a first tick set its cursor.
 
@@ -524,7 +524,7 @@ def section(runs: list[dict], note: str = "") -> str:
     notes = (f"Synthetic JPEGs ({PX} px, {CLASSES:,} classes, 10% valid), {ARCH} at {SIZE} px, pooled {DTYPE}, "
              f"{CHUNK_ROWS}-row chunks, batch {BATCH}; precompute = the `precompute_sharded` job, 2 shards on a "
              "2-worker Dask LocalCluster (1 thread each); head = linear, 1 epoch one_cycle, batch 256, streamed by "
-             "chunk in shuffled chunk order. Every stage in a fresh process; peak RSS is polled at 5 Hz for the "
+             "chunk in shuffled chunk order through a 512 MiB shuffle buffer (precompute.train.SHUFFLE_BUFFER_BYTES). Every stage in a fresh process; peak RSS is polled at 5 Hz for the "
              "stage process and each of its children (the Dask workers), processes under 40 MiB left out. "
              "All figures in the measured tables are **measured** on this machine, which was shared with other "
              "jobs (wall times are not those of an idle machine).")
