@@ -237,8 +237,10 @@ class StreamedRows:
             (_, rows), = self.entry.iter_blocks([self.ids[p] for p in positions])
             xs.append(torch.from_numpy(np.asarray(rows, dtype=np.float32)))
             ys.append(torch.as_tensor(self.y[positions]))
-            # the rows the buffer holds, from the row size; at least a batch
-            capacity = capacity or max(batch_size, self.buffer_bytes // max(xs[0][0].numel() * 4, 1))
+            # the rows the buffer holds, from the row size; at least a batch. Unshuffled (an evaluation), a
+            # batch goes out as soon as it is whole: memory holds one chunk, as the budget it streams for says.
+            capacity = capacity or (batch_size if generator is None else
+                                    max(batch_size, self.buffer_bytes // max(xs[0][0].numel() * 4, 1)))
             held += len(positions)
             if held >= capacity:
                 xs, ys = yield from _draw(xs, ys, batch_size, generator, keep_rest=True)

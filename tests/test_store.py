@@ -169,6 +169,16 @@ def test_streamed_rows_from_a_store_written_class_by_class_train_like_in_memory(
     batches = list(rows.batches(32, torch.Generator().manual_seed(0)))
     assert len(batches) == rows.n_batches(32) and sum(len(b) for _, b in batches) == len(rows)
     assert np.mean([len(set(b.tolist())) for _, b in batches]) > 1.5
+    reads = []
+    real = entry.iter_blocks
+    entry.iter_blocks = lambda ids: (reads.append(len(ids)), real(ids))[1]
+    first = next(iter(streamed()(train).batches(32, torch.Generator().manual_seed(0))))
+    assert len(first[1]) == 32 and len(reads) == n_classes  # the default buffer holds every chunk here
+    reads.clear()
+    unshuffled = streamed()(valid)  # an evaluation streams: a whole batch out of the first chunk
+    assert len(next(iter(unshuffled.batches(8)))[1]) == 8 and len(reads) == 1
+    order = np.concatenate([b.numpy() for _, b in unshuffled.batches(8)])
+    assert order.tolist() == y[valid][unshuffled.order()].tolist()
 
 
 @pytest.mark.parametrize("compressor", ["blosc-lz4-noshuffle", "blosc-zstd", "none", "zstd"])
