@@ -117,6 +117,7 @@ def build_manifest(
 
     rows = scan_index.scan_rows(source, entries, root, splits,  # reads only what the scan index lacks
                                 lambda path, root, label, split: _inspect(path, root, label, split, splits), scan)
+    del entries  # the listing (a path string a file) is done with: memory at ImageNet size, see _frame
     for row in rows + extra:
         if not row["split"]:  # files never read (missing, outside the root, duplicates) split by their path instead
             key = row["image_id"] or hashlib.sha256(row["relpath"].encode()).hexdigest()
@@ -126,15 +127,33 @@ def build_manifest(
     _mark_conflicting_labels(rows)
     _mark_unseen_classes(rows, splits[0], label_delim)
 
-    df = pd.DataFrame(rows + extra, columns=MANIFEST_COLUMNS)
-    df = df.astype({"width": "Int64", "height": "Int64"})
-    df = df.sort_values(["split", "label", "relpath"], kind="stable", ignore_index=True)
+    rows += extra
+    df = _frame(rows)
     df.attrs["label_delim"] = label_delim or None  # pandas carries attrs through filters and pickling
     df.attrs["source"] = str(source)  # where the images came from: a tracked run names it (its dataset input)
     bad = df[df.status != "ok"]
     if len(bad):
         log.warning("%d of %d manifest rows are not usable: %s", len(bad), len(df), bad.status.value_counts().to_dict())
     return df
+
+
+def _frame(rows: list[dict]) -> pd.DataFrame:
+    """The manifest's DataFrame from its rows (emptied on the way), sorted by (split, label, relpath).
+
+    Sorted as rows, then built column by column, each row's dict freed as soon as its values are in the
+    columns: at 1,281,167 images the rows are ~270 bytes a file as dicts, and building from records then
+    sorting the frame held the dicts, pandas' intermediate copies and two frames at once (issue 21: the
+    scan's peak memory)."""
+    rows.sort(key=lambda r: (r["split"], r["label"], r["relpath"]))  # stable, as sort_values(kind="stable")
+    columns: dict[str, list] = {c: [None] * len(rows) for c in MANIFEST_COLUMNS}
+    for i in range(len(rows)):
+        row, rows[i] = rows[i], None
+        for c, values in columns.items():
+            values[i] = row[c]
+    rows.clear()
+    df = pd.DataFrame(columns, columns=MANIFEST_COLUMNS)
+    columns.clear()
+    return df.astype({"width": "Int64", "height": "Int64"})
 
 
 def _local_entries(source, root, splits, label_delim):

@@ -54,6 +54,7 @@ import socket
 import stat
 import tempfile
 import time
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,7 +121,7 @@ class _Session:
         """
         started = time.monotonic()
         table = self.loaded
-        rels, cols, pos = list(table.rels), [list(c) for c in table.cols], dict(table.pos)
+        rels, cols, pos = list(table.rels), [c[:] for c in table.cols], dict(table.pos)  # lists, or compact arrays
 
         def put(rel: str, entry) -> None:
             j = pos.get(rel)
@@ -142,7 +143,7 @@ class _Session:
             put(rel, entry)
         if seen is not None and len(rels) != len(seen & pos.keys()):  # the final save: removed files leave
             keep = [j for j, rel in enumerate(rels) if rel in seen]
-            rels, cols = [rels[j] for j in keep], [[c[j] for j in keep] for c in cols]
+            rels, cols = [rels[j] for j in keep], [_taken(c, keep) for c in cols]
         self.loaded = _Table(rels, cols)
         try:
             self.index.save(self.name, self.loaded, self.meta)
@@ -166,6 +167,12 @@ class _Session:
             return False
         self.save(seen)
         return not self.save_failed
+
+
+def _taken(column, keep: list[int]):
+    """``column``'s values at ``keep``, as the same kind of column (a list, or an array of machine integers)."""
+    values = [column[j] for j in keep]
+    return array(column.typecode, values) if isinstance(column, array) else values
 
 
 def _label_checked(row: dict, splits) -> dict:
@@ -244,7 +251,7 @@ def _scan_local(source, entries, root: Path, splits, inspect, scan: Scan):
     identity = ["local", socket.gethostname(), source_s, root_s]
     session = _open_session(scan, identity, {"source": source_s, "root": root_s, "host": identity[1]})
     table = _Table.empty() if session is None or scan.full_rescan else session.loaded
-    pos = table.pos
+    pos, c_rels = table.pos, table.rels
     c_size, c_mtime, c_ctime, c_ino = table.cols[:4]
     start_ns = time.time_ns()
     inside: dict[str, bool] = {}
@@ -280,8 +287,10 @@ def _scan_local(source, entries, root: Path, splits, inspect, scan: Scan):
             if rel is None:  # refused before any read (outside the root, missing, ...): inspected, costs nothing
                 todo.append((i, path, label, split, None, None))
                 continue
-            seen.add(rel)
             j = pos.get(rel)
+            if j is not None:
+                rel = c_rels[j]  # the index's own string: one object a file for the index, the rows and ``seen``
+            seen.add(rel)
             if (j is not None and c_mtime[j] == st.st_mtime_ns and c_size[j] == st.st_size and c_ino[j] == st.st_ino
                     and c_ctime[j] == st.st_ctime_ns):
                 plabel = labels.get(label)
