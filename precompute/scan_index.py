@@ -144,7 +144,7 @@ class _Session:
         if seen is not None and len(rels) != len(seen & pos.keys()):  # the final save: removed files leave
             keep = [j for j, rel in enumerate(rels) if rel in seen]
             rels, cols = [rels[j] for j in keep], [_taken(c, keep) for c in cols]
-        self.loaded = _Table(rels, cols)
+        self.loaded = _Table(rels, [_compact(c, k) for k, c in enumerate(cols)])
         try:
             self.index.save(self.name, self.loaded, self.meta)
         except Exception as e:  # noqa: BLE001 - the index is a cache: a scan never fails for it
@@ -167,6 +167,14 @@ class _Session:
             return False
         self.save(seen)
         return not self.save_failed
+
+
+def _compact(column, k: int):
+    """The stat fields (size, mtime, ctime, inode: the first four columns) as machine integers, as a
+    loaded index has them: during a cold scan the saved table is held until the scan ends."""
+    if k < 4 and isinstance(column, list) and None not in column:
+        return array("Q" if k == 3 else "q", column)
+    return column
 
 
 def _taken(column, keep: list[int]):
