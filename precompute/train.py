@@ -230,38 +230,53 @@ class StreamedRows:
         groups = self._by_chunk()
         if generator is not None:
             groups = [groups[i] for i in torch.randperm(len(groups), generator=generator).tolist()]
-        xs: list[torch.Tensor] = []
-        ys: list[torch.Tensor] = []
-        held = capacity = 0
+        buffer: _ShuffleBuffer | None = None
         for positions in groups:
             (_, rows), = self.entry.iter_blocks([self.ids[p] for p in positions])
-            xs.append(torch.from_numpy(np.asarray(rows, dtype=np.float32)))
-            ys.append(torch.as_tensor(self.y[positions]))
-            # the rows the buffer holds, from the row size; at least a batch. Unshuffled (an evaluation), a
-            # batch goes out as soon as it is whole: memory holds one chunk, as the budget it streams for says.
-            capacity = capacity or (batch_size if generator is None else
-                                    max(batch_size, self.buffer_bytes // max(xs[0][0].numel() * 4, 1)))
-            held += len(positions)
-            if held >= capacity:
-                xs, ys = yield from _draw(xs, ys, batch_size, generator, keep_rest=True)
-                held = len(ys[0])
-        if held:
-            yield from _draw(xs, ys, batch_size, generator, keep_rest=False)
+            x, y = torch.from_numpy(np.asarray(rows, dtype=np.float32)), torch.as_tensor(self.y[positions])
+            if buffer is None:  # the rows it holds, from the row size; at least a batch. Unshuffled (an
+                # evaluation), a batch goes out as soon as it is whole: memory holds one chunk.
+                capacity = (batch_size if generator is None else
+                            max(batch_size, self.buffer_bytes // max(x[0].numel() * 4, 1)))
+                buffer = _ShuffleBuffer(capacity, x, y)
+            buffer.add(x, y)
+            if buffer.held >= capacity:
+                yield from buffer.draw(batch_size, generator, keep_rest=True)
+        if buffer is not None and buffer.held:
+            yield from buffer.draw(batch_size, generator, keep_rest=False)
 
 
-def _draw(xs: list[torch.Tensor], ys: list[torch.Tensor], batch_size: int, generator: torch.Generator | None,
-          keep_rest: bool):
-    """The buffer's rows as batches, drawn at random with a generator; returns the rows short of a whole
-    batch (with ``keep_rest``) as the buffer's new contents."""
-    x, y = torch.cat(xs), torch.cat(ys)
-    xs.clear(), ys.clear()  # the chunks are in ``x`` now: hold them once
-    order = torch.randperm(len(y), generator=generator) if generator is not None else torch.arange(len(y))
-    whole = len(order) - len(order) % batch_size if keep_rest else len(order)
-    for i in range(0, whole, batch_size):
-        idx = order[i:i + batch_size]
-        yield x[idx], y[idx]
-    rest = order[whole:]
-    return [x[rest]], [y[rest]]
+class _ShuffleBuffer:
+    """The rows between the chunks read and the batches drawn: one tensor, allocated once and filled in
+    place (concatenating the chunks held them twice: +0.8 GB at 1,281,167 images)."""
+
+    def __init__(self, capacity: int, x: torch.Tensor, y: torch.Tensor):
+        self.x = torch.empty((capacity + len(x), *x.shape[1:]), dtype=x.dtype)
+        self.y = torch.empty((capacity + len(y), *y.shape[1:]), dtype=y.dtype)
+        self.held = 0
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        end = self.held + len(y)
+        if end > len(self.y):  # a chunk larger than the first one: grow
+            for name, new in (("x", x), ("y", y)):
+                grown = torch.empty((end, *new.shape[1:]), dtype=new.dtype)
+                grown[:self.held] = getattr(self, name)[:self.held]
+                setattr(self, name, grown)
+        self.x[self.held:end], self.y[self.held:end] = x, y
+        self.held = end
+
+    def draw(self, batch_size: int, generator: torch.Generator | None, keep_rest: bool):
+        """The rows held as batches (copies), at random with a generator; with ``keep_rest`` the rows short
+        of a whole batch stay, moved to the front."""
+        n = self.held
+        order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+        whole = n - n % batch_size if keep_rest else n
+        for i in range(0, whole, batch_size):
+            idx = order[i:i + batch_size]
+            yield self.x[idx], self.y[idx]
+        rest = order[whole:]
+        self.x[:len(rest)], self.y[:len(rest)] = self.x[rest], self.y[rest]
+        self.held = len(rest)
 
 
 def tensor_batches(x: np.ndarray, y: np.ndarray, batch_size: int = 512):
