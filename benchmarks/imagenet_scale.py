@@ -476,16 +476,22 @@ def projection(small: dict, big: dict, target: int) -> str:
 
 
 def growth(small: dict, big: dict, flat_mib: float = 20.0) -> str:
-    """Which processes held their peak memory flat (measured) from the smaller run to the larger one."""
+    """Which processes held their peak memory flat (measured) from the smaller run to the larger one. A stage
+    process counts from its RSS at start (imports done): runs whose imports differ compare fairly."""
     ns, nb = small["n"], big["n"]
     flat, grew = [], []
     for name in STAGES:
         for role in ("stage", "dask worker"):
-            pa, pb = _peak(small["stages"][name], role), _peak(big["stages"][name], role)
+            a, b = small["stages"][name], big["stages"][name]
+            pa, pb = _peak(a, role), _peak(b, role)
             if pa and pb:
-                per = (pb - pa) / (nb - ns) * 2**20  # bytes per image
-                label = f"{name.replace('_', ' ')} ({role}: {pa:,.0f} -> {pb:,.0f} MiB, {per / 1024:+,.1f} KiB an image)"
-                (flat if pb - pa <= flat_mib else grew).append(label)
+                sa, sb = (a.get("rss_at_start", 0.0), b.get("rss_at_start", 0.0)) if role == "stage" else (0.0, 0.0)
+                more = (pb - sb) - (pa - sa)
+                per = more / (nb - ns) * 2**20  # bytes per image
+                over = " over its start" if sa or sb else ""
+                label = (f"{name.replace('_', ' ')} ({role}{over}: {pa - sa:,.0f} -> {pb - sb:,.0f} MiB, "
+                         f"{per / 1024:+,.1f} KiB an image)")
+                (flat if more <= flat_mib else grew).append(label)
     return (f"Memory from {ns:,} to {nb:,} images (measured): flat (within {flat_mib:.0f} MiB) in "
             + "; ".join(flat) + ". **Not flat**: " + "; ".join(grew) + ".")
 
