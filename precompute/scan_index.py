@@ -143,8 +143,8 @@ class _Session:
             put(rel, entry)
         if seen is not None and len(rels) != len(seen & pos.keys()):  # the final save: removed files leave
             keep = [j for j, rel in enumerate(rels) if rel in seen]
-            rels, cols = [rels[j] for j in keep], [_taken(c, keep) for c in cols]
-        self.loaded = _Table(rels, [_compact(c, k) for k, c in enumerate(cols)])
+            rels, cols, pos = [rels[j] for j in keep], [_taken(c, keep) for c in cols], None
+        self.loaded = _Table(rels, [_compact(c, k) for k, c in enumerate(cols)], pos)
         try:
             self.index.save(self.name, self.loaded, self.meta)
         except Exception as e:  # noqa: BLE001 - the index is a cache: a scan never fails for it
@@ -313,7 +313,9 @@ def _scan_local(source, entries, root: Path, splits, inspect, scan: Scan):
                 continue
             todo.append((i, path, label, split, rel, (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, "")))
     _budget(scan, len(todo), len(entries))
-    for i, path, label, split, rel, sig in todo:
+    n_read = len(todo)
+    for k in range(n_read):  # each file's tuples are freed once it is done: a cold scan holds them all
+        (i, path, label, split, rel, sig), todo[k] = todo[k], None
         row = inspect(Path(path), root, label, split)
         rows[i] = row
         if rel is not None and sig[1] < start_ns - RACY_NS:
@@ -323,7 +325,7 @@ def _scan_local(source, entries, root: Path, splits, inspect, scan: Scan):
             if entry is not None:
                 session.record(rel, entry)
     wrote = session.finish(seen) if session is not None else False
-    return rows, {"files": len(entries), "read": len(todo), "reused": len(entries) - len(todo),
+    return rows, {"files": len(entries), "read": n_read, "reused": len(entries) - n_read,
                   "index": session.index.path(session.name) if session else None, "index_written": wrote}
 
 

@@ -167,9 +167,9 @@ class _Table:
 
     __slots__ = ("rels", "cols", "pos")
 
-    def __init__(self, rels: list, cols: list):
+    def __init__(self, rels: list, cols: list, pos: dict | None = None):
         self.rels, self.cols = rels, cols
-        self.pos = dict(zip(rels, range(len(rels))))
+        self.pos = dict(zip(rels, range(len(rels)))) if pos is None else pos  # ``pos``: already rel -> row
 
     @classmethod
     def empty(cls) -> "_Table":
