@@ -60,8 +60,8 @@ from pathlib import Path
 
 from precompute import sources
 from precompute.paths import is_inside, printable
-from precompute.scan_index_file import (INDEX_DIR, INDEX_FORMAT, SAVE_EVERY_S, ScanIndex, _decode, _Table,  # noqa: F401
-                                        checks_fingerprint, index_name)
+from precompute.scan_index_file import (_FIELDS, _INTEGERS, INDEX_DIR, INDEX_FORMAT, SAVE_EVERY_S,  # noqa: F401
+                                        ScanIndex, _decode, _Table, checks_fingerprint, index_name)
 
 log = logging.getLogger(__name__)
 
@@ -170,10 +170,11 @@ class _Session:
 
 
 def _compact(column, k: int):
-    """The stat fields (size, mtime, ctime, inode: the first four columns) as machine integers, as a
-    loaded index has them: during a cold scan the saved table is held until the scan ends."""
-    if k < 4 and isinstance(column, list) and None not in column:
-        return array("Q" if k == 3 else "q", column)
+    """Column ``k``'s stat fields as machine integers (scan_index_file._INTEGERS), as a loaded index has
+    them: during a cold scan the saved table is held until the scan ends."""
+    typecode = _INTEGERS.get(_FIELDS[k + 1])  # _FIELDS[0] is rel, not a column
+    if typecode and isinstance(column, list) and None not in column:
+        return array(typecode, column)
     return column
 
 

@@ -236,8 +236,8 @@ class StreamedRows:
             x, y = torch.from_numpy(np.asarray(rows, dtype=np.float32)), torch.as_tensor(self.y[positions])
             if buffer is None:  # the rows it holds, from the row size; at least a batch. Unshuffled (an
                 # evaluation), a batch goes out as soon as it is whole: memory holds one chunk.
-                capacity = (batch_size if generator is None else
-                            max(batch_size, self.buffer_bytes // max(x[0].numel() * 4, 1)))
+                capacity = (batch_size if generator is None else  # never more than the rows there are
+                            max(batch_size, min(len(self.ids), self.buffer_bytes // max(x[0].numel() * 4, 1))))
                 buffer = _ShuffleBuffer(capacity, x, y)
             buffer.add(x, y)
             if buffer.held >= capacity:
